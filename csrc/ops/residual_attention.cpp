@@ -1,0 +1,94 @@
+// Schema of the residual attention adaptor ops and the checks both backends share.
+// The implementations register themselves per device (cpu/, cuda/), so that
+// torch.ops.da2ext.* dispatches on the input's device like any ATen op.
+#include "residual_attention.h"
+
+#include <torch/library.h>
+
+#include <limits>
+
+namespace da2ext {
+namespace ops {
+
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D tensor (N, C, H, W), got ", t.dim(),
+              "-D with shape ", t.sizes());
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kDouble, op, ": ", name,
+              " must be float16, float32 or float64, got ", dtype);
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
+              " must be contiguous in NCHW order (call .contiguous() on channels_last or strided tensors); "
+              "got strides ",
+              t.strides(), " for shape ", t.sizes());
+  FeatureShape s;
+  s.N = t.size(0);
+  s.C = t.size(1);
+  s.H = t.size(2);
+  s.W = t.size(3);
+  s.HW = s.H * s.W;
+  TORCH_CHECK(s.C > 0 && s.H > 0 && s.W > 0, op, ": ", name,
+              " must have at least one channel and a non-empty spatial size, got shape ", t.sizes());
+  const int64_t int_max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(s.C <= int_max && s.HW <= int_max, op, ": ", name,
+              " must have C and H*W below 2^31 (channel indices are stored as int32), got shape ", t.sizes());
+  return s;
+}
+
+void check_companion(const at::Tensor& t, const at::Tensor& reference, at::ScalarType dtype, int64_t numel,
+                     const char* op, const char* name, const char* expected_shape) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " must be on ", reference.device(),
+              " like the feature map, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == numel, op, ": ", name, " must have shape ", expected_shape, " (", numel,
+              " elements), got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_pool_outputs(const at::Tensor& input,
+                                                                     const FeatureShape& s) {
+  return std::make_tuple(at::empty({s.N, s.C}, input.options()), at::empty({s.N, 2, s.H, s.W}, input.options()),
+                         at::empty({s.N, s.H, s.W}, input.options().dtype(at::kInt)));
+}
+
+void check_gates(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& gate_channel,
+                 const at::Tensor& gate_spatial, const char* op) {
+  const at::ScalarType acc = accumulate_dtype(feature.scalar_type());
+  check_companion(gate_channel, feature, acc, s.N * s.C, op, "gate_channel", "[N, C]");
+  check_companion(gate_spatial, feature, acc, s.N * s.HW, op, "gate_spatial", "[N, H, W]");
+}
+
+void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& grad_channel_mean,
+                            const at::Tensor& grad_spatial, const at::Tensor& argmax, const char* op) {
+  const at::ScalarType acc = accumulate_dtype(feature.scalar_type());
+  check_companion(grad_channel_mean, feature, acc, s.N * s.C, op, "grad_channel_mean", "[N, C]");
+  check_companion(grad_spatial, feature, acc, s.N * 2 * s.HW, op, "grad_spatial", "[N, 2, H, W]");
+  check_companion(argmax, feature, at::kInt, s.N * s.HW, op, "argmax", "[N, H, W]");
+}
+
+}  // namespace ops
+}  // namespace da2ext
+
+// The three heavy passes of DESIGN.md §2. `multiplicative` selects mode "mul".
+// Gates and gradients of the small branch are in the accumulation dtype
+// (float32 for float16/float32 feature maps, float64 for float64).
+TORCH_LIBRARY(da2ext, m) {
+  // (channel_mean [N, C], spatial [N, 2, H, W] = (mean, max over C), argmax [N, H, W] int32)
+  m.def("descriptor_pool(Tensor input) -> (Tensor, Tensor, Tensor)");
+  // y = F + gate_channel*gate_spatial (add) or F * (1 + gate_channel*gate_spatial) (mul)
+  m.def("attention_apply(Tensor input, Tensor gate_channel, Tensor gate_spatial, bool multiplicative) -> Tensor");
+  // (channel_sum [N, C] = sum_hw t*gate_spatial, spatial_sum [N, H, W] = sum_c t*gate_channel),
+  // t = grad_output (add) or grad_output*input (mul; input is required then and ignored otherwise)
+  m.def(
+      "attention_backward_reduce(Tensor grad_output, Tensor? input, Tensor gate_channel, Tensor gate_spatial, "
+      "bool multiplicative) -> (Tensor, Tensor)");
+  // dF: the direct term plus the descriptor paths (grad_spatial holds dL/d mean and dL/d max)
+  m.def(
+      "attention_input_grad(Tensor grad_output, Tensor gate_channel, Tensor gate_spatial, Tensor grad_channel_mean, "
+      "Tensor grad_spatial, Tensor argmax, bool multiplicative) -> Tensor");
+}

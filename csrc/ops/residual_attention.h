@@ -1,0 +1,43 @@
+// Torch-side declarations shared by the CPU and CUDA implementations of the
+// residual attention adaptor ops: argument checks (every error names the
+// argument and what was expected) and output allocation, so both backends
+// accept and produce exactly the same tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace da2ext {
+namespace ops {
+
+// float for float16/float32 inputs, double for float64: the dtype of the gates,
+// the attention reductions and the descriptor-path gradients.
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
+
+// Sizes of a checked N x C x H x W input, with HW = H * W.
+struct FeatureShape {
+  int64_t N, C, H, W, HW;
+};
+
+// `name` must be a contiguous (NCHW) float16/float32/float64 4-D tensor with
+// C, H, W >= 1 and C, H*W within 32-bit range (argmax is stored as int32).
+FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* name);
+
+// `t` must be on `reference`'s device, contiguous, of `dtype` and `numel` elements.
+void check_companion(const at::Tensor& t, const at::Tensor& reference, at::ScalarType dtype, int64_t numel,
+                     const char* op, const char* name, const char* expected_shape);
+
+// descriptor_pool: (channel_mean [N, C], spatial [N, 2, H, W] = (channel mean,
+// channel max), argmax [N, H, W] int32), all uninitialised.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_pool_outputs(const at::Tensor& input,
+                                                                     const FeatureShape& s);
+
+// Checks of the attention ops' small operands against the feature map.
+void check_gates(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& gate_channel,
+                 const at::Tensor& gate_spatial, const char* op);
+void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& grad_channel_mean,
+                            const at::Tensor& grad_spatial, const at::Tensor& argmax, const char* op);
+
+}  // namespace ops
+}  // namespace da2ext

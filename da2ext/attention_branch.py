@@ -1,0 +1,64 @@
+"""The learnable part of a residual attention adaptor (DESIGN.md §2), shared by the
+fused module and the pure-PyTorch reference so both have one constructor and the
+same state_dict keys: fc1/fc2 (the channel MLP), spatial (the 2 -> 1 conv) and gamma.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("add", "mul")
+
+
+def hidden_width(channels, reduction):
+    """Width of the channel MLP: channels // reduction, at least 8."""
+    return max(channels // reduction, 8)
+
+
+def spatial_kernel_size(height, width, default=7):
+    """The spatial conv size for an H x W map: `default`, or the largest odd size
+    that fits a smaller map (a 7 x 7 kernel on a 2 x 2 map only adds dead weights)."""
+    k = min(default, height, width)
+    return max(1, k if k % 2 == 1 else k - 1)
+
+
+def attention_logits(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight,
+                     spatial_bias):
+    """a_c = MLP(d_c) (N x C) and a_s = conv([d_mean; d_max]) (N x 1 x H x W)."""
+    hidden = F.relu(F.linear(channel_mean, fc1_weight, fc1_bias))
+    channel_logits = F.linear(hidden, fc2_weight, fc2_bias)
+    spatial_logits = F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
+    return channel_logits, spatial_logits
+
+
+class AttentionBranch(nn.Module):
+    """Parameters and settings of one adaptor; subclasses define forward."""
+
+    def __init__(self, channels, reduction=16, spatial_kernel=7, mode="add"):
+        super(AttentionBranch, self).__init__()
+        if int(channels) != channels or channels < 1:
+            raise ValueError("channels must be a positive integer, got {!r}".format(channels))
+        if int(reduction) != reduction or reduction < 1:
+            raise ValueError("reduction must be a positive integer, got {!r}".format(reduction))
+        if int(spatial_kernel) != spatial_kernel or spatial_kernel < 1 or spatial_kernel % 2 == 0:
+            raise ValueError("spatial_kernel must be a positive odd integer, got {!r}".format(spatial_kernel))
+        if mode not in MODES:
+            raise ValueError("mode must be one of {}, got {!r}".format(MODES, mode))
+        self.channels = int(channels)
+        self.reduction = int(reduction)
+        self.spatial_kernel = int(spatial_kernel)
+        self.mode = mode
+        hidden = hidden_width(self.channels, self.reduction)
+        self.fc1 = nn.Linear(self.channels, hidden)
+        self.fc2 = nn.Linear(hidden, self.channels)
+        self.spatial = nn.Conv2d(2, 1, self.spatial_kernel, padding=self.spatial_kernel // 2)
+        # gamma = 0: an adapted network starts out computing exactly the pretrained one.
+        self.gamma = nn.Parameter(torch.zeros(self.channels))
+
+    def branch_parameters(self):
+        """The small branch's tensors in the order attention_logits takes them."""
+        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.spatial.weight,
+                self.spatial.bias)
+
+    def extra_repr(self):
+        return "channels={}, reduction={}, spatial_kernel={}, mode={!r}".format(
+            self.channels, self.reduction, self.spatial_kernel, self.mode)

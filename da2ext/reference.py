@@ -1,0 +1,36 @@
+"""Pure-PyTorch reference of the residual attention adaptor (DESIGN.md §2).
+
+Eager maths, exactly as written in the design: the ground truth the fused
+kernels are tested against and the baseline they are benchmarked against. It
+keeps full-size tensors for backward (the broadcast attention map, F for the
+channel max, ...), which is what the fused op exists to avoid.
+"""
+import torch
+
+from ._validation import check_feature_map
+from .attention_branch import AttentionBranch, attention_logits
+
+__all__ = ["ResidualAttentionAdaptor", "residual_attention_reference"]
+
+
+def residual_attention_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias,
+                                 gamma, mode="add"):
+    channel_mean = x.mean(dim=(2, 3))
+    spatial_mean = x.mean(dim=1, keepdim=True)
+    # torch.max (not amax): its gradient goes to the one argmax channel, as in §2
+    spatial_max = x.max(dim=1, keepdim=True)[0]
+    channel_logits, spatial_logits = attention_logits(
+        channel_mean, torch.cat([spatial_mean, spatial_max], dim=1), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+        spatial_weight, spatial_bias)
+    attention = torch.sigmoid(channel_logits)[:, :, None, None] * torch.sigmoid(spatial_logits)
+    scaled = gamma.view(1, -1, 1, 1) * attention
+    return x + scaled if mode == "add" else x * (1 + scaled)
+
+
+class ResidualAttentionAdaptor(AttentionBranch):
+    """Reference twin of da2ext.ResidualAttentionAdaptor: same constructor, same
+    state_dict keys, eager PyTorch maths."""
+
+    def forward(self, x):
+        check_feature_map(x, self.channels, self.gamma, type(self).__name__)
+        return residual_attention_reference(x, *self.branch_parameters(), gamma=self.gamma, mode=self.mode)
