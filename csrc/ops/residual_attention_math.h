@@ -66,9 +66,9 @@ template <typename acc_t>
 DA2_HOST_DEVICE acc_t input_grad(Mode mode, acc_t grad_output, acc_t gate_channel, acc_t gate_spatial,
                                  acc_t grad_channel_mean, acc_t grad_spatial_mean, bool is_argmax,
                                  acc_t grad_spatial_max) {
-  acc_t grad = grad_output * direct_input_scale(mode, gate_channel, gate_spatial) + grad_channel_mean +
-               grad_spatial_mean;
-  return is_argmax ? grad + grad_spatial_max : grad;
+  const acc_t max_share = is_argmax ? grad_spatial_max : acc_t(0);
+  return grad_output * direct_input_scale(mode, gate_channel, gate_spatial) + grad_channel_mean +
+         grad_spatial_mean + max_share;
 }
 
 template <typename acc_t>
@@ -79,9 +79,10 @@ DA2_HOST_DEVICE bool is_nan(acc_t v) {
 // Running channel max over channels visited in increasing order: a strictly
 // larger value wins (so the first of equal maxima is kept, as torch.max does on
 // the CPU), and the first NaN wins and stays (NaN propagates, as in torch.max).
+// Bitwise, not short-circuit, operators: no branch, so the CPU loop vectorises.
 template <typename acc_t>
 DA2_HOST_DEVICE bool replaces_running_max(acc_t candidate, acc_t running_max) {
-  return candidate > running_max || (is_nan(candidate) && !is_nan(running_max));
+  return (candidate > running_max) | (is_nan(candidate) & !is_nan(running_max));
 }
 
 // Merge of two partial maxima whose channel ranges interleave (CUDA warps, CPU

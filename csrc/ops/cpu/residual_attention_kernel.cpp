@@ -24,6 +24,17 @@ namespace {
 
 using math::Mode;
 
+// The row sums of the dual reductions are floating-point reductions, which a
+// compiler may not vectorise without permission to reassociate them; OpenMP's
+// simd pragma gives that permission for this loop only (-fopenmp-simd, no
+// OpenMP runtime). The order is then fixed by the binary: still deterministic.
+#define DA2_PRAGMA(x) _Pragma(#x)
+#if defined(_OPENMP) || defined(DA2EXT_OPENMP_SIMD)
+#define DA2_VECTORIZE_SUM(var) DA2_PRAGMA(omp simd reduction(+ : var))
+#else
+#define DA2_VECTORIZE_SUM(var)
+#endif
+
 // Positions per task of the dual reductions: rows long enough to stream, state
 // small enough for L1 (kTile * (2 acc + 1 int)).
 constexpr int64_t kTile = 256;
@@ -73,6 +84,7 @@ void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = tile + c * HW;
         acc_t row_sum = 0;
+        DA2_VECTORIZE_SUM(row_sum)
         for (int64_t i = 0; i < len; ++i) {
           const acc_t v = static_cast<acc_t>(row[i]);
           row_sum += v;
@@ -133,6 +145,7 @@ void attention_backward_reduce_kernel(const scalar_t* grad_output, const scalar_
         const scalar_t* f = mode == Mode::Mul ? input + offset : g;
         const acc_t gc = gate_channel[n * C + c];
         acc_t row_sum = 0;
+        DA2_VECTORIZE_SUM(row_sum)
         for (int64_t i = 0; i < len; ++i) {
           const acc_t t =
               math::attention_grad_term(mode, static_cast<acc_t>(g[i]), static_cast<acc_t>(f[i]));
