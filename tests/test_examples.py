@@ -1,0 +1,85 @@
+"""Every example script in python/ runs to the end (exit code 0), with small arguments.
+
+A new script in python/ needs an entry in SCRIPT_ARGS (an empty list is fine):
+test_every_script_has_arguments fails until it has one, so that nobody forgets
+to give it arguments that keep the test suite fast. A script may also have a
+check of its output in OUTPUT_CHECKS.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import da2ext
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES_DIR = os.path.join(REPO_ROOT, "python")
+TIMEOUT_S = 300
+
+# Arguments for each script: small, so the suite stays fast on a 2-core CPU.
+SCRIPT_ARGS = {
+    "adapt_resnet_block.py": ["--steps", "15", "--batch-size", "32", "--image-size", "64"],
+}
+
+
+def example_scripts():
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES_DIR, "*.py")))
+
+
+def run_script(name):
+    env = dict(os.environ)
+    # Import the same da2ext as this test process (a built checkout works without installing).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(da2ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, os.path.join(EXAMPLES_DIR, name)] + SCRIPT_ARGS.get(name, [])
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, "{} exited with {}:\n{}".format(
+        " ".join(command), result.returncode, result.stdout[-5000:])
+    return result.stdout
+
+
+def search(pattern, output):
+    match = re.search(pattern, output, re.M)
+    assert match, "no line matching {!r} in the output:\n{}".format(pattern, output[-5000:])
+    return match
+
+
+def check_adapt_resnet_block(output):
+    backend = search(r"^backend: (\S+)$", output).group(1)
+    losses = search(r"^final loss (\S+) \(initial (\S+)\)$", output)
+    final_loss, initial_loss = float(losses.group(1)), float(losses.group(2))
+    assert final_loss < initial_loss, "the loss did not go down:\n" + output
+    saved = search(r"^saved for backward: fused (\d+) bytes, reference (\d+) bytes", output)
+    fused_bytes, reference_bytes = int(saved.group(1)), int(saved.group(2))
+    assert fused_bytes < reference_bytes, (
+        "the fused adaptor (backend {}) keeps {} bytes for backward, the reference {}".format(
+            backend, fused_bytes, reference_bytes))
+
+
+OUTPUT_CHECKS = {
+    "adapt_resnet_block.py": check_adapt_resnet_block,
+}
+
+
+def test_examples_exist():
+    assert example_scripts(), "no example scripts found in " + EXAMPLES_DIR
+
+
+def test_every_script_has_arguments():
+    missing = [name for name in example_scripts() if name not in SCRIPT_ARGS]
+    assert not missing, "add these scripts to SCRIPT_ARGS in {} (an empty list is fine): {}".format(
+        os.path.basename(__file__), missing)
+    stale = sorted(set(SCRIPT_ARGS).union(OUTPUT_CHECKS) - set(example_scripts()))
+    assert not stale, "SCRIPT_ARGS/OUTPUT_CHECKS name scripts that are not in python/: {}".format(stale)
+
+
+@pytest.mark.parametrize("name", example_scripts())
+def test_example_runs(name):
+    output = run_script(name)
+    check = OUTPUT_CHECKS.get(name)
+    if check is not None:
+        check(output)
