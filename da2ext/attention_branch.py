@@ -21,13 +21,21 @@ def spatial_kernel_size(height, width, default=7):
     return max(1, k if k % 2 == 1 else k - 1)
 
 
+def attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                 spatial_weight, spatial_bias):
+    """The MLP's hidden pre-activation (N x hidden), a_c = MLP(d_c) (N x C) and
+    a_s = conv([d_mean; d_max]) (N x 1 x H x W)."""
+    hidden_pre = F.linear(channel_mean, fc1_weight, fc1_bias)
+    channel_logits = F.linear(F.relu(hidden_pre), fc2_weight, fc2_bias)
+    spatial_logits = F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
+    return hidden_pre, channel_logits, spatial_logits
+
+
 def attention_logits(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight,
                      spatial_bias):
     """a_c = MLP(d_c) (N x C) and a_s = conv([d_mean; d_max]) (N x 1 x H x W)."""
-    hidden = F.relu(F.linear(channel_mean, fc1_weight, fc1_bias))
-    channel_logits = F.linear(hidden, fc2_weight, fc2_bias)
-    spatial_logits = F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
-    return channel_logits, spatial_logits
+    return attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                        spatial_weight, spatial_bias)[1:]
 
 
 class AttentionBranch(nn.Module):

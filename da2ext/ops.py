@@ -3,19 +3,22 @@
 Forward: one kernel pools the descriptors from F, the small branch (MLP and
 spatial conv) runs in plain PyTorch, one kernel writes y. What is kept for
 backward, all through ctx.save_for_backward: the descriptors, the argmax
-channel per position and the parameters - O(N * (C + H*W)) numbers - plus F
-itself in mode "mul" (optionally as a float16 copy). The attention factors are
-recomputed in backward from the descriptors.
+channel per position, the MLP's hidden layer, the two logits and the
+parameters - O(N * (C + H*W)) numbers - plus F itself in mode "mul"
+(optionally as a float16 copy). The attention map is never stored: every
+kernel rebuilds it from the two gates.
 
 Backward: one kernel reduces g (and F in mode "mul") into the two attention
-sums, the small branch's backward runs as ordinary autograd on small tensors,
-and one kernel writes dF including the descriptor paths.
+sums, the small branch's backward is written out on small tensors
+(attention_branch_backward.py), and one kernel writes dF including the
+descriptor paths.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
-from .attention_branch import attention_logits
+from .attention_branch import attention_logits_with_hidden
+from .attention_branch_backward import attention_logits_backward
 from .reference import residual_attention_reference
 
 __all__ = ["residual_attention"]
@@ -40,34 +43,27 @@ class ResidualAttentionFunction(torch.autograd.Function):
                 multiplicative, saved_input_dtype):
         branch = (fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias)
         channel_mean, spatial, argmax = torch.ops.da2ext.descriptor_pool(x)
-        channel_logits, spatial_logits = attention_logits(channel_mean, spatial, *branch)
+        hidden_pre, channel_logits, spatial_logits = attention_logits_with_hidden(channel_mean, spatial, *branch)
         _, gate_channel, gate_spatial = _gates(channel_logits, spatial_logits, gamma, _accumulate_dtype(x.dtype))
         y = torch.ops.da2ext.attention_apply(x, gate_channel, gate_spatial, multiplicative)
         kept_input = None
         if multiplicative:
             kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
         ctx.multiplicative = multiplicative
-        ctx.save_for_backward(channel_mean, spatial, argmax, gamma, kept_input, *branch)
+        # All small: descriptors, argmax, the MLP's hidden layer, the logits, parameters.
+        ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, spatial_logits, gamma,
+                              kept_input, fc1_weight, fc2_weight, spatial_weight)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        channel_mean, spatial, argmax, gamma, kept_input = ctx.saved_tensors[:5]
-        branch = ctx.saved_tensors[5:]
-        needs_input, needs_branch, needs_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1:7], \
-            ctx.needs_input_grad[7]
+        (channel_mean, spatial, argmax, hidden_pre, channel_logits, spatial_logits, gamma, kept_input, fc1_weight,
+         fc2_weight, spatial_weight) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         grad_output = grad_output.contiguous()
         acc_dtype = _accumulate_dtype(grad_output.dtype)
-
-        # Re-run the small branch (a few kB) with autograd on, from the saved descriptors.
-        with torch.enable_grad():
-            channel_mean = channel_mean.detach().requires_grad_(needs_input)
-            spatial = spatial.detach().requires_grad_(needs_input)
-            branch = [t.detach().requires_grad_(need) for t, need in zip(branch, needs_branch)]
-            channel_logits, spatial_logits = attention_logits(channel_mean, spatial, *branch)
-        channel_sigmoid, gate_channel, gate_spatial = _gates(channel_logits.detach(), spatial_logits.detach(),
-                                                             gamma, acc_dtype)
+        channel_sigmoid, gate_channel, gate_spatial = _gates(channel_logits, spatial_logits, gamma, acc_dtype)
 
         input_for_reduce = None
         if ctx.multiplicative:
@@ -75,30 +71,21 @@ class ResidualAttentionFunction(torch.autograd.Function):
         channel_sum, spatial_sum = torch.ops.da2ext.attention_backward_reduce(
             grad_output, input_for_reduce, gate_channel, gate_spatial, ctx.multiplicative)
 
-        grad_gamma = (channel_sigmoid * channel_sum).sum(0).to(gamma.dtype) if needs_gamma else None
+        grad_gamma = (channel_sigmoid * channel_sum).sum(0).to(gamma.dtype) if needs[7] else None
         grad_channel_logits = gamma.to(acc_dtype) * channel_sigmoid * (1 - channel_sigmoid) * channel_sum
         grad_spatial_logits = (gate_spatial * (1 - gate_spatial) * spatial_sum).unsqueeze(1)
-
-        wanted = [channel_mean, spatial] if needs_input else []
-        wanted += [t for t in branch if t.requires_grad]
-        grads = {}
-        if wanted:
-            outputs, output_grads = [], []
-            for logits, grad in ((channel_logits, grad_channel_logits), (spatial_logits, grad_spatial_logits)):
-                if logits.requires_grad:
-                    outputs.append(logits)
-                    output_grads.append(grad.to(logits.dtype))
-            found = torch.autograd.grad(outputs, wanted, output_grads, allow_unused=True)
-            grads = {id(t): g if g is not None else torch.zeros_like(t) for t, g in zip(wanted, found)}
+        # (channel_mean, spatial) need gradients exactly when the input does.
+        grads = attention_logits_backward(
+            grad_channel_logits.to(channel_logits.dtype), grad_spatial_logits.to(spatial_logits.dtype),
+            channel_mean, spatial, hidden_pre, fc1_weight, fc2_weight, spatial_weight,
+            (needs[0], needs[0]) + tuple(needs[1:7]))
 
         grad_input = None
-        if needs_input:
+        if needs[0]:
             grad_input = torch.ops.da2ext.attention_input_grad(
-                grad_output, gate_channel, gate_spatial,
-                grads[id(channel_mean)].to(acc_dtype).contiguous(), grads[id(spatial)].to(acc_dtype).contiguous(),
-                argmax, ctx.multiplicative)
-        grad_branch = [grads.get(id(t)) for t in branch]
-        return (grad_input,) + tuple(grad_branch) + (grad_gamma, None, None)
+                grad_output, gate_channel, gate_spatial, grads[0].to(acc_dtype).contiguous(),
+                grads[1].to(acc_dtype).contiguous(), argmax, ctx.multiplicative)
+        return (grad_input,) + tuple(grads[2:]) + (grad_gamma, None, None)
 
 
 def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,

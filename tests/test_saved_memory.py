@@ -20,9 +20,13 @@ def test_add_mode_keeps_under_5_percent_of_input(device):
     x = torch.randn(8, 256, 56, 56, device=device, requires_grad=True)
     input_bytes = x.numel() * x.element_size()
     fused_bytes = kept_bytes(fused, x)
-    # descriptors (N*C + 2*N*H*W floats), argmax (N*H*W int32) and the parameters
-    expected = (8 * 256 + 2 * 8 * 56 * 56) * 4 + 8 * 56 * 56 * 4 + sum(
-        p.numel() * p.element_size() for p in fused.parameters())
+    # descriptors (N*C + 2*N*H*W floats), argmax (N*H*W int32), the MLP's hidden
+    # layer (N*16), the logits (N*C + N*H*W) and the weights the backward multiplies by
+    N, C, HW, hidden = 8, 256, 56 * 56, 16
+    activations = (N * C + 2 * N * HW) * 4 + N * HW * 4 + N * hidden * 4 + (N * C + N * HW) * 4
+    weights = sum(p.numel() * p.element_size() for p in (fused.fc1.weight, fused.fc2.weight, fused.spatial.weight,
+                                                         fused.gamma))
+    expected = activations + weights
     assert fused_bytes == expected
     assert fused_bytes < 0.05 * input_bytes
     assert kept_bytes(reference, x) > input_bytes  # the eager maths keeps full-size tensors

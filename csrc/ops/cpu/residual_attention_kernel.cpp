@@ -1,13 +1,14 @@
-// CPU kernels of the residual attention adaptor (DESIGN.md §2), parallel with
+// CPU implementation of the residual attention adaptor ops (DESIGN.md §2):
+// argument checks, allocation and the split of the work over threads with
 // at::parallel_for. Each op reads the big tensor once:
 //  - the two "dual" reductions (descriptor pooling, backward reduction) need a
-//    sum along H*W per channel and a reduction across channels per position;
-//    a task owns one image and a tile of positions, walks all channels over it
-//    (contiguous rows of kTile elements), keeps the per-position state in a
-//    small local array and writes one partial row sum per channel and tile;
-//    the partials are summed afterwards, so no two tasks write the same place
-//    and the result does not depend on the number of threads.
+//    sum along H*W per channel and a reduction across channels per position; a
+//    task owns one image and a tile of positions, walks all channels over it,
+//    and writes one partial row sum per channel and tile; the partials are then
+//    summed in a fixed order, so no two tasks write the same place and results
+//    do not depend on the number of threads;
 //  - the elementwise passes (apply, input gradient) go plane by plane.
+// The loops themselves are in residual_attention_loops.{h,cpp}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,6 +18,7 @@
 
 #include "../residual_attention.h"
 #include "../residual_attention_math.h"
+#include "residual_attention_loops.h"
 
 namespace da2ext {
 namespace ops {
@@ -24,28 +26,23 @@ namespace {
 
 using math::Mode;
 
-// The row sums of the dual reductions are floating-point reductions, which a
-// compiler may not vectorise without permission to reassociate them; OpenMP's
-// simd pragma gives that permission for this loop only (-fopenmp-simd, no
-// OpenMP runtime). The order is then fixed by the binary: still deterministic.
-#define DA2_PRAGMA(x) _Pragma(#x)
-#if defined(_OPENMP) || defined(DA2EXT_OPENMP_SIMD)
-#define DA2_VECTORIZE_SUM(var) DA2_PRAGMA(omp simd reduction(+ : var))
-#else
-#define DA2_VECTORIZE_SUM(var)
-#endif
-
-// Positions per task of the dual reductions: rows long enough to stream, state
-// small enough for L1 (kTile * (2 acc + 1 int)).
-constexpr int64_t kTile = 256;
-
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// H*W split into equal tiles of at most cpu::kMaxTile positions.
+struct Tiling {
+  int64_t tiles, tile;
+  explicit Tiling(int64_t HW) : tiles(ceil_div(HW, cpu::kMaxTile)), tile(ceil_div(HW, tiles)) {}
+};
+
 // Elementwise passes: enough planes per task to amortise scheduling on small maps.
 int64_t plane_grain(int64_t HW) {
   return std::max<int64_t>(1, 32768 / HW);
+}
+
+Mode mode_of(bool multiplicative) {
+  return multiplicative ? Mode::Mul : Mode::Add;
 }
 
 template <typename acc_t, typename out_t>
@@ -67,121 +64,64 @@ template <typename scalar_t>
 void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar_t* channel_mean, scalar_t* spatial,
                             int32_t* argmax) {
   typedef typename math::AccumulateType<scalar_t>::type acc_t;
-  const int64_t C = s.C, HW = s.HW, tiles = ceil_div(HW, kTile);
-  std::vector<acc_t> row_partial(s.N * tiles * C);
-  at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
-    acc_t sum[kTile], max[kTile];
-    int32_t index[kTile];
+  const int64_t C = s.C, HW = s.HW;
+  const Tiling tiling(HW);
+  std::vector<acc_t> row_partial(s.N * tiling.tiles * C);
+  at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiles, hw0 = (task % tiles) * kTile;
-      const int64_t len = std::min(kTile, HW - hw0);
-      const scalar_t* tile = input + n * C * HW + hw0;
-      for (int64_t i = 0; i < len; ++i) {
-        sum[i] = 0;
-        max[i] = static_cast<acc_t>(tile[i]);
-        index[i] = 0;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* row = tile + c * HW;
-        acc_t row_sum = 0;
-        DA2_VECTORIZE_SUM(row_sum)
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t v = static_cast<acc_t>(row[i]);
-          row_sum += v;
-          sum[i] += v;
-          const bool take = math::replaces_running_max(v, max[i]);
-          max[i] = take ? v : max[i];
-          index[i] = take ? static_cast<int32_t>(c) : index[i];
-        }
-        row_partial[task * C + c] = row_sum;
-      }
+      const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
       scalar_t* mean_out = spatial + n * 2 * HW + hw0;
-      scalar_t* max_out = mean_out + HW;
-      int32_t* index_out = argmax + n * HW + hw0;
-      for (int64_t i = 0; i < len; ++i) {
-        mean_out[i] = static_cast<scalar_t>(sum[i] / static_cast<acc_t>(C));
-        max_out[i] = static_cast<scalar_t>(max[i]);
-        index_out[i] = index[i];
-      }
+      cpu::pool_tile(input + n * C * HW + hw0, C, HW, std::min(tiling.tile, HW - hw0), &row_partial[task * C],
+                     mean_out, mean_out + HW, argmax + n * HW + hw0);
     }
   });
-  sum_row_partials(row_partial, s.N, tiles, C, HW, channel_mean);
+  sum_row_partials(row_partial, s.N, tiling.tiles, C, HW, channel_mean);
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
-void attention_apply_kernel(const scalar_t* input, const acc_t* gate_channel, const acc_t* gate_spatial,
+template <typename scalar_t, typename acc_t>
+void attention_apply_kernel(Mode mode, const scalar_t* input, const acc_t* gate_channel, const acc_t* gate_spatial,
                             const FeatureShape& s, scalar_t* output) {
   const int64_t C = s.C, HW = s.HW;
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
-      const acc_t gc = gate_channel[plane];
-      const acc_t* gs = gate_spatial + (plane / C) * HW;
-      const scalar_t* in = input + plane * HW;
-      scalar_t* out = output + plane * HW;
-      for (int64_t i = 0; i < HW; ++i) {
-        out[i] = static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(in[i]), gc, gs[i]));
-      }
+      cpu::apply_plane(mode, input + plane * HW, gate_channel[plane], gate_spatial + (plane / C) * HW, HW,
+                       output + plane * HW);
     }
   });
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
-void attention_backward_reduce_kernel(const scalar_t* grad_output, const scalar_t* input, const acc_t* gate_channel,
-                                      const acc_t* gate_spatial, const FeatureShape& s, acc_t* channel_sum,
-                                      acc_t* spatial_sum) {
-  const int64_t C = s.C, HW = s.HW, tiles = ceil_div(HW, kTile);
-  std::vector<acc_t> row_partial(s.N * tiles * C);
-  at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
-    acc_t column[kTile];
+template <typename scalar_t, typename acc_t>
+void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, const scalar_t* input,
+                                      const acc_t* gate_channel, const acc_t* gate_spatial, const FeatureShape& s,
+                                      acc_t* channel_sum, acc_t* spatial_sum) {
+  const int64_t C = s.C, HW = s.HW;
+  const Tiling tiling(HW);
+  std::vector<acc_t> row_partial(s.N * tiling.tiles * C);
+  at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiles, hw0 = (task % tiles) * kTile;
-      const int64_t len = std::min(kTile, HW - hw0);
-      const acc_t* gs = gate_spatial + n * HW + hw0;
-      std::fill(column, column + len, acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t offset = (n * C + c) * HW + hw0;
-        const scalar_t* g = grad_output + offset;
-        // add mode never reads the input (it may be null); mul mode reads it here
-        const scalar_t* f = mode == Mode::Mul ? input + offset : g;
-        const acc_t gc = gate_channel[n * C + c];
-        acc_t row_sum = 0;
-        DA2_VECTORIZE_SUM(row_sum)
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t t =
-              math::attention_grad_term(mode, static_cast<acc_t>(g[i]), static_cast<acc_t>(f[i]));
-          row_sum += t * gs[i];
-          column[i] += t * gc;
-        }
-        row_partial[task * C + c] = row_sum;
-      }
-      std::copy(column, column + len, spatial_sum + n * HW + hw0);
+      const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
+      const int64_t offset = n * C * HW + hw0;
+      cpu::reduce_tile(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr,
+                       gate_channel + n * C, gate_spatial + n * HW + hw0, C, HW, std::min(tiling.tile, HW - hw0),
+                       &row_partial[task * C], spatial_sum + n * HW + hw0);
     }
   });
-  sum_row_partials(row_partial, s.N, tiles, C, /*mean_count=*/0, channel_sum);
+  sum_row_partials(row_partial, s.N, tiling.tiles, C, /*mean_count=*/0, channel_sum);
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
-void attention_input_grad_kernel(const scalar_t* grad_output, const acc_t* gate_channel, const acc_t* gate_spatial,
-                                 const acc_t* grad_channel_mean, const acc_t* grad_spatial, const int32_t* argmax,
-                                 const FeatureShape& s, scalar_t* grad_input) {
+template <typename scalar_t, typename acc_t>
+void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,
+                                 const acc_t* gate_spatial, const acc_t* grad_channel_mean, const acc_t* grad_spatial,
+                                 const int32_t* argmax, const FeatureShape& s, scalar_t* grad_input) {
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C;
-      const int32_t c = static_cast<int32_t>(plane % C);
-      const acc_t gc = gate_channel[plane];
-      const acc_t channel_share = grad_channel_mean[plane] * inv_hw;
-      const acc_t* gs = gate_spatial + n * HW;
       const acc_t* grad_mean = grad_spatial + n * 2 * HW;
-      const acc_t* grad_max = grad_mean + HW;
-      const int32_t* index = argmax + n * HW;
-      const scalar_t* g = grad_output + plane * HW;
-      scalar_t* out = grad_input + plane * HW;
-      for (int64_t i = 0; i < HW; ++i) {
-        out[i] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(g[i]), gc, gs[i], channel_share,
-                                                        grad_mean[i] * inv_c, index[i] == c, grad_max[i]));
-      }
+      cpu::input_grad_plane(mode, grad_output + plane * HW, gate_channel[plane], grad_channel_mean[plane] * inv_hw,
+                            gate_spatial + n * HW, grad_mean, grad_mean + HW, argmax + n * HW,
+                            static_cast<int32_t>(plane % C), inv_c, HW, grad_input + plane * HW);
     }
   });
 }
@@ -210,15 +150,8 @@ at::Tensor attention_apply_cpu(const at::Tensor& input, const at::Tensor& gate_c
   }
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "attention_apply_cpu", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
-    const scalar_t* in = input.data_ptr<scalar_t>();
-    const acc_t* gc = gate_channel.data_ptr<acc_t>();
-    const acc_t* gs = gate_spatial.data_ptr<acc_t>();
-    scalar_t* out = output.data_ptr<scalar_t>();
-    if (multiplicative) {
-      attention_apply_kernel<Mode::Mul>(in, gc, gs, s, out);
-    } else {
-      attention_apply_kernel<Mode::Add>(in, gc, gs, s, out);
-    }
+    attention_apply_kernel(mode_of(multiplicative), input.data_ptr<scalar_t>(), gate_channel.data_ptr<acc_t>(),
+                           gate_spatial.data_ptr<acc_t>(), s, output.data_ptr<scalar_t>());
   });
   return output;
 }
@@ -244,16 +177,10 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_reduce_cpu(const at::Tenso
   }
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(grad_output.scalar_type(), "attention_backward_reduce_cpu", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
-    const scalar_t* g = grad_output.data_ptr<scalar_t>();
-    const acc_t* gc = gate_channel.data_ptr<acc_t>();
-    const acc_t* gs = gate_spatial.data_ptr<acc_t>();
-    acc_t* cs = channel_sum.data_ptr<acc_t>();
-    acc_t* ss = spatial_sum.data_ptr<acc_t>();
-    if (multiplicative) {
-      attention_backward_reduce_kernel<Mode::Mul>(g, input->data_ptr<scalar_t>(), gc, gs, s, cs, ss);
-    } else {
-      attention_backward_reduce_kernel<Mode::Add>(g, static_cast<const scalar_t*>(nullptr), gc, gs, s, cs, ss);
-    }
+    const scalar_t* in = multiplicative ? input->data_ptr<scalar_t>() : nullptr;
+    attention_backward_reduce_kernel(mode_of(multiplicative), grad_output.data_ptr<scalar_t>(), in,
+                                     gate_channel.data_ptr<acc_t>(), gate_spatial.data_ptr<acc_t>(), s,
+                                     channel_sum.data_ptr<acc_t>(), spatial_sum.data_ptr<acc_t>());
   });
   return std::make_tuple(channel_sum, spatial_sum);
 }
@@ -271,18 +198,10 @@ at::Tensor attention_input_grad_cpu(const at::Tensor& grad_output, const at::Ten
   }
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(grad_output.scalar_type(), "attention_input_grad_cpu", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
-    const scalar_t* g = grad_output.data_ptr<scalar_t>();
-    const acc_t* gc = gate_channel.data_ptr<acc_t>();
-    const acc_t* gs = gate_spatial.data_ptr<acc_t>();
-    const acc_t* gcm = grad_channel_mean.data_ptr<acc_t>();
-    const acc_t* gsp = grad_spatial.data_ptr<acc_t>();
-    const int32_t* am = argmax.data_ptr<int32_t>();
-    scalar_t* out = grad_input.data_ptr<scalar_t>();
-    if (multiplicative) {
-      attention_input_grad_kernel<Mode::Mul>(g, gc, gs, gcm, gsp, am, s, out);
-    } else {
-      attention_input_grad_kernel<Mode::Add>(g, gc, gs, gcm, gsp, am, s, out);
-    }
+    attention_input_grad_kernel(mode_of(multiplicative), grad_output.data_ptr<scalar_t>(),
+                                gate_channel.data_ptr<acc_t>(), gate_spatial.data_ptr<acc_t>(),
+                                grad_channel_mean.data_ptr<acc_t>(), grad_spatial.data_ptr<acc_t>(),
+                                argmax.data_ptr<int32_t>(), s, grad_input.data_ptr<scalar_t>());
   });
   return grad_input;
 }

@@ -1,0 +1,162 @@
+// Bodies of the innermost CPU loops (see residual_attention_loops.h).
+//
+// Instruction sets: the baseline x86-64 build has only SSE2, while nearly every
+// x86 CPU in use has AVX2 (twice the width). With GCC on x86-64 Linux each entry
+// point below is cloned for AVX2 and for the baseline by target_clones, and the
+// loader picks the clone the CPU supports (an ifunc); the bodies are
+// always_inline so that each clone compiles its own copy. Elsewhere (aarch64,
+// e.g. a Jetson, whose baseline NEON is all there is; other compilers) one
+// baseline copy is built.
+//
+// Floating-point row sums are reductions a compiler may not vectorise without
+// permission to reassociate; '#pragma omp simd reduction' gives it for those
+// loops only (-fopenmp-simd: no OpenMP runtime). The summation order is then
+// fixed by the binary, so results stay deterministic run to run.
+#include "residual_attention_loops.h"
+
+#include <algorithm>
+
+namespace da2ext {
+namespace ops {
+namespace cpu {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DA2EXT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define DA2EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define DA2EXT_CPU_CLONES
+#define DA2EXT_ALWAYS_INLINE inline
+#endif
+
+#define DA2EXT_PRAGMA(x) _Pragma(#x)
+#if defined(_OPENMP) || defined(DA2EXT_OPENMP_SIMD)
+#define DA2EXT_VECTORIZE_SUM(var) DA2EXT_PRAGMA(omp simd reduction(+ : var))
+#else
+#define DA2EXT_VECTORIZE_SUM(var)
+#endif
+
+using math::Mode;
+
+namespace {
+
+template <typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void pool_tile_body(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums,
+                                         scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {
+  acc_t sum[kMaxTile], max[kMaxTile];
+  int32_t index[kMaxTile];
+  for (int64_t i = 0; i < len; ++i) {
+    sum[i] = 0;
+    max[i] = static_cast<acc_t>(tile[i]);
+    index[i] = 0;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* row = tile + c * HW;
+    acc_t row_sum = 0;
+    DA2EXT_VECTORIZE_SUM(row_sum)
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = static_cast<acc_t>(row[i]);
+      row_sum += v;
+      sum[i] += v;
+      const bool take = math::replaces_running_max(v, max[i]);
+      max[i] = take ? v : max[i];
+      index[i] = take ? static_cast<int32_t>(c) : index[i];
+    }
+    row_sums[c] = row_sum;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    mean_out[i] = static_cast<scalar_t>(sum[i] / static_cast<acc_t>(C));
+    max_out[i] = static_cast<scalar_t>(max[i]);
+    argmax_out[i] = index[i];
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void apply_plane_body(const scalar_t* input, acc_t gate_channel, const acc_t* gate_spatial,
+                                           int64_t HW, scalar_t* output) {
+  for (int64_t i = 0; i < HW; ++i) {
+    output[i] =
+        static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(input[i]), gate_channel, gate_spatial[i]));
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scalar_t* input_tile,
+                                           const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,
+                                           int64_t HW, int64_t len, acc_t* row_sums, acc_t* spatial_sum) {
+  acc_t column[kMaxTile];
+  std::fill(column, column + len, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* g = grad_tile + c * HW;
+    // mode Add never reads the input (it may be null): f aliases g, unused
+    const scalar_t* f = mode == Mode::Mul ? input_tile + c * HW : g;
+    const acc_t gc = gate_channel[c];
+    acc_t row_sum = 0;
+    DA2EXT_VECTORIZE_SUM(row_sum)
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t t = math::attention_grad_term(mode, static_cast<acc_t>(g[i]), static_cast<acc_t>(f[i]));
+      row_sum += t * gate_spatial[i];
+      column[i] += t * gc;
+    }
+    row_sums[c] = row_sum;
+  }
+  std::copy(column, column + len, spatial_sum);
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void input_grad_plane_body(const scalar_t* grad_output, acc_t gate_channel, acc_t channel_share,
+                                                const acc_t* gate_spatial, const acc_t* grad_mean,
+                                                const acc_t* grad_max, const int32_t* argmax, int32_t channel,
+                                                acc_t inv_c, int64_t HW, scalar_t* grad_input) {
+  for (int64_t i = 0; i < HW; ++i) {
+    grad_input[i] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(grad_output[i]), gate_channel,
+                                                           gate_spatial[i], channel_share, grad_mean[i] * inv_c,
+                                                           argmax[i] == channel, grad_max[i]));
+  }
+}
+
+}  // namespace
+
+#define DA2EXT_DEFINE_CPU_LOOPS(scalar_t, acc_t)                                                                   \
+  DA2EXT_CPU_CLONES void pool_tile(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums,     \
+                                   scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {                  \
+    pool_tile_body(tile, C, HW, len, row_sums, mean_out, max_out, argmax_out);                                   \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void apply_plane(Mode mode, const scalar_t* input, acc_t gate_channel,                        \
+                                     const acc_t* gate_spatial, int64_t HW, scalar_t* output) {                   \
+    if (mode == Mode::Mul) {                                                                                      \
+      apply_plane_body<Mode::Mul>(input, gate_channel, gate_spatial, HW, output);                                 \
+    } else {                                                                                                      \
+      apply_plane_body<Mode::Add>(input, gate_channel, gate_spatial, HW, output);                                 \
+    }                                                                                                             \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void reduce_tile(Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,            \
+                                     const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C, int64_t HW, \
+                                     int64_t len, acc_t* row_sums, acc_t* spatial_sum) {                          \
+    if (mode == Mode::Mul) {                                                                                      \
+      reduce_tile_body<Mode::Mul>(grad_tile, input_tile, gate_channel, gate_spatial, C, HW, len, row_sums,        \
+                                  spatial_sum);                                                                   \
+    } else {                                                                                                      \
+      reduce_tile_body<Mode::Add>(grad_tile, input_tile, gate_channel, gate_spatial, C, HW, len, row_sums,        \
+                                  spatial_sum);                                                                   \
+    }                                                                                                             \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void input_grad_plane(Mode mode, const scalar_t* grad_output, acc_t gate_channel,             \
+                                          acc_t channel_share, const acc_t* gate_spatial, const acc_t* grad_mean, \
+                                          const acc_t* grad_max, const int32_t* argmax, int32_t channel,          \
+                                          acc_t inv_c, int64_t HW, scalar_t* grad_input) {                        \
+    if (mode == Mode::Mul) {                                                                                      \
+      input_grad_plane_body<Mode::Mul>(grad_output, gate_channel, channel_share, gate_spatial, grad_mean,         \
+                                       grad_max, argmax, channel, inv_c, HW, grad_input);                         \
+    } else {                                                                                                      \
+      input_grad_plane_body<Mode::Add>(grad_output, gate_channel, channel_share, gate_spatial, grad_mean,         \
+                                       grad_max, argmax, channel, inv_c, HW, grad_input);                         \
+    }                                                                                                             \
+  }
+
+DA2EXT_DEFINE_CPU_LOOPS(float, float)
+DA2EXT_DEFINE_CPU_LOOPS(double, double)
+DA2EXT_DEFINE_CPU_LOOPS(c10::Half, float)
+
+}  // namespace cpu
+}  // namespace ops
+}  // namespace da2ext

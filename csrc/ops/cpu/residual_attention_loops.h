@@ -1,0 +1,49 @@
+// The innermost CPU loops of the residual attention adaptor: one task's worth
+// of work (a tile of positions of one image, or one channel plane), on raw
+// pointers. They are compiled apart from the drivers (residual_attention_kernel.cpp,
+// which splits the work with at::parallel_for) so that on x86-64 each can be
+// built twice, baseline and AVX2, and picked at load time (see the .cpp).
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "../residual_attention_math.h"
+
+namespace da2ext {
+namespace ops {
+namespace cpu {
+
+// Longest tile of positions a dual-reduction task takes. Each channel's row
+// segment of a tile is a new memory stream, so segments should be long for the
+// prefetcher; the per-position state (kMaxTile * (2 acc + 1 int32) bytes) stays
+// in L1/L2.
+constexpr int64_t kMaxTile = 2048;
+
+#define DA2EXT_DECLARE_CPU_LOOPS(scalar_t, acc_t)                                                                  \
+  /* Pools positions [0, len) of one image (`tile` points at channel 0): writes the */                           \
+  /* partial row sums over the tile for every channel and the per-position mean, max */                          \
+  /* and argmax over channels. len <= kMaxTile. */                                                                \
+  void pool_tile(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums, scalar_t* mean_out,   \
+                 scalar_t* max_out, int32_t* argmax_out);                                                         \
+  void apply_plane(math::Mode mode, const scalar_t* input, acc_t gate_channel, const acc_t* gate_spatial,         \
+                   int64_t HW, scalar_t* output);                                                                 \
+  /* The backward reductions over one tile: row_sums[c] = sum_i t*gate_spatial[i], */                            \
+  /* spatial_sum[i] = sum_c t*gate_channel[c]; `input` is read in mode Mul only. */                               \
+  void reduce_tile(math::Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,                        \
+                   const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C, int64_t HW, int64_t len,      \
+                   acc_t* row_sums, acc_t* spatial_sum);                                                          \
+  void input_grad_plane(math::Mode mode, const scalar_t* grad_output, acc_t gate_channel, acc_t channel_share,   \
+                        const acc_t* gate_spatial, const acc_t* grad_mean, const acc_t* grad_max,                 \
+                        const int32_t* argmax, int32_t channel, acc_t inv_c, int64_t HW, scalar_t* grad_input);
+
+DA2EXT_DECLARE_CPU_LOOPS(float, float)
+DA2EXT_DECLARE_CPU_LOOPS(double, double)
+DA2EXT_DECLARE_CPU_LOOPS(c10::Half, float)
+
+#undef DA2EXT_DECLARE_CPU_LOOPS
+
+}  // namespace cpu
+}  // namespace ops
+}  // namespace da2ext
