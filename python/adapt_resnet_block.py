@@ -64,7 +64,7 @@ def main():
 
     # 1. The pretrained backbone, frozen. BatchNorm in eval mode uses the
     #    pretrained running statistics and does not update them.
-    model = torchvision.models.resnet18(weights=None)
+    model = torchvision.models.resnet18()  # random weights (the default, in old and new torchvision)
     # Load your own pretrained weights here, e.g.
     #   model.load_state_dict(torch.load("resnet18-weights.pth", map_location="cpu"))
     model.requires_grad_(False)
