@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
+from ._validation import check_feature_map
 from .attention_branch import attention_logits_with_hidden
 from .attention_branch_backward import attention_logits_backward
 from .reference import residual_attention_reference
@@ -98,6 +99,7 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
     e.g. torch.float16 to halve what mode "mul" keeps. Where no kernels exist for
     x's device the reference runs instead, with a warning (see da2ext.backend()).
     """
+    check_feature_map(x, gamma.shape[0], gamma, "residual_attention")
     if mode not in ("add", "mul"):
         raise ValueError('mode must be "add" or "mul", got {!r}'.format(mode))
     if saved_input_dtype is not None and not saved_input_dtype.is_floating_point:

@@ -60,22 +60,32 @@ void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tile
   });
 }
 
+// The skeleton of both dual reductions: body(n, hw0, len, row_sums) handles
+// positions [hw0, hw0 + len) of image n and writes that tile's partial row sum
+// of every channel to row_sums[0..C); the partials are then summed in a fixed
+// order into row_out (divided by mean_count when it is > 0).
+template <typename acc_t, typename out_t, typename Body>
+void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, const Body& body) {
+  const Tiling tiling(s.HW);
+  std::vector<acc_t> row_partial(s.N * tiling.tiles * s.C);
+  at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
+      body(n, hw0, std::min(tiling.tile, s.HW - hw0), &row_partial[task * s.C]);
+    }
+  });
+  sum_row_partials(row_partial, s.N, tiling.tiles, s.C, mean_count, row_out);
+}
+
 template <typename scalar_t>
 void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar_t* channel_mean, scalar_t* spatial,
                             int32_t* argmax) {
   typedef typename math::AccumulateType<scalar_t>::type acc_t;
   const int64_t C = s.C, HW = s.HW;
-  const Tiling tiling(HW);
-  std::vector<acc_t> row_partial(s.N * tiling.tiles * C);
-  at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
-      scalar_t* mean_out = spatial + n * 2 * HW + hw0;
-      cpu::pool_tile(input + n * C * HW + hw0, C, HW, std::min(tiling.tile, HW - hw0), &row_partial[task * C],
-                     mean_out, mean_out + HW, argmax + n * HW + hw0);
-    }
+  dual_reduction<acc_t>(s, /*mean_count=*/HW, channel_mean, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
+    scalar_t* mean_out = spatial + n * 2 * HW + hw0;
+    cpu::pool_tile(input + n * C * HW + hw0, C, HW, len, rows, mean_out, mean_out + HW, argmax + n * HW + hw0);
   });
-  sum_row_partials(row_partial, s.N, tiling.tiles, C, HW, channel_mean);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -95,18 +105,11 @@ void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, co
                                       const acc_t* gate_channel, const acc_t* gate_spatial, const FeatureShape& s,
                                       acc_t* channel_sum, acc_t* spatial_sum) {
   const int64_t C = s.C, HW = s.HW;
-  const Tiling tiling(HW);
-  std::vector<acc_t> row_partial(s.N * tiling.tiles * C);
-  at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
-      const int64_t offset = n * C * HW + hw0;
-      cpu::reduce_tile(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr,
-                       gate_channel + n * C, gate_spatial + n * HW + hw0, C, HW, std::min(tiling.tile, HW - hw0),
-                       &row_partial[task * C], spatial_sum + n * HW + hw0);
-    }
+  dual_reduction<acc_t>(s, /*mean_count=*/0, channel_sum, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
+    const int64_t offset = n * C * HW + hw0;
+    cpu::reduce_tile(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gate_channel + n * C,
+                     gate_spatial + n * HW + hw0, C, HW, len, rows, spatial_sum + n * HW + hw0);
   });
-  sum_row_partials(row_partial, s.N, tiling.tiles, C, /*mean_count=*/0, channel_sum);
 }
 
 template <typename scalar_t, typename acc_t>
