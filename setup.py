@@ -81,7 +81,11 @@ def cuda_build_wanted(torch, cpp_extension):
 def default_arch_list(torch):
     """TORCH_CUDA_ARCH_LIST for a machine without a visible GPU: torch's own list."""
     archs = []
-    for arch in torch.cuda.get_arch_list():
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list and hasattr(torch._C, "_cuda_getArchFlags"):
+        # older torch lists its architectures only when a GPU is visible
+        arch_list = (torch._C._cuda_getArchFlags() or "").split()
+    for arch in arch_list:
         match = re.match(r"sm_(\d+)(\d)$", arch)
         if match:
             archs.append("{}.{}".format(match.group(1), match.group(2)))
