@@ -66,13 +66,13 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   const int64_t task = blockIdx.x, n = task / tiles;
   const int64_t hw = (task % tiles) * kTile + lane;
   const bool active = hw < HW;
-  const scalar_t* column = input + n * C * HW + hw;
+  const int64_t base = n * C * HW + hw;  // an offset only: lanes past HW read nothing
 
   acc_t sum = 0, max = 0;
   int index = -1;  // -1: this thread saw no channel (C < kWarpsPerBlock)
   // The loop bound depends on the warp only, so all 32 lanes reach every shuffle.
   for (int64_t c = warp; c < C; c += kWarpsPerBlock) {
-    const acc_t v = active ? to_acc(column[c * HW]) : acc_t(0);
+    const acc_t v = active ? to_acc(input[base + c * HW]) : acc_t(0);
     if (active) {
       sum += v;
       if (index < 0 || math::replaces_running_max(v, max)) {
@@ -242,7 +242,7 @@ int64_t row_partial_count(int64_t N, int64_t C, int64_t HW) {
 template <typename scalar_t, typename acc_t>
 cudaError_t descriptor_pool(const scalar_t* input, int64_t N, int64_t C, int64_t HW, scalar_t* channel_mean,
                             scalar_t* spatial, int32_t* argmax, acc_t* row_partial, cudaStream_t stream) {
-  if (N == 0) {
+  if (N == 0 || C == 0 || HW == 0) {  // nothing to do (and no empty grid to launch)
     return cudaSuccess;
   }
   const int64_t tiles = ceil_div(HW, kTile);
@@ -280,7 +280,7 @@ cudaError_t attention_backward_reduce(const scalar_t* grad_output, const scalar_
                                       const acc_t* gate_spatial, int64_t N, int64_t C, int64_t HW,
                                       bool multiplicative, acc_t* channel_sum, acc_t* spatial_sum,
                                       acc_t* row_partial, cudaStream_t stream) {
-  if (N == 0) {
+  if (N == 0 || C == 0 || HW == 0) {  // nothing to do (and no empty grid to launch)
     return cudaSuccess;
   }
   const int64_t tiles = ceil_div(HW, kTile);
