@@ -82,7 +82,9 @@ DA2_HOST_DEVICE bool is_nan(acc_t v) {
 // Bitwise, not short-circuit, operators: no branch, so the CPU loop vectorises.
 template <typename acc_t>
 DA2_HOST_DEVICE bool replaces_running_max(acc_t candidate, acc_t running_max) {
-  return (candidate > running_max) | (is_nan(candidate) & !is_nan(running_max));
+  const int larger = candidate > running_max;
+  const int nan_over_number = static_cast<int>(is_nan(candidate)) & static_cast<int>(!is_nan(running_max));
+  return (larger | nan_over_number) != 0;
 }
 
 // Merge of two partial maxima whose channel ranges interleave (CUDA warps, CPU
