@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -102,8 +103,16 @@ def extensions():
     import torch
     from torch.utils import cpp_extension
 
-    # -fopenmp-simd: lets the row-sum loops vectorise (see cpu/residual_attention_kernel.cpp)
+    # -fopenmp: at::parallel_for is an inline header whose '#pragma omp parallel' only
+    # takes effect when the extension itself is compiled with OpenMP; without it every
+    # CPU kernel runs on one thread. libgomp resolves to the copy torch already loaded.
+    # -fopenmp-simd (implied, kept for compilers without OpenMP): lets the row sums
+    # vectorise (see cpu/residual_attention_loops.cpp).
     cxx_flags = ["-O3", "-fopenmp-simd", "-DDA2EXT_OPENMP_SIMD"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     ext_sources = sources("csrc/extension.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/ops/cpu/*.cpp")
     with_cuda, reason = cuda_build_wanted(torch, cpp_extension)
     if not with_cuda:
@@ -111,7 +120,7 @@ def extensions():
         return [
             cpp_extension.CppExtension(
                 "da2ext._C", ext_sources, include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": cxx_flags},
+                extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
             )
         ]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -123,7 +132,7 @@ def extensions():
         cpp_extension.CUDAExtension(
             "da2ext._C", ext_sources, include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=[("DA2EXT_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link_flags,
         )
     ]
 
