@@ -12,11 +12,7 @@
 // small factors, one multiplication per element.
 #pragma once
 
-#if defined(__CUDACC__)
-#define DA2_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DA2_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace da2ext {
 namespace math {
