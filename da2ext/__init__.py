@@ -11,13 +11,19 @@ from .adaptor import ResidualAttentionAdaptor
 from .attention_branch import spatial_kernel_size
 from .memory import SavedTensorCounter, saved_bytes
 from .ops import residual_attention
+from .packed_activation import PackedReLU, PackedReLU6, packed_activation, packed_relu, packed_relu6
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PackedReLU",
+    "PackedReLU6",
     "ResidualAttentionAdaptor",
     "SavedTensorCounter",
     "backend",
+    "packed_activation",
+    "packed_relu",
+    "packed_relu6",
     "reference",
     "residual_attention",
     "saved_bytes",

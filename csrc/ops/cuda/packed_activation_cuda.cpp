@@ -1,0 +1,97 @@
+// Torch binding of the packed activation's CUDA kernels: the same checks and
+// outputs as the CPU implementation, then raw pointers to the launchers on the
+// current stream. Compiled by the host compiler; the kernels live in the .cu file.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../packed_activation.h"
+#include "packed_activation_kernel.h"
+
+namespace da2ext {
+namespace ops {
+namespace {
+
+// at::Half and __half share the IEEE binary16 layout; the kernels take __half.
+template <typename scalar_t>
+struct KernelType {
+  typedef scalar_t type;
+};
+template <>
+struct KernelType<at::Half> {
+  typedef __half type;
+};
+
+template <typename scalar_t>
+const typename KernelType<scalar_t>::type* kernel_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename KernelType<scalar_t>::type*>(t.data_ptr<scalar_t>());
+}
+template <typename scalar_t>
+typename KernelType<scalar_t>::type* kernel_mutable_ptr(at::Tensor& t) {
+  return reinterpret_cast<typename KernelType<scalar_t>::type*>(t.data_ptr<scalar_t>());
+}
+
+// int32 storage read as the uint32 words the kernels pack (same size and layout).
+uint32_t* mask_words_ptr(const at::Tensor& mask) {
+  return reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+void check_launch(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+}
+
+std::tuple<at::Tensor, at::Tensor> packed_activation_cuda(const at::Tensor& input, double upper) {
+  const char* op = "packed_activation";
+  check_activation_tensor(input, op, "input");
+  check_cuda(input, op, "input");
+  check_activation_upper(upper, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output, mask;
+  std::tie(output, mask) = allocate_activation_outputs(input);
+  if (input.numel() == 0) {
+    return std::make_tuple(output, mask);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "packed_activation_cuda", [&] {
+    check_launch(cuda::packed_activation(kernel_ptr<scalar_t>(input), input.numel(), upper,
+                                         kernel_mutable_ptr<scalar_t>(output), mask_words_ptr(mask),
+                                         c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
+  });
+  return std::make_tuple(output, mask);
+}
+
+at::Tensor packed_activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& mask) {
+  const char* op = "packed_activation_backward";
+  check_activation_tensor(grad_output, op, "grad_output");
+  check_cuda(grad_output, op, "grad_output");
+  check_activation_mask(mask, grad_output, op);
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options(), at::MemoryFormat::Contiguous);
+  if (grad_output.numel() == 0) {
+    return grad_input;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(grad_output.scalar_type(), "packed_activation_backward_cuda", [&] {
+    check_launch(cuda::packed_activation_backward(kernel_ptr<scalar_t>(grad_output), mask_words_ptr(mask),
+                                                  grad_output.numel(), kernel_mutable_ptr<scalar_t>(grad_input),
+                                                  c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(da2ext, CUDA, m) {
+  m.impl("packed_activation", packed_activation_cuda);
+  m.impl("packed_activation_backward", packed_activation_backward_cuda);
+}
+
+}  // namespace ops
+}  // namespace da2ext

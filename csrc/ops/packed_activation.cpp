@@ -1,0 +1,54 @@
+// Schema of the packed activation ops (DESIGN.md §3: "activation fused with a
+// bit-packing of its mask in the forward") and the checks both backends share.
+// The residual attention ops own TORCH_LIBRARY(da2ext); these are added to the
+// same namespace with a fragment. Implementations: cpu/, cuda/.
+#include "packed_activation.h"
+
+#include <torch/library.h>
+
+#include "packed_activation_math.h"
+
+namespace da2ext {
+namespace ops {
+
+void check_activation_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kDouble, op, ": ", name,
+              " must be float16, float32 or float64, got ", dtype);
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
+              " must be contiguous (call .contiguous() on channels_last or strided tensors); got strides ",
+              t.strides(), " for shape ", t.sizes());
+}
+
+void check_activation_upper(double upper, const char* op) {
+  TORCH_CHECK(upper > 0, op, ": upper must be > 0 (+inf for ReLU, 6 for ReLU6), got ", upper);
+}
+
+void check_activation_mask(const at::Tensor& mask, const at::Tensor& reference, const char* op) {
+  TORCH_CHECK(mask.defined(), op, ": mask is undefined");
+  TORCH_CHECK(mask.device() == reference.device(), op, ": mask must be on ", reference.device(),
+              " like grad_output, got ", mask.device());
+  TORCH_CHECK(mask.scalar_type() == at::kInt, op, ": mask must be int32, got ", mask.scalar_type());
+  const int64_t words = math::packed_mask_words(reference.numel());
+  TORCH_CHECK(mask.numel() == words, op, ": mask must have ceil(numel / 32) = ", words,
+              " int32 words for grad_output of shape ", reference.sizes(), ", got ", mask.numel(),
+              " (shape ", mask.sizes(), ")");
+  TORCH_CHECK(mask.is_contiguous(), op, ": mask must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input) {
+  return std::make_tuple(at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous),
+                         at::empty({math::packed_mask_words(input.numel())}, input.options().dtype(at::kInt)));
+}
+
+}  // namespace ops
+}  // namespace da2ext
+
+TORCH_LIBRARY_FRAGMENT(da2ext, m) {
+  // output = clamp(input, 0, upper) (upper = inf: ReLU, 6: ReLU6); mask: int32 [ceil(numel / 32)],
+  // bit i % 32 of word i / 32 set where the gradient passes (0 < x < upper; x > 0 when upper = inf)
+  m.def("packed_activation(Tensor input, float upper) -> (Tensor output, Tensor mask)");
+  // grad_input = grad_output where the mask bit is set, else 0
+  m.def("packed_activation_backward(Tensor grad_output, Tensor mask) -> Tensor grad_input");
+}

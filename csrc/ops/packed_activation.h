@@ -1,0 +1,28 @@
+// Torch-side checks and allocation shared by the CPU and CUDA implementations of
+// the packed activation ops (schema in packed_activation.cpp), so that both
+// backends accept and produce exactly the same tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace da2ext {
+namespace ops {
+
+// `name` must be a defined, contiguous float16/float32/float64 tensor (any shape,
+// numel 0 included).
+void check_activation_tensor(const at::Tensor& t, const char* op, const char* name);
+
+// upper must be > 0 (+inf allowed, NaN not).
+void check_activation_upper(double upper, const char* op);
+
+// `mask` must be an int32 contiguous tensor of ceil(numel / 32) words on
+// `reference`'s device.
+void check_activation_mask(const at::Tensor& mask, const at::Tensor& reference, const char* op);
+
+// (output like input, contiguous; mask int32 [ceil(numel / 32)]), both uninitialised.
+std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input);
+
+}  // namespace ops
+}  // namespace da2ext

@@ -1,0 +1,96 @@
+"""ReLU and ReLU6 that keep one bit per element for backward (DESIGN.md §1 and §3).
+
+A frozen layer's activation needs, for the input gradient, only where it was
+active. The fused op writes the output and that mask, packed 32 elements to an
+int32 word, in one pass; the backward reads the mask and the incoming gradient.
+What is kept for backward is the mask alone, 4 * ceil(numel / 32) bytes (1/32
+of a float32 input), saved through ctx.save_for_backward so that
+da2ext.SavedTensorCounter counts it.
+
+Gradient convention (as torch's): ReLU passes the gradient where x > 0; ReLU6
+(and any finite `upper`) where 0 < x < upper, so exactly 0 and exactly `upper`
+pass nothing. At a NaN input the output is NaN and no gradient passes.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ._extension import kernels_available, warn_fallback
+
+__all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "packed_relu6"]
+
+
+class PackedActivationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, upper):
+        output, mask = torch.ops.da2ext.packed_activation(x, upper)
+        ctx.save_for_backward(mask)  # the only thing kept: ceil(numel / 32) int32 words
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        mask, = ctx.saved_tensors
+        grad_input = torch.ops.da2ext.packed_activation_backward(grad_output.contiguous(), mask)
+        return grad_input, None
+
+
+def _reference(x, upper):
+    """The same values and gradients in plain PyTorch (keeps x or the output for backward)."""
+    if math.isinf(upper):
+        return torch.relu(x)
+    return F.hardtanh(x, 0.0, upper)
+
+
+def packed_activation(x, upper):
+    """clamp(x, 0, upper) keeping only a bit mask for backward.
+
+    `upper` > 0: float("inf") gives ReLU, 6 gives ReLU6. `x` is a float16,
+    float32 or float64 tensor of any shape; a channels_last or otherwise
+    strided `x` is made contiguous first (a copy), and the result is contiguous.
+    Where no kernels exist for x's device, plain PyTorch (relu/hardtanh) runs
+    instead, with a warning (see da2ext.backend()).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("packed_activation: x must be a torch.Tensor, got {}".format(type(x).__name__))
+    upper = float(upper)
+    if not upper > 0:  # also rejects NaN
+        raise ValueError("packed_activation: upper must be > 0 (float('inf') for ReLU, 6 for ReLU6), "
+                         "got {}".format(upper))
+    if x.dtype not in (torch.float16, torch.float32, torch.float64):
+        raise TypeError("packed_activation: x must be float16, float32 or float64, got {}".format(x.dtype))
+    if not kernels_available(x.device.type):
+        warn_fallback(x.device.type)
+        return _reference(x, upper)
+    x = x.contiguous()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return PackedActivationFunction.apply(x, upper)
+    output, _ = torch.ops.da2ext.packed_activation(x, upper)
+    return output
+
+
+def packed_relu(x):
+    """ReLU keeping one bit per element for backward (see packed_activation)."""
+    return packed_activation(x, float("inf"))
+
+
+def packed_relu6(x):
+    """ReLU6 keeping one bit per element for backward (see packed_activation)."""
+    return packed_activation(x, 6.0)
+
+
+class PackedReLU(nn.Module):
+    """nn.ReLU that keeps one bit per element for backward (no `inplace`: the output is new)."""
+
+    def forward(self, x):
+        return packed_relu(x)
+
+
+class PackedReLU6(nn.Module):
+    """nn.ReLU6 that keeps one bit per element for backward (no `inplace`: the output is new)."""
+
+    def forward(self, x):
+        return packed_relu6(x)

@@ -1,0 +1,268 @@
+"""The packed activation (ReLU/ReLU6 keeping one bit per element for backward):
+values and gradients as torch's, the mask's bit layout, what is kept, errors."""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import da2ext
+from da2ext import _extension
+from conftest import all_devices
+
+packed_module = importlib.import_module("da2ext.packed_activation")  # (da2ext.packed_activation is the function)
+
+DTYPES = [torch.float64, torch.float32, torch.float16]
+ACTIVATIONS = {
+    "relu": (da2ext.packed_relu, torch.relu, float("inf")),
+    "relu6": (da2ext.packed_relu6, F.relu6, 6.0),
+}
+
+
+def special_values(shape, device, dtype, seed=0, nan=True):
+    """Random values in [-8, 8] with exact 0, 6, +-inf (and NaN) sprinkled in."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=generator, dtype=torch.float64) * 16 - 8
+    flat = x.view(-1)
+    if flat.numel() >= 8:
+        specials = [0.0, 6.0, -0.0, float("inf"), float("-inf"), 5.999, 1e-3]
+        if nan:
+            specials.append(float("nan"))
+        picks = torch.randperm(flat.numel(), generator=generator)[:3 * len(specials)]
+        for k, index in enumerate(picks.tolist()):
+            flat[index] = specials[k % len(specials)]
+    return x.to(device=device, dtype=dtype)
+
+
+def torch_forward_backward(fn, x, grad):
+    """torch's values and input gradient, computed in float64 (both are exact selects)."""
+    xd = x.detach().double().requires_grad_()
+    y = fn(xd)
+    y.backward(grad.double())
+    return y.detach().to(x.dtype), xd.grad.to(x.dtype)
+
+
+def packed_forward_backward(fn, x, grad):
+    xi = x.detach().clone().requires_grad_()
+    y = fn(xi)
+    y.backward(grad)
+    return y.detach(), xi.grad
+
+
+def python_mask(x, upper):
+    """The documented layout: bit i % 32 of int32 word i // 32 set where the gradient passes."""
+    flat = x.detach().double().cpu().reshape(-1)
+    passes = flat > 0
+    if not math.isinf(upper):
+        passes &= flat < upper
+    words = (flat.numel() + 31) // 32
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[:flat.numel()] = passes.to(torch.int64)
+    values = (bits.view(words, 32) << torch.arange(32, dtype=torch.int64)).sum(1)
+    values = torch.where(values >= 2 ** 31, values - 2 ** 32, values)  # as two's-complement int32
+    return values.to(torch.int32)
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_forward_matches_torch_including_nan(device, dtype, name):
+    packed, reference, _ = ACTIVATIONS[name]
+    x = special_values((4, 6, 7, 9), device, dtype)
+    y = packed(x)
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    expected = reference(x.double()).to(dtype)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(y).sum().item() == torch.isnan(x).sum().item() > 0
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_backward_matches_torch(device, dtype, name):
+    # exact 0 and 6 (no gradient), +-inf; NaN is left out: torch's hardtanh passes
+    # the gradient at NaN, the packed mask does not (documented)
+    packed, reference, _ = ACTIVATIONS[name]
+    x = special_values((3, 5, 11, 13), device, dtype, seed=1, nan=False)
+    grad = torch.randn(x.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    y, grad_input = packed_forward_backward(packed, x, grad)
+    expected_y, expected_grad = torch_forward_backward(reference, x, grad)
+    assert torch.equal(y, expected_y)
+    assert torch.equal(grad_input, expected_grad)
+    assert (grad_input[x == 0] == 0).all()
+    if name == "relu6":
+        assert (grad_input[x == 6] == 0).all()
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_nan_gets_no_gradient(device, name):
+    packed, _, _ = ACTIVATIONS[name]
+    x = torch.tensor([float("nan"), 1.0, float("nan")], device=device)
+    _, grad_input = packed_forward_backward(packed, x, torch.ones_like(x))
+    assert grad_input.tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_gradcheck_float64_cpu(name):
+    packed, _, upper = ACTIVATIONS[name]
+    generator = torch.Generator().manual_seed(3)
+    # values at least 0.1 away from the kinks at 0 and 6
+    magnitudes = torch.rand(2, 3, 5, 7, generator=generator, dtype=torch.float64) * 5.8 + 0.1
+    x = magnitudes * torch.where(torch.rand(magnitudes.shape, generator=generator) < 0.5, -1.0, 1.0).double()
+    x.view(-1)[::5] += 6.0  # some beyond 6 (and some of those back near 0..6, all away from the kinks)
+    x = torch.where((x - 6).abs() < 0.1, x + 0.3, x)
+    x = torch.where(x.abs() < 0.1, x + 0.3, x).requires_grad_()
+    assert torch.autograd.gradcheck(packed, (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("shape", [(1,), (31,), (32,), (33,), (3, 5, 7), (2, 3, 11, 13), (100003,)])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_shapes_with_a_partial_last_word(device, shape, name):
+    packed, reference, upper = ACTIVATIONS[name]
+    x = special_values(shape, device, torch.float32, seed=2, nan=False)
+    grad = torch.randn(shape).to(device)
+    y, grad_input = packed_forward_backward(packed, x, grad)
+    expected_y, expected_grad = torch_forward_backward(reference, x, grad)
+    assert torch.equal(y, expected_y)
+    assert torch.equal(grad_input, expected_grad)
+    _, mask = torch.ops.da2ext.packed_activation(x, upper)
+    assert torch.equal(mask.cpu(), python_mask(x, upper))
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("shape", [(0,), (2, 0, 5)])
+def test_empty(device, shape):
+    x = torch.empty(shape, device=device, requires_grad=True)
+    with da2ext.SavedTensorCounter() as counter:
+        y = da2ext.packed_relu6(x)
+    assert y.shape == x.shape
+    assert counter.saved_bytes == 0
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    output, mask = torch.ops.da2ext.packed_activation(x.detach(), 6.0)
+    assert output.shape == x.shape and mask.shape == (0,) and mask.dtype == torch.int32
+    assert torch.ops.da2ext.packed_activation_backward(output, mask).shape == x.shape
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_non_contiguous_input_gives_the_right_result(device, layout, name):
+    packed, reference, _ = ACTIVATIONS[name]
+    base = special_values((2, 8, 5, 7), device, torch.float32, seed=4, nan=False)
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = base.transpose(1, 3)
+    else:
+        x = base[:, ::2, 1:]
+    assert not x.is_contiguous()
+    grad = torch.randn(x.shape).to(device)
+    y, grad_input = packed_forward_backward(packed, x, grad)
+    expected_y, expected_grad = torch_forward_backward(reference, x, grad)
+    assert torch.equal(y, expected_y)
+    assert torch.equal(grad_input, expected_grad)
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("shape", [(8, 64, 14, 14), (3, 5, 7), (33,)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keeps_only_the_mask(device, shape, dtype):
+    numel = 1
+    for size in shape:
+        numel *= size
+    x = torch.randn(shape).to(device=device, dtype=dtype).requires_grad_()
+    for module in (da2ext.PackedReLU(), da2ext.PackedReLU6()):
+        with da2ext.SavedTensorCounter() as counter:
+            y = module(x)
+        assert counter.saved_bytes == 4 * ((numel + 31) // 32)
+        assert counter.saved_tensors == 1
+        y.sum().backward()
+    # a channels_last input is copied first; the copy keeps nothing for backward
+    if len(shape) == 4:
+        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        with da2ext.SavedTensorCounter() as counter:
+            da2ext.packed_relu(x_cl)
+        assert counter.saved_bytes == 4 * ((numel + 31) // 32)
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_mask_bit_layout(device, dtype, name):
+    _, _, upper = ACTIVATIONS[name]
+    x = special_values((5, 41), device, dtype, seed=5)  # 205 elements: 6 full words and 13 bits
+    output, mask = torch.ops.da2ext.packed_activation(x, upper)
+    assert mask.dtype == torch.int32 and mask.shape == (7,) and mask.device == x.device
+    assert torch.equal(mask.cpu(), python_mask(x, upper))
+    # a word with bit 31 set reads as a negative int32
+    ones = torch.ones(64, device=device, dtype=dtype)
+    assert torch.ops.da2ext.packed_activation(ones, upper)[1].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("device", all_devices())
+def test_generic_upper(device):
+    x = special_values((7, 9), device, torch.float32, seed=6, nan=False)
+    grad = torch.randn(x.shape).to(device)
+    y, grad_input = packed_forward_backward(lambda t: da2ext.packed_activation(t, 2.5), x, grad)
+    expected_y, expected_grad = torch_forward_backward(lambda t: F.hardtanh(t, 0.0, 2.5), x, grad)
+    assert torch.equal(y, expected_y)
+    assert torch.equal(grad_input, expected_grad)
+
+
+def test_no_grad_and_modules():
+    x = torch.randn(4, 33)
+    with torch.no_grad():
+        y = da2ext.packed_relu(x.requires_grad_())
+    assert y.grad_fn is None and torch.equal(y, torch.relu(x.detach()))
+    model = torch.nn.Sequential(torch.nn.Linear(33, 16), da2ext.PackedReLU6(), torch.nn.Linear(16, 2),
+                                da2ext.PackedReLU())
+    model(x.detach()).sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_op_errors_name_the_argument():
+    x = torch.randn(4, 8, 3, 3)
+    non_contiguous = x.transpose(1, 2)
+    with pytest.raises(RuntimeError, match="packed_activation: input must be contiguous"):
+        torch.ops.da2ext.packed_activation(non_contiguous, 6.0)
+    with pytest.raises(RuntimeError, match="packed_activation: input must be float16, float32 or float64"):
+        torch.ops.da2ext.packed_activation(torch.ones(4, dtype=torch.int32), 6.0)
+    with pytest.raises(RuntimeError, match="packed_activation: upper must be > 0"):
+        torch.ops.da2ext.packed_activation(x, 0.0)
+    with pytest.raises(RuntimeError, match="packed_activation: upper must be > 0"):
+        torch.ops.da2ext.packed_activation(x, float("nan"))
+    output, mask = torch.ops.da2ext.packed_activation(x, 6.0)
+    backward = torch.ops.da2ext.packed_activation_backward
+    with pytest.raises(RuntimeError, match=r"packed_activation_backward: mask must have ceil\(numel / 32\) = 9 "):
+        backward(output, mask[:-1])
+    with pytest.raises(RuntimeError, match="packed_activation_backward: mask must be int32"):
+        backward(output, mask.long())
+    with pytest.raises(RuntimeError, match="packed_activation_backward: grad_output must be contiguous"):
+        backward(output.transpose(1, 2), mask)
+    with pytest.raises(RuntimeError, match="packed_activation_backward: mask must be contiguous"):
+        backward(output, torch.stack([mask, mask], 1)[:, 0])
+
+
+def test_python_errors():
+    with pytest.raises(ValueError, match="upper must be > 0"):
+        da2ext.packed_activation(torch.randn(3), -1.0)
+    with pytest.raises(TypeError, match="must be float16, float32 or float64"):
+        da2ext.packed_relu(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        da2ext.packed_relu([1.0])
+
+
+def test_fallback_runs_plain_pytorch_with_a_warning(monkeypatch):
+    monkeypatch.setattr(packed_module, "kernels_available", lambda device_type: False)
+    monkeypatch.setattr(_extension, "_warned", set())
+    x = special_values((3, 40), "cpu", torch.float32, seed=7, nan=False)
+    grad = torch.randn(x.shape)
+    with pytest.warns(RuntimeWarning, match="da2ext: running the pure-PyTorch reference"):
+        y, grad_input = packed_forward_backward(da2ext.packed_relu6, x, grad)
+    expected_y, expected_grad = torch_forward_backward(F.relu6, x, grad)
+    assert torch.equal(y, expected_y)
+    assert torch.equal(grad_input, expected_grad)
