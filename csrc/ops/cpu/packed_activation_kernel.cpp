@@ -24,20 +24,13 @@
 
 #include "../packed_activation.h"
 #include "../packed_activation_math.h"
+#include "vectorization.h"
 
 namespace da2ext {
 namespace ops {
 namespace {
 
 using math::kPackedBits;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DA2EXT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#define DA2EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define DA2EXT_CPU_CLONES
-#define DA2EXT_ALWAYS_INLINE inline
-#endif
 
 // Mask words per task: 2048 words = 64 Ki elements.
 constexpr int64_t kWordGrain = 2048;

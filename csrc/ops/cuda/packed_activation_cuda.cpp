@@ -10,41 +10,16 @@
 
 #include "../packed_activation.h"
 #include "packed_activation_kernel.h"
+#include "kernel_pointers.h"
 
 namespace da2ext {
 namespace ops {
 namespace {
 
-// at::Half and __half share the IEEE binary16 layout; the kernels take __half.
-template <typename scalar_t>
-struct KernelType {
-  typedef scalar_t type;
-};
-template <>
-struct KernelType<at::Half> {
-  typedef __half type;
-};
-
-template <typename scalar_t>
-const typename KernelType<scalar_t>::type* kernel_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename KernelType<scalar_t>::type*>(t.data_ptr<scalar_t>());
-}
-template <typename scalar_t>
-typename KernelType<scalar_t>::type* kernel_mutable_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename KernelType<scalar_t>::type*>(t.data_ptr<scalar_t>());
-}
 
 // int32 storage read as the uint32 words the kernels pack (same size and layout).
 uint32_t* mask_words_ptr(const at::Tensor& mask) {
   return reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
-}
-
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-}
-
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
 
 std::tuple<at::Tensor, at::Tensor> packed_activation_cuda(const at::Tensor& input, double upper) {

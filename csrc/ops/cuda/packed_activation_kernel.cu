@@ -15,6 +15,7 @@
 
 #include "../packed_activation_math.h"
 #include "packed_activation_kernel.h"
+#include "device_conversions.cuh"
 
 namespace da2ext {
 namespace cuda {
@@ -44,24 +45,6 @@ struct Accumulate<double> {
   typedef double type;
 };
 
-__device__ __forceinline__ float to_acc(__half v) {
-  return __half2float(v);
-}
-__device__ __forceinline__ float to_acc(float v) {
-  return v;
-}
-__device__ __forceinline__ double to_acc(double v) {
-  return v;
-}
-__device__ __forceinline__ void store(__half* p, float v) {
-  *p = __float2half(v);
-}
-__device__ __forceinline__ void store(float* p, float v) {
-  *p = v;
-}
-__device__ __forceinline__ void store(double* p, double v) {
-  *p = v;
-}
 
 template <bool bounded, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)

@@ -13,6 +13,7 @@
 // deterministic (no atomics) and F is read exactly once.
 #include "../residual_attention_math.h"
 #include "residual_attention_kernel.h"
+#include "device_conversions.cuh"
 
 namespace da2ext {
 namespace cuda {
@@ -30,24 +31,6 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-__device__ __forceinline__ float to_acc(__half v) {
-  return __half2float(v);
-}
-__device__ __forceinline__ float to_acc(float v) {
-  return v;
-}
-__device__ __forceinline__ double to_acc(double v) {
-  return v;
-}
-__device__ __forceinline__ void store(__half* p, float v) {
-  *p = __float2half(v);
-}
-__device__ __forceinline__ void store(float* p, float v) {
-  *p = v;
-}
-__device__ __forceinline__ void store(double* p, double v) {
-  *p = v;
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
