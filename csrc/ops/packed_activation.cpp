@@ -37,6 +37,10 @@ void check_activation_mask(const at::Tensor& mask, const at::Tensor& reference, 
   TORCH_CHECK(mask.is_contiguous(), op, ": mask must be contiguous");
 }
 
+uint32_t* mask_words_ptr(const at::Tensor& mask) {
+  return reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
+}
+
 std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input) {
   return std::make_tuple(at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous),
                          at::empty({math::packed_mask_words(input.numel())}, input.options().dtype(at::kInt)));

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <tuple>
 
 namespace da2ext {
@@ -20,6 +21,9 @@ void check_activation_upper(double upper, const char* op);
 // `mask` must be an int32 contiguous tensor of ceil(numel / 32) words on
 // `reference`'s device.
 void check_activation_mask(const at::Tensor& mask, const at::Tensor& reference, const char* op);
+
+// The int32 mask storage as the uint32 words the kernels pack (same size and layout).
+uint32_t* mask_words_ptr(const at::Tensor& mask);
 
 // (output like input, contiguous; mask int32 [ceil(numel / 32)]), both uninitialised.
 std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input);

@@ -13,6 +13,7 @@
 // would not). The bit of element i is bit (i % 32) of the 32-bit mask word i / 32.
 #pragma once
 
+#include "accumulate_type.h"
 #include "host_device.h"
 
 #include <cstdint>

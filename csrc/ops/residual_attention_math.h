@@ -12,20 +12,11 @@
 // small factors, one multiplication per element.
 #pragma once
 
+#include "accumulate_type.h"
 #include "host_device.h"
 
 namespace da2ext {
 namespace math {
-
-// Accumulation type: float for float and half storage, double for double.
-template <typename scalar_t>
-struct AccumulateType {
-  typedef float type;
-};
-template <>
-struct AccumulateType<double> {
-  typedef double type;
-};
 
 // The two ways the attention is combined with the block output.
 enum class Mode : int { Add = 0, Mul = 1 };

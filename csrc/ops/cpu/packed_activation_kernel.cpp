@@ -35,15 +35,6 @@ using math::kPackedBits;
 // Mask words per task: 2048 words = 64 Ki elements.
 constexpr int64_t kWordGrain = 2048;
 
-template <typename scalar_t>
-struct CpuAccumulate {
-  typedef float type;
-};
-template <>
-struct CpuAccumulate<double> {
-  typedef double type;
-};
-
 // kBitValue[j] = math::mask_bit_value(j).
 alignas(64) const uint32_t kBitValue[kPackedBits] = {
     1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,  1u << 8,  1u << 9,  1u << 10,
@@ -139,7 +130,7 @@ DA2EXT_DEFINE_WORD_LOOPS(c10::Half, float)
 template <typename scalar_t>
 void packed_activation_kernel(const scalar_t* input, int64_t numel, double upper_value, scalar_t* output,
                               uint32_t* mask) {
-  typedef typename CpuAccumulate<scalar_t>::type acc_t;
+  typedef typename math::AccumulateType<scalar_t>::type acc_t;
   const acc_t upper = static_cast<acc_t>(upper_value);
   // upper = +inf in the arithmetic's type: ReLU, whose gradient passes at x = +inf too (no upper test).
   const bool bounded = upper < std::numeric_limits<acc_t>::infinity();
@@ -154,11 +145,6 @@ void packed_activation_backward_kernel(const scalar_t* grad_output, const uint32
   at::parallel_for(0, math::packed_mask_words(numel), kWordGrain, [&](int64_t begin, int64_t end) {
     backward_words(grad_output, mask, begin, end, numel, grad_input);
   });
-}
-
-uint32_t* mask_words_ptr(const at::Tensor& mask) {
-  // int32 storage read as the uint32 words the kernels pack (same size and layout).
-  return reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor> packed_activation_cpu(const at::Tensor& input, double upper) {

@@ -17,11 +17,6 @@ namespace ops {
 namespace {
 
 
-// int32 storage read as the uint32 words the kernels pack (same size and layout).
-uint32_t* mask_words_ptr(const at::Tensor& mask) {
-  return reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
-}
-
 std::tuple<at::Tensor, at::Tensor> packed_activation_cuda(const at::Tensor& input, double upper) {
   const char* op = "packed_activation";
   check_activation_tensor(input, op, "input");

@@ -36,15 +36,6 @@ int grid_size(int64_t blocks) {
   return static_cast<int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
-template <typename scalar_t>
-struct Accumulate {
-  typedef float type;
-};
-template <>
-struct Accumulate<double> {
-  typedef double type;
-};
-
 
 template <bool bounded, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
@@ -90,7 +81,7 @@ cudaError_t packed_activation(const scalar_t* input, int64_t numel, double upper
   if (numel <= 0) {
     return cudaSuccess;
   }
-  typedef typename Accumulate<scalar_t>::type acc_t;
+  typedef typename math::AccumulateType<scalar_t>::type acc_t;
   const int64_t words = math::packed_mask_words(numel);
   const int blocks = grid_size(ceil_div(words, kWarpsPerBlock));
   const acc_t upper_acc = static_cast<acc_t>(upper);
