@@ -1,0 +1,249 @@
+"""adapt(): turn a pretrained CNN into a DA2 model (DESIGN.md §3, §3a).
+
+The backbone is frozen and rewritten in place so that backward through it keeps
+only packed activation bits (frozen_conv.py, frozen_blocks.py); a residual
+attention adaptor goes after every block; a new head replaces the classifier.
+Trainable: the adaptors, the frozen BNs' shifts and the head, each switchable.
+The model keeps its own class and forward, so everything that worked on it
+(torch.save of its state_dict, hooks, timm's forward_features) still does.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adaptor import ResidualAttentionAdaptor
+from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
+from .lean_max_pool import LeanMaxPool2d
+from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
+
+__all__ = ["AdaptedBlock", "Head", "adapt", "supported_family"]
+
+_BACKBONE_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+class Head(nn.Linear):
+    """The new classifier: a Linear that casts its input to its own dtype (a float16
+    backbone feeds a float32 head)."""
+
+    def forward(self, x):
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class AdaptedBlock(nn.Module):
+    """A frozen block followed by its residual attention adaptor. The block always
+    computes its inference behaviour, whatever model.train() says; the adaptor
+    runs in its own dtype (float32 after a float16 backbone)."""
+
+    def __init__(self, block, adaptor):
+        super(AdaptedBlock, self).__init__()
+        self.block = block
+        self.adaptor = adaptor
+
+    def train(self, mode=True):
+        super(AdaptedBlock, self).train(mode)
+        self.block.eval()
+        return self
+
+    def forward(self, x):
+        y = self.block(x)
+        if self.adaptor is None:
+            return y
+        dtype = self.adaptor.gamma.dtype
+        if y.dtype == dtype:
+            return self.adaptor(y)
+        return self.adaptor(y.to(dtype)).to(y.dtype)  # casts keep nothing for backward
+
+
+def supported_family(model):
+    """"resnet", "mobilenet_v2" (torchvision), "timm_efficientnet" (timm's
+    EfficientNet class: tf_efficientnet_lite*, mobilenetv2_*, ...) or None."""
+    import torchvision
+    if isinstance(model, torchvision.models.ResNet):
+        return "resnet"
+    if isinstance(model, torchvision.models.MobileNetV2):
+        return "mobilenet_v2"
+    cls = type(model)
+    if cls.__name__ == "EfficientNet" and cls.__module__.startswith("timm."):
+        return "timm_efficientnet"
+    return None
+
+
+class _Rewriter(object):
+    """Carries adapt()'s settings through one model's rewrite."""
+
+    def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean):
+        self.mode = mode
+        self.reduction = reduction
+        self.adaptors = adaptors
+        self.shifts = shifts
+        self.dtype = backbone_dtype
+        self.lean = lean
+        self.unchanged = []  # (name, reason)
+
+    def _train_bn_shifts(self, module):
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.bias is not None:
+                m.bias.requires_grad_(self.shifts)
+
+    def _unchanged(self, name, module, reason=None):
+        if reason is not None:
+            self.unchanged.append((name, "{}: {}".format(type(module).__name__, reason)))
+        self._train_bn_shifts(module)
+        return InferenceOnly(module)
+
+    def conv_bn_act(self, name, conv, bn, activation):
+        """A stem or head conv-BN-activation; returns the module replacing `conv`
+        (the caller replaces bn and activation by Identity when lean)."""
+        try:
+            return freeze_conv_bn_act(conv, bn, activation, self.shifts, self.dtype)
+        except NotImplementedError as error:
+            self.unchanged.append((name, "{}: {}".format(type(conv).__name__, error)))
+            return None
+
+    def conv_norm_activation(self, name, seq):
+        """torchvision's Conv2dNormActivation as a unit."""
+        if not self.lean:
+            return self._unchanged(name, seq)
+        try:
+            return freeze_block(seq, self.shifts, self.dtype)
+        except NotImplementedError as error:
+            return self._unchanged(name, seq, str(error))
+
+    def block(self, name, block):
+        channels = None
+        try:
+            channels = block_out_channels(block)
+        except NotImplementedError:
+            pass
+        if not self.lean:
+            frozen = self._unchanged(name, block)
+        else:
+            try:
+                frozen = freeze_block(block, self.shifts, self.dtype)
+            except NotImplementedError as error:
+                frozen = self._unchanged(name, block, str(error))
+        adaptor = None
+        if self.adaptors and channels is not None:
+            adaptor_class = ResidualAttentionAdaptor if self.lean else ReferenceResidualAttentionAdaptor
+            adaptor = adaptor_class(channels, reduction=self.reduction, mode=self.mode)
+        elif self.adaptors:
+            self.unchanged.append((name, "no adaptor after it: its output channels are unknown"))
+        return AdaptedBlock(frozen, adaptor)
+
+
+def _adapt_resnet(model, rewriter):
+    if rewriter.lean:
+        stem = rewriter.conv_bn_act("conv1", model.conv1, model.bn1, model.relu)
+        if stem is not None:
+            model.conv1, model.bn1, model.relu = stem, nn.Identity(), nn.Identity()
+        else:
+            model.bn1 = rewriter._unchanged("bn1", model.bn1)
+        model.maxpool = LeanMaxPool2d.from_module(model.maxpool)
+    else:
+        model.bn1 = rewriter._unchanged("bn1", model.bn1)
+    for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(model, layer_name)
+        for i in range(len(layer)):
+            layer[i] = rewriter.block("{}.{}".format(layer_name, i), layer[i])
+    return model.fc.in_features
+
+
+def _adapt_torchvision_mobilenet_v2(model, rewriter):
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    for i in range(len(model.features)):
+        unit = model.features[i]
+        name = "features.{}".format(i)
+        if isinstance(unit, InvertedResidual):
+            model.features[i] = rewriter.block(name, unit)
+        else:
+            model.features[i] = rewriter.conv_norm_activation(name, unit)
+    return model.classifier[-1].in_features
+
+
+def _adapt_timm_efficientnet(model, rewriter):
+    for conv_name, bn_name in (("conv_stem", "bn1"), ("conv_head", "bn2")):
+        conv, bn = getattr(model, conv_name), getattr(model, bn_name)
+        lean = None
+        if rewriter.lean:
+            lean = rewriter.conv_bn_act(conv_name, conv, bn, getattr(bn, "act", None))
+        if lean is not None:
+            setattr(model, conv_name, lean)
+            setattr(model, bn_name, nn.Identity())
+        else:
+            setattr(model, bn_name, rewriter._unchanged(bn_name, bn))
+    for i, stage in enumerate(model.blocks):
+        for j in range(len(stage)):
+            stage[j] = rewriter.block("blocks.{}.{}".format(i, j), stage[j])
+    return model.num_features
+
+
+def _set_head(model, family, in_features, num_classes):
+    head = Head(in_features, num_classes)
+    if family == "resnet":
+        model.fc = head
+    elif family == "mobilenet_v2":
+        model.classifier[-1] = head
+    else:
+        model.classifier = head
+        model.num_classes = num_classes
+
+
+def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
+          lean=True):
+    """Freeze `model` and rewrite it for DA2, in place; returns it.
+
+    model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
+        EfficientNet class (tf_efficientnet_lite0..4, mobilenetv2_*), with
+        whatever weights the user has. Its BN layers' running statistics are used
+        (eval mode), folded into the convs once, here.
+    num_classes: the new head's size.
+    mode, reduction: the adaptors' (see ResidualAttentionAdaptor).
+    adaptors: put an adaptor after every block (False: none, for ablations).
+    shifts: train the frozen BNs' shifts (beta), the §3a recipe.
+    backbone_dtype: float32, or float16 to hold the frozen backbone in half
+        precision (Jetson) while adaptors, shifts and head stay float32;
+        float64 for gradient checks.
+    lean: False keeps the original (plainly frozen, eval-mode BN) modules and uses
+        the eager reference adaptor: the da2_eager baseline, same maths, plain
+        autograd memory.
+
+    A block it cannot rewrite runs unchanged (frozen, eval mode, plain autograd)
+    and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
+    (if `shifts`) and the head; see da2ext.trainable_parameters.
+    """
+    family = supported_family(model)
+    if family is None:
+        raise TypeError("adapt: model must be a torchvision ResNet or MobileNetV2 or a timm EfficientNet "
+                        "(tf_efficientnet_lite*, mobilenetv2_*), got {}".format(type(model).__name__))
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError("adapt: num_classes must be a positive int, got {!r}".format(num_classes))
+    if mode not in ("add", "mul"):
+        raise ValueError('adapt: mode must be "add" or "mul", got {!r}'.format(mode))
+    if not isinstance(reduction, int) or reduction < 1:
+        raise ValueError("adapt: reduction must be a positive int, got {!r}".format(reduction))
+    if backbone_dtype not in _BACKBONE_DTYPES:
+        raise ValueError("adapt: backbone_dtype must be one of {}, got {}".format(_BACKBONE_DTYPES, backbone_dtype))
+    if not lean and backbone_dtype != torch.float32:
+        raise ValueError("adapt: backbone_dtype {} needs lean=True".format(backbone_dtype))
+    if getattr(model, "_da2ext_adapted", False):
+        raise ValueError("adapt: this model was adapted already")
+
+    device = next(model.parameters()).device
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rewriter = _Rewriter(mode, reduction, adaptors, shifts, backbone_dtype, lean)
+    with torch.no_grad():
+        in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
+                       "timm_efficientnet": _adapt_timm_efficientnet}[family](model, rewriter)
+    _set_head(model, family, in_features, num_classes)
+    model.to(device)
+    model._da2ext_adapted = True
+    if rewriter.unchanged:
+        warnings.warn("da2ext.adapt: {} module(s) run unchanged (frozen, eval mode, plain autograd: they keep "
+                      "their activations for backward): {}".format(
+                          len(rewriter.unchanged), "; ".join("{} ({})".format(n, r) for n, r in rewriter.unchanged)),
+                      stacklevel=2)
+    return model.train()

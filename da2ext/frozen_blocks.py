@@ -1,0 +1,172 @@
+"""Frozen, lean versions of the residual blocks of torchvision's ResNets and
+MobileNetV2 and of timm's EfficientNet family (DESIGN.md §3).
+
+Every one of these blocks has the same shape: a chain of conv-BN-activation
+layers, an optional shortcut (identity or a conv-BN), an add, an optional final
+activation. So one module, FrozenBlock, holds them all; the freeze_* functions
+below read each library's block into it. What backward keeps: a packed bit mask
+per activation (FrozenConvBNAct), nothing for the add.
+"""
+import torch
+from torch import nn
+
+from .frozen_conv import FrozenConvBNAct, activate_inplace, activation_upper
+from .packed_activation import packed_activation
+
+__all__ = ["FrozenBlock", "InferenceOnly", "freeze_block", "freeze_conv_bn_act", "block_out_channels"]
+
+
+class FrozenBlock(nn.Module):
+    """out = act(main(x) + shortcut(x)), each part optional:
+    main: an nn.Sequential of FrozenConvBNAct;
+    shortcut: a FrozenConvBNAct (projection), "identity", or None (no skip);
+    final_upper: clamp(., 0, upper) after the add (inf: ReLU), or None."""
+
+    def __init__(self, main, shortcut=None, final_upper=None):
+        super(FrozenBlock, self).__init__()
+        self.main = main
+        self.projection = shortcut if isinstance(shortcut, nn.Module) else None
+        self.has_skip = shortcut is not None
+        self.final_upper = final_upper
+
+    @property
+    def out_channels(self):
+        return self.main[-1].weight.shape[0]
+
+    def forward(self, x):
+        x = x.to(self.main[0].weight.dtype)
+        out = self.main(x)
+        if self.has_skip:
+            out = out + (self.projection(x) if self.projection is not None else x)  # an add keeps nothing
+        if self.final_upper is None:
+            return out
+        if torch.is_grad_enabled() and out.requires_grad:
+            return packed_activation(out, self.final_upper)
+        return activate_inplace(out, self.final_upper)
+
+    def extra_repr(self):
+        return "has_skip={}, final_activation={}".format(self.has_skip, self.final_upper)
+
+
+class InferenceOnly(nn.Module):
+    """Runs `module` unchanged and frozen, in eval mode whatever model.train() says
+    (a BN inside must not start updating its statistics)."""
+
+    def __init__(self, module):
+        super(InferenceOnly, self).__init__()
+        self.module = module.eval()
+
+    def train(self, mode=True):
+        super(InferenceOnly, self).train(mode)
+        self.module.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _is_timm(module, class_name):
+    cls = type(module)
+    return cls.__name__ == class_name and cls.__module__.startswith("timm.")
+
+
+def _bn_activation(bn):
+    """timm's BatchNormAct2d carries its activation (and a dropout, which must be a no-op)."""
+    drop = getattr(bn, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        raise NotImplementedError("BatchNormAct2d with a dropout")
+    return getattr(bn, "act", None)
+
+
+def freeze_conv_bn_act(conv, bn, activation, train_shift, dtype):
+    return FrozenConvBNAct.fold(conv, bn, activation, train_shift=train_shift, dtype=dtype)
+
+
+def _freeze_conv_norm_activation(seq, train_shift, dtype):
+    """torchvision's Conv2dNormActivation: Sequential(Conv2d, BatchNorm2d[, activation])."""
+    layers = list(seq)
+    if len(layers) not in (2, 3) or not isinstance(layers[0], nn.Conv2d) or not isinstance(layers[1], nn.BatchNorm2d):
+        raise NotImplementedError("expected Sequential(Conv2d, BatchNorm2d[, activation])")
+    return freeze_conv_bn_act(layers[0], layers[1], layers[2] if len(layers) == 3 else None, train_shift, dtype)
+
+
+def _freeze_resnet_block(block, convs, train_shift, dtype):
+    # torchvision BasicBlock/Bottleneck: the last conv-BN has no activation, the ReLU
+    # comes after the add; the middle ones use the block's one ReLU.
+    main = []
+    for i, (conv_name, bn_name) in enumerate(convs):
+        last = i == len(convs) - 1
+        main.append(freeze_conv_bn_act(getattr(block, conv_name), getattr(block, bn_name),
+                                       None if last else block.relu, train_shift, dtype))
+    shortcut = "identity"
+    if block.downsample is not None:
+        shortcut = _freeze_conv_norm_activation(block.downsample, train_shift, dtype)
+    return FrozenBlock(nn.Sequential(*main), shortcut, activation_upper(block.relu))
+
+
+def _freeze_torchvision_inverted_residual(block, train_shift, dtype):
+    main, pending_conv = [], None
+    for layer in block.conv:
+        if isinstance(layer, nn.Sequential):
+            main.append(_freeze_conv_norm_activation(layer, train_shift, dtype))
+        elif isinstance(layer, nn.Conv2d) and pending_conv is None:
+            pending_conv = layer
+        elif isinstance(layer, nn.BatchNorm2d) and pending_conv is not None:
+            main.append(freeze_conv_bn_act(pending_conv, layer, None, train_shift, dtype))
+            pending_conv = None
+        else:
+            raise NotImplementedError("unexpected layer {} in InvertedResidual".format(type(layer).__name__))
+    if pending_conv is not None:
+        raise NotImplementedError("a Conv2d without BN in InvertedResidual")
+    return FrozenBlock(nn.Sequential(*main), "identity" if block.use_res_connect else None, None)
+
+
+def _check_timm_identity(block, names):
+    for name in names:
+        part = getattr(block, name, None)
+        if part is not None and not isinstance(part, nn.Identity):
+            raise NotImplementedError("{} is {}, not Identity".format(name, type(part).__name__))
+
+
+def _freeze_timm_block(block, pairs, train_shift, dtype):
+    # drop_path is a training-time regulariser: frozen blocks compute inference behaviour.
+    _check_timm_identity(block, ("aa", "se"))
+    main = [freeze_conv_bn_act(getattr(block, conv_name), getattr(block, bn_name),
+                               _bn_activation(getattr(block, bn_name)), train_shift, dtype)
+            for conv_name, bn_name in pairs]
+    return FrozenBlock(nn.Sequential(*main), "identity" if block.has_skip else None, None)
+
+
+def freeze_block(block, train_shift=True, dtype=torch.float32):
+    """The FrozenBlock computing what `block` computes in eval mode, or raise
+    NotImplementedError saying why it cannot be rewritten."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    if isinstance(block, Bottleneck):
+        return _freeze_resnet_block(block, (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), train_shift, dtype)
+    if isinstance(block, BasicBlock):
+        return _freeze_resnet_block(block, (("conv1", "bn1"), ("conv2", "bn2")), train_shift, dtype)
+    if isinstance(block, InvertedResidual):
+        return _freeze_torchvision_inverted_residual(block, train_shift, dtype)
+    if _is_timm(block, "DepthwiseSeparableConv"):
+        return _freeze_timm_block(block, (("conv_dw", "bn1"), ("conv_pw", "bn2")), train_shift, dtype)
+    if _is_timm(block, "InvertedResidual"):
+        return _freeze_timm_block(block, (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+                                  train_shift, dtype)
+    if isinstance(block, nn.Sequential) and len(block) in (2, 3) and isinstance(block[0], nn.Conv2d):
+        return FrozenBlock(nn.Sequential(_freeze_conv_norm_activation(block, train_shift, dtype)), None, None)
+    raise NotImplementedError("no lean form for {}".format(type(block).__name__))
+
+
+def block_out_channels(block):
+    """Output channels of a supported (unfrozen) block, for the adaptor after it."""
+    for name in ("bn3", "bn2"):
+        bn = getattr(block, name, None)
+        if isinstance(bn, nn.BatchNorm2d):
+            return bn.num_features
+    if hasattr(block, "out_channels"):
+        return int(block.out_channels)
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise NotImplementedError("cannot tell the output channels of {}".format(type(block).__name__))
+    return convs[-1].out_channels
