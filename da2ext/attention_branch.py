@@ -9,6 +9,29 @@ from torch import nn
 MODES = ("add", "mul")
 
 
+class spatial_conv_backend(object):
+    """Context for the spatial conv (2 -> 1 channels, k x k) on the CPU: oneDNN
+    (mkldnn) is pathologically slow at this shape - 8x2x56x56 with a 7x7 kernel
+    took 16 ms forward and 44 ms backward against 5 and 3 ms for PyTorch's
+    im2col + GEMM path on the 2-core development VM - so it is switched off
+    around this one conv. (A global flag: set and restored on this thread's call.)"""
+
+    def __init__(self, device):
+        self.active = device.type == "cpu" and hasattr(torch._C, "_set_mkldnn_enabled")
+        self.previous = None
+
+    def __enter__(self):
+        if self.active:
+            self.previous = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch._C._set_mkldnn_enabled(self.previous)
+        return False
+
+
 def hidden_width(channels, reduction):
     """Width of the channel MLP: channels // reduction, at least 8."""
     return max(channels // reduction, 8)
@@ -27,7 +50,8 @@ def attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc
     a_s = conv([d_mean; d_max]) (N x 1 x H x W)."""
     hidden_pre = F.linear(channel_mean, fc1_weight, fc1_bias)
     channel_logits = F.linear(F.relu(hidden_pre), fc2_weight, fc2_bias)
-    spatial_logits = F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
+    with spatial_conv_backend(spatial.device):
+        spatial_logits = F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
     return hidden_pre, channel_logits, spatial_logits
 
 

@@ -6,6 +6,8 @@ gradients of the descriptors and of the six branch parameters.
 """
 import torch
 
+from .attention_branch import spatial_conv_backend
+
 
 def _find_convolution_backward():
     # aten::convolution_backward (torch >= 1.11) computes the input, weight and bias
@@ -21,6 +23,12 @@ _convolution_backward = _find_convolution_backward()
 
 def _conv2d_backward(grad_output, spatial, weight, needs_input, needs_weight, needs_bias):
     padding = weight.shape[-1] // 2
+    with spatial_conv_backend(spatial.device):
+        return _conv2d_backward_any_backend(grad_output, spatial, weight, padding, needs_input, needs_weight,
+                                            needs_bias)
+
+
+def _conv2d_backward_any_backend(grad_output, spatial, weight, padding, needs_input, needs_weight, needs_bias):
     if _convolution_backward is not None:
         return _convolution_backward(grad_output, spatial, weight, [weight.shape[0]], [1, 1], [padding, padding],
                                      [1, 1], False, [0, 0], 1, [needs_input, needs_weight, needs_bias])
