@@ -18,7 +18,7 @@ from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, free
 from .lean_max_pool import LeanMaxPool2d
 from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 
-__all__ = ["AdaptedBlock", "Head", "adapt", "supported_family"]
+__all__ = ["AdaptedBlock", "Head", "adapt", "head_in_features", "replace_head", "supported_family"]
 
 _BACKBONE_DTYPES = (torch.float32, torch.float16, torch.float64)
 
@@ -179,15 +179,35 @@ def _adapt_timm_efficientnet(model, rewriter):
     return model.num_features
 
 
-def _set_head(model, family, in_features, num_classes):
-    head = Head(in_features, num_classes)
+def head_in_features(model):
+    """Width of the features the classifier of a supported model reads."""
+    family = supported_family(model)
+    if family == "resnet":
+        return model.fc.in_features
+    if family == "mobilenet_v2":
+        return model.classifier[-1].in_features
+    if family == "timm_efficientnet":
+        return model.num_features
+    raise TypeError("unsupported model {}".format(type(model).__name__))
+
+
+def replace_head(model, num_classes):
+    """Put a new, trainable Head of `num_classes` in place of the classifier of a
+    supported model (torchvision ResNet/MobileNetV2, timm EfficientNet); returns it."""
+    family = supported_family(model)
+    head = Head(head_in_features(model), num_classes).to(next(model.parameters()).device)
+    _set_head(model, family, head)
+    return head
+
+
+def _set_head(model, family, head):
     if family == "resnet":
         model.fc = head
     elif family == "mobilenet_v2":
         model.classifier[-1] = head
     else:
         model.classifier = head
-        model.num_classes = num_classes
+        model.num_classes = head.out_features
 
 
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
@@ -238,7 +258,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     with torch.no_grad():
         in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
                        "timm_efficientnet": _adapt_timm_efficientnet}[family](model, rewriter)
-    _set_head(model, family, in_features, num_classes)
+    _set_head(model, family, Head(in_features, num_classes))
     model.to(device)
     model._da2ext_adapted = True
     if rewriter.unchanged:

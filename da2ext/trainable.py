@@ -6,7 +6,7 @@ from .adapt import Head
 from .attention_branch import AttentionBranch
 from .frozen_conv import FrozenConvBNAct
 
-__all__ = ["print_trainable_parameters", "trainable_parameters"]
+__all__ = ["parameter_groups", "print_trainable_parameters", "trainable_parameters"]
 
 _GROUPS = ("adaptors", "shifts", "head", "other")
 
@@ -30,6 +30,17 @@ def _group_of_parameters(model):
         for p in module.parameters():
             group.setdefault(id(p), kind)
     return group
+
+
+def parameter_groups(model):
+    """The trainable parameters by group: {"adaptors": [...], "shifts": [...],
+    "head": [...], "other": [...]}, empty groups left out."""
+    group = _group_of_parameters(model)
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(group.get(id(p), "other"), []).append(p)
+    return groups
 
 
 def trainable_parameters(model):

@@ -1,0 +1,165 @@
+"""The "nano" table of DESIGN.md §4: what a training step keeps for backward and
+costs, per method, on ResNet-50, MobileNetV2 and EfficientNet-Lite0.
+
+Setting: random weights (memory and time do not depend on them), batch 8 and 32,
+3x224x224, float32, SGD with momentum, a new 100-class head. Rows: ft, last,
+bias (TinyTL-B in plain PyTorch), bias_lean, da2_eager, da2_adaptor_only, da2.
+Figures (da2ext.memory.profile_step): saved_bytes, param+grad+optimizer bytes,
+step_time as a ratio to ft measured in the same run, peak CUDA bytes on a GPU.
+The floor is every ReLU/ReLU6 output kept as packed bits (§1, §4).
+
+    python benchmarks/nano_table.py                       # everything, CPU
+    python benchmarks/nano_table.py --device cuda --tag h100
+    python benchmarks/nano_table.py --models resnet50 --batch-sizes 8 --steps 3
+
+Writes benchmarks/results/nano_<tag>.json and .md.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # a checkout runs without installing
+
+import da2ext  # noqa: E402
+from da2ext import methods  # noqa: E402
+from da2ext.memory import profile_step  # noqa: E402
+
+MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
+ROWS = ("ft", "last", "bias", "bias_lean", "da2_eager", "da2_adaptor_only", "da2")
+MIB = float(2 ** 20)
+
+
+def build_backbone(name):
+    """A backbone with random weights (memory and time do not depend on them)."""
+    import torchvision
+    if name == "efficientnet_lite0":
+        try:
+            import timm
+        except ImportError:
+            return None
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    return getattr(torchvision.models, name)()
+
+
+def packed_bit_floor(name, batch_size, image_size):
+    """Bytes of every ReLU/ReLU6 output of the original model kept as packed bits,
+    4 * ceil(numel / 32) per activation call (DESIGN.md §1's floor)."""
+    model = build_backbone(name).eval()
+    words = []
+
+    def count(module, inputs, output):
+        words.append(int(math.ceil(output.numel() / 32.0)))
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+    with torch.no_grad():
+        model(torch.zeros(batch_size, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    return 4 * sum(words)
+
+
+def measure(model_name, method_name, batch_size, image_size, num_classes, device, steps):
+    torch.manual_seed(0)
+    backbone = build_backbone(model_name)
+    model = methods.get(method_name).build(backbone, num_classes).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
+    inputs = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    targets = torch.randint(0, num_classes, (batch_size,), device=device)
+    figures = profile_step(model, inputs, targets, nn.CrossEntropyLoss(), optimizer, warmup=1, steps=steps)
+    figures["trainable_params"] = sum(p.numel() for p in trainable)
+    return figures
+
+
+def _mib(value):
+    return "" if value is None else "{:.1f}".format(value / MIB)
+
+
+def markdown(records, meta):
+    lines = ["# Nano setting: memory and step time per method", "",
+             "{} · torch {} · da2ext {} · {} timed steps after 1 warm-up (median) · SGD momentum · "
+             "{}x{} inputs · {} classes".format(meta["device"], meta["torch"], meta["da2ext"], meta["steps"],
+                                                meta["image_size"], meta["image_size"], meta["num_classes"]),
+             "", "saved = kept for backward (the model's own weights excluded, they are in params); "
+             "floor = every ReLU/ReLU6 output as packed bits; time = step time / ft's step time, same run.", ""]
+    has_cuda = any(r["peak_cuda_bytes"] is not None for r in records)
+    header = "| model | batch | method | saved MiB | x floor | params+grads+optimizer MiB | step s | time vs ft |"
+    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    if has_cuda:
+        header += " peak CUDA MiB |"
+        rule += " --- |"
+    lines += [header, rule]
+    for r in records:
+        row = "| {} | {} | {} | {} | {:.2f} | {} | {:.3f} | {:.2f} |".format(
+            r["model"], r["batch_size"], r["method"], _mib(r["saved_bytes"]), r["saved_bytes"] / r["floor_bytes"],
+            _mib(r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]), r["step_time"], r["time_vs_ft"])
+        if has_cuda:
+            row += " {} |".format(_mib(r["peak_cuda_bytes"]))
+        lines.append(row)
+    floors = sorted(set((r["model"], r["batch_size"], r["floor_bytes"]) for r in records))
+    lines += ["", "Packed-bit floor: " + "; ".join("{} batch {}: {} MiB".format(m, b, _mib(f)) for m, b, f in floors)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--methods", default=",".join(ROWS))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (median)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default=None, help="results file name: nano_<tag>.json/.md (default: device)")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    method_names = args.methods.split(",")
+    if "ft" not in method_names:
+        method_names.insert(0, "ft")  # every time is a ratio to ft's in the same run
+    records = []
+    for model_name in args.models.split(","):
+        if build_backbone(model_name) is None:
+            print("skipping {}: timm is not installed (pip install timm)".format(model_name))
+            continue
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            floor = packed_bit_floor(model_name, batch_size, args.image_size)
+            rows = []
+            for method_name in method_names:
+                figures = measure(model_name, method_name, batch_size, args.image_size, args.num_classes, device,
+                                  args.steps)
+                figures.update(model=model_name, batch_size=batch_size, method=method_name, floor_bytes=floor)
+                rows.append(figures)
+                print("{:18s} batch {:3d} {:17s} saved {:8.1f} MiB  step {:.3f} s".format(
+                    model_name, batch_size, method_name, figures["saved_bytes"] / MIB, figures["step_time"]),
+                    flush=True)
+            ft_time = [r for r in rows if r["method"] == "ft"][0]["step_time"]
+            for r in rows:
+                r["time_vs_ft"] = r["step_time"] / ft_time
+            records += rows
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU ({}, {} threads)".format(
+        platform.processor() or platform.machine(), torch.get_num_threads())
+    meta = {"device": device_name, "torch": torch.__version__, "da2ext": da2ext.__version__, "steps": args.steps,
+            "image_size": args.image_size, "num_classes": args.num_classes}
+    tag = args.tag or device.type
+    if not os.path.isdir(args.out_dir):
+        os.makedirs(args.out_dir)
+    with open(os.path.join(args.out_dir, "nano_{}.json".format(tag)), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    table = markdown(records, meta)
+    with open(os.path.join(args.out_dir, "nano_{}.md".format(tag)), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
