@@ -5,27 +5,41 @@ block, keep what backward needs near the floor. See README.md and DESIGN.md.
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-from . import reference
+from . import backbones, digits, methods, reference
 from ._extension import backend
+from .adapt import adapt
 from .adaptor import ResidualAttentionAdaptor
 from .attention_branch import spatial_kernel_size
-from .memory import SavedTensorCounter, saved_bytes
+from .domain_file import DomainFileError
+from .frozen_conv import FrozenConvBNAct
+from .lean_max_pool import LeanMaxPool2d
+from .memory import SavedTensorCounter, profile_step, saved_bytes
+from .multidomain import MultiDomainModel
 from .ops import residual_attention
 from .packed_activation import PackedReLU, PackedReLU6, packed_activation, packed_relu, packed_relu6
+from .trainable import print_trainable_parameters, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DomainFileError",
+    "FrozenConvBNAct",
+    "LeanMaxPool2d",
+    "MultiDomainModel",
     "PackedReLU",
     "PackedReLU6",
     "ResidualAttentionAdaptor",
     "SavedTensorCounter",
+    "adapt",
     "backend",
     "packed_activation",
     "packed_relu",
     "packed_relu6",
+    "print_trainable_parameters",
+    "profile_step",
     "reference",
     "residual_attention",
     "saved_bytes",
     "spatial_kernel_size",
+    "trainable_parameters",
 ]
