@@ -62,7 +62,7 @@ def _read_safetensors(data, path):
     # The header: 8-byte little-endian length, then JSON with "__metadata__".
     (header_length,) = struct.unpack("<Q", data[:8])
     if header_length > len(data) - 8:
-        raise DomainFileError("{} is truncated (header of {} bytes, file of {})".format(path, header_length,
+        raise DomainFileError("{} is truncated or not a da2ext domain file (header of {} bytes, file of {})".format(path, header_length,
                                                                                         len(data)))
     header = json.loads(data[8:8 + header_length].decode("utf-8"))
     record = header.get("__metadata__", {}).get(_METADATA_KEY)
