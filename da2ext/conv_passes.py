@@ -1,0 +1,57 @@
+"""The two passes of a frozen conv: the forward and the input gradient, with no
+weight gradient ever. Each picks the fastest way the platform offers for the
+shape, with the same arithmetic meaning (tests compare them with F.conv2d and
+autograd in float64):
+
+- A pointwise conv (1x1, stride 1, no padding, one group) on the CPU is a
+  matrix product, W (Cout x Cin) @ x[n] (Cin x H*W): batched GEMM skips oneDNN's
+  layout reorders. Two thirds of ResNet-50's convs are of this kind.
+- Every other input gradient is a transposed conv of the output gradient with
+  the same weight, which on the CPU beats aten::convolution_backward with only
+  the input gradient asked (that also copies a dummy input to make it
+  contiguous): 8.9 against 32 ms for a 256 -> 64 1x1 conv at 8x56x56.
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["conv2d_forward", "conv2d_input_grad", "is_pointwise"]
+
+
+def is_pointwise(weight, stride, padding, dilation, groups):
+    return (tuple(weight.shape[-2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+            and groups == 1)
+
+
+def _use_gemm(x, weight, stride, padding, dilation, groups):
+    # cuDNN handles 1x1 convs well, and keeps the CUDA path to one library.
+    return x.device.type == "cpu" and is_pointwise(weight, stride, padding, dilation, groups)
+
+
+def conv2d_forward(x, weight, bias, stride, padding, dilation, groups):
+    """F.conv2d(x, weight, bias, ...) for a contiguous N x C x H x W x."""
+    if not _use_gemm(x, weight, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    n, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    flat = x.reshape(n, c_in, height * width)
+    w = weight.reshape(c_out, c_in)
+    if bias is None:
+        y = torch.matmul(w, flat)
+    else:
+        y = torch.baddbmm(bias.view(1, c_out, 1).expand(n, c_out, height * width), w.expand(n, c_out, c_in), flat)
+    return y.view(n, c_out, height, width)
+
+
+def conv2d_input_grad(grad_output, input_shape, weight, stride, padding, dilation, groups):
+    """The gradient of conv2d with respect to its input, alone."""
+    if _use_gemm(grad_output, weight, stride, padding, dilation, groups):
+        n, c_out, height, width = grad_output.shape
+        w = weight.reshape(c_out, weight.shape[1])
+        return torch.matmul(w.t(), grad_output.reshape(n, c_out, height * width)).view(input_shape)
+    # output_padding restores the input size a strided conv lost.
+    output_padding = []
+    for i in range(2):
+        covered = ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                   + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        output_padding.append(input_shape[2 + i] - covered)
+    return F.conv_transpose2d(grad_output, weight, None, stride, padding, output_padding, groups, dilation)
