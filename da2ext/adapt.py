@@ -241,8 +241,11 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         raise ValueError("adapt: num_classes must be a positive int, got {!r}".format(num_classes))
     if mode not in ("add", "mul"):
         raise ValueError('adapt: mode must be "add" or "mul", got {!r}'.format(mode))
-    if not isinstance(reduction, int) or reduction < 1:
+    if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
         raise ValueError("adapt: reduction must be a positive int, got {!r}".format(reduction))
+    for switch, value in (("adaptors", adaptors), ("shifts", shifts), ("lean", lean)):
+        if not isinstance(value, bool):
+            raise TypeError("adapt: {} must be True or False, got {!r}".format(switch, value))
     if backbone_dtype not in _BACKBONE_DTYPES:
         raise ValueError("adapt: backbone_dtype must be one of {}, got {}".format(_BACKBONE_DTYPES, backbone_dtype))
     if not lean and backbone_dtype != torch.float32:
