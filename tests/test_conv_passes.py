@@ -8,7 +8,8 @@ from da2ext.conv_passes import conv2d_forward, conv2d_input_grad, is_pointwise
 
 CASES = [
     # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups)
-    (2, 5, 7, 9, 3, 1, 1, 0, 1, 1),    # pointwise: the GEMM path
+    (2, 5, 7, 9, 3, 1, 1, 0, 1, 1),    # pointwise, 63 pixels: oneDNN
+    (2, 5, 8, 9, 3, 1, 1, 0, 1, 1),    # pointwise, 72 pixels: the GEMM path
     (1, 4, 1, 1, 6, 1, 1, 0, 1, 1),    # pointwise on a 1x1 map
     (2, 6, 9, 8, 4, 1, 2, 0, 1, 1),    # strided 1x1 (ResNet's downsample): conv path
     (2, 4, 11, 10, 8, 3, 2, 1, 1, 1),  # strided 3x3, odd sizes: output_padding needed
