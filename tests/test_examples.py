@@ -22,6 +22,7 @@ TIMEOUT_S = 300
 # Arguments for each script: small, so the suite stays fast on a 2-core CPU.
 SCRIPT_ARGS = {
     "adapt_resnet_block.py": ["--steps", "15", "--batch-size", "32", "--image-size", "64"],
+    "train_domain.py": ["--epochs", "1", "--train-images", "64", "--val-images", "40"],
 }
 
 
@@ -60,8 +61,14 @@ def check_adapt_resnet_block(output):
             backend, fused_bytes, reference_bytes))
 
 
+def check_train_domain(output):
+    # The domain file, loaded into a fresh model, gives the accuracy it was saved with.
+    search(r"^reloaded from the file: val accuracy .* \(the same\)$", output)
+
+
 OUTPUT_CHECKS = {
     "adapt_resnet_block.py": check_adapt_resnet_block,
+    "train_domain.py": check_train_domain,
 }
 
 

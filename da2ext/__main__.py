@@ -1,0 +1,7 @@
+"""python -m da2ext ...: the command line (cli.py)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

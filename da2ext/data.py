@@ -1,0 +1,154 @@
+"""A domain's images: DIR/train and DIR/val as ImageFolder trees (one folder per
+class), read the same way whether prepare_digits wrote them or a user did.
+
+Reproducible by construction: no augmentation by default (a resize, then the
+normalisation the backbone was trained with), subsamples drawn with a seeded
+numpy RandomState, and a training loader whose shuffling comes from its own
+seeded torch.Generator (loader.generator), which a checkpoint saves and
+restores so that a resumed run sees the same batches as an uninterrupted one.
+Loading runs in the main process by default (num_workers=0): PNG decoding is
+cheap next to a training step, and worker processes would add their own seeds.
+"""
+import os
+
+import numpy as np
+import torch
+
+from .backbones import imagenet_normalization
+
+__all__ = ["DataError", "check_domain_dir", "domain_loaders", "image_folder", "image_transform", "stratified_subsample", "val_loader"]
+
+
+class DataError(ValueError):
+    """A domain directory that is missing, empty or inconsistent."""
+
+
+def _torchvision():
+    try:
+        import torchvision
+    except ImportError:
+        raise ImportError("reading ImageFolder directories needs torchvision: pip install torchvision")
+    return torchvision
+
+
+def image_transform(image_size, normalization, augment=False):
+    """PIL image -> normalised float tensor 3 x image_size x image_size.
+
+    normalization: (mean, std) per RGB channel of values in [0, 1]
+    (backbones.imagenet_normalization). augment: a light random crop after a
+    small padding (off by default, for reproducible figures)."""
+    transforms = _torchvision().transforms
+    # ImageFolder's loader gives RGB images already (grey and palette PNGs converted).
+    steps = [transforms.Resize((image_size, image_size))]
+    if augment:
+        steps.append(transforms.RandomCrop(image_size, padding=max(1, image_size // 16), padding_mode="edge"))
+    mean, std = normalization
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+def image_folder(split_dir, transform=None):
+    """torchvision's ImageFolder of split_dir (e.g. DIR/train), with an error that
+    says what is wrong when it is missing or holds no images."""
+    if not os.path.isdir(split_dir):
+        raise DataError("{} is not a directory: a domain directory needs train/ and val/, each with one "
+                        "sub-directory of images per class".format(split_dir))
+    try:
+        dataset = _torchvision().datasets.ImageFolder(split_dir, transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:  # no class folders, or no images in them
+        raise DataError("{} holds no images in class sub-directories ({})".format(split_dir, error))
+    if len(dataset) == 0:
+        raise DataError("{} holds no images".format(split_dir))
+    return dataset
+
+
+def stratified_subsample(targets, count, seed):
+    """Indices of `count` items (all if count is None or >= len(targets)), spread
+    over the classes as evenly as their sizes allow, drawn with a seeded
+    RandomState, returned sorted (the loader shuffles)."""
+    targets = np.asarray(targets)
+    if count is None or count >= len(targets):
+        return list(range(len(targets)))
+    if count < 1:
+        raise ValueError("subsample must be a positive number of images, got {}".format(count))
+    rng = np.random.RandomState(seed)
+    by_class = [rng.permutation(np.flatnonzero(targets == c)) for c in np.unique(targets)]
+    # Round-robin over the shuffled classes: class sizes permitting, equal shares.
+    chosen, depth = [], 0
+    while len(chosen) < count:
+        for members in by_class:
+            if depth < len(members) and len(chosen) < count:
+                chosen.append(int(members[depth]))
+        depth += 1
+    return sorted(chosen)
+
+
+def _loader(dataset, batch_size, shuffle, seed, num_workers):
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       generator=generator, drop_last=False)
+
+
+def check_domain_dir(data_dir, splits=("train", "val")):
+    """Raise DataError unless data_dir and its split directories exist (a cheap
+    check before anything slow; image_folder checks the images)."""
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise DataError("domain directory {} does not exist".format(data_dir))
+    missing = [s for s in splits if not os.path.isdir(os.path.join(data_dir, s))]
+    if missing:
+        raise DataError("{} has no {}: a domain directory needs train/ and val/, each with one sub-directory "
+                        "of images per class".format(data_dir, " or ".join(m + "/" for m in missing)))
+
+
+def _check_domain_dir(data_dir, batch_size):
+    if not os.path.isdir(data_dir):
+        raise DataError("domain directory {} does not exist".format(data_dir))
+    if int(batch_size) < 1:
+        raise ValueError("batch_size must be >= 1, got {}".format(batch_size))
+
+
+def _classes(dataset):
+    return list(dataset.dataset.classes if isinstance(dataset, torch.utils.data.Subset) else dataset.classes)
+
+
+def _val_dataset(data_dir, backbone, image_size, subsample, seed):
+    val = image_folder(os.path.join(data_dir, "val"), image_transform(image_size, imagenet_normalization(backbone)))
+    if subsample is not None:
+        val = torch.utils.data.Subset(val, stratified_subsample(val.targets, subsample, seed + 1))
+    return val
+
+
+def val_loader(data_dir, backbone="efficientnet_lite0", image_size=64, batch_size=64, subsample=None, seed=0,
+               num_workers=0):
+    """(loader, class_names) of data_dir/val alone, in directory order (for evaluation)."""
+    data_dir = os.fspath(data_dir)
+    _check_domain_dir(data_dir, batch_size)
+    val = _val_dataset(data_dir, backbone, image_size, subsample, seed)
+    return _loader(val, batch_size, False, seed, num_workers), _classes(val)
+
+
+def domain_loaders(data_dir, backbone="efficientnet_lite0", image_size=64, batch_size=64, subsample=None, seed=0,
+                   num_workers=0, augment=False):
+    """(train_loader, val_loader, class_names) for the domain in data_dir.
+
+    data_dir/train and data_dir/val must be ImageFolder trees with the same
+    classes. Images are resized to image_size and normalised as `backbone`
+    expects. subsample: at most this many images per split (seeded, spread over
+    the classes), for quick runs. The train loader shuffles with its own seeded
+    generator; the val loader keeps the directory order.
+    """
+    data_dir = os.fspath(data_dir)
+    _check_domain_dir(data_dir, batch_size)
+    train = image_folder(os.path.join(data_dir, "train"),
+                         image_transform(image_size, imagenet_normalization(backbone), augment))
+    val = _val_dataset(data_dir, backbone, image_size, subsample, seed)
+    if train.classes != _classes(val):
+        raise DataError("{}: train/ and val/ have different classes ({} and {})".format(
+            data_dir, train.classes, _classes(val)))
+    if subsample is not None:
+        train = torch.utils.data.Subset(train, stratified_subsample(train.targets, subsample, seed))
+    return (_loader(train, batch_size, True, seed, num_workers),
+            _loader(val, batch_size, False, seed, num_workers),
+            _classes(val))

@@ -1,0 +1,138 @@
+"""A work directory of learned domains, shared by `python -m da2ext train`,
+`eval` and `digits-demo`:
+
+    RUNS/domains/<method>/<domain>.safetensors   one file per learned domain (.npz without safetensors)
+    RUNS/metrics/<domain>-<method>.json          what training it measured
+    RUNS/checkpoints/<domain>-<method>.pt        while it trains; removed when the domain file is written
+
+Domain files live per method because a domain file fits only a model built with
+its method (load_domain refuses the others). Learning a new domain loads every
+domain already there into the same model first, so one model ends up holding
+all of them, each bit-identical to what was saved.
+"""
+import glob
+import json
+import os
+
+import torch
+
+from . import backbones
+from .data import domain_loaders
+from .domain_file import DomainFileError
+from .multidomain import MultiDomainModel
+from .training import train_domain
+
+__all__ = ["WorkDir", "build_model", "learn_domain", "load_saved_domains"]
+
+_DOMAIN_EXTENSIONS = (".safetensors", ".npz")
+
+
+def _has_safetensors():
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class WorkDir(object):
+    """The paths of a work directory (nothing is created until written)."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(os.fspath(root))
+
+    def domain_dir(self, method):
+        return os.path.join(self.root, "domains", method)
+
+    def domain_path(self, method, name):
+        extension = ".safetensors" if _has_safetensors() else ".npz"
+        return os.path.join(self.domain_dir(method), name + extension)
+
+    def domain_files(self, method):
+        """[(name, path)] of the domain files of `method`, in the order they were written."""
+        paths = [p for ext in _DOMAIN_EXTENSIONS for p in glob.glob(os.path.join(self.domain_dir(method), "*" + ext))]
+        paths.sort(key=lambda p: (os.path.getmtime(p), p))
+        return [(os.path.splitext(os.path.basename(p))[0], p) for p in paths]
+
+    def metrics_path(self, method, name):
+        return os.path.join(self.root, "metrics", "{}-{}.json".format(name, method))
+
+    def checkpoint_path(self, method, name):
+        return os.path.join(self.root, "checkpoints", "{}-{}.pt".format(name, method))
+
+    def read_metrics(self, method, name):
+        """The metrics JSON of a learned domain, or None."""
+        path = self.metrics_path(method, name)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+
+def build_model(backbone="efficientnet_lite0", method="da2", pretrained=True, weights=None, seed=0, device="cpu"):
+    """A MultiDomainModel on a new backbone, without domains.
+
+    pretrained: ImageNet weights, which only efficientnet_lite0 ships offline;
+    the torchvision backbones need weights=PATH (or pretrained=False for random
+    weights, seeded with `seed` so that every run builds the same backbone and
+    the domain files of one run load into the next)."""
+    if pretrained and weights is None and backbone != "efficientnet_lite0":
+        raise ValueError("no pretrained weights ship offline for {}: pass a state_dict file with --weights FILE, "
+                         "or --no-pretrained for random weights".format(backbone))
+    torch.manual_seed(seed)
+    network = backbones.create(backbone, pretrained=pretrained and weights is None, weights=weights)
+    return MultiDomainModel(network, method).to(device)
+
+
+def load_saved_domains(model, workdir, skip=()):
+    """Load every domain file of the model's method from the work directory (but
+    those named in `skip`); returns their names."""
+    loaded = []
+    for name, path in workdir.domain_files(model.method.name):
+        if name in skip or name in model.domains:
+            continue
+        try:
+            model.load_domain(path, name=name)
+        except DomainFileError as error:
+            raise DomainFileError("{}\n(it was learned with another backbone or weights: use the same --backbone, "
+                                  "--weights and --no-pretrained as then, or another --workdir)".format(error))
+        loaded.append(name)
+    return loaded
+
+
+def _reusable(workdir, model, name, expected):
+    """True if the domain file and metrics of `name` exist and were made with `expected` settings."""
+    path = workdir.domain_path(model.method.name, name)
+    metrics = workdir.read_metrics(model.method.name, name)
+    if metrics is None or not os.path.isfile(path):
+        return False
+    recorded = metrics.get("settings", {})
+    return all(recorded.get(k) == v for k, v in expected.items())
+
+
+def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
+                 subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False):
+    """Add domain `name` to the model, learned from data_dir/{train,val}, and save
+    it in the work directory (domain file, metrics; a checkpoint while it runs,
+    resumed if the run was interrupted). reuse=True loads the domain file
+    instead when one was learned with the same settings. Returns the metrics."""
+    method = model.method.name
+    settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
+                "data": os.path.abspath(os.fspath(data_dir))}
+    expected = dict(settings, method=method, epochs=int(epochs), batch_size=int(batch_size),
+                    lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint)
+    if reuse and _reusable(workdir, model, name, expected):
+        model.load_domain(workdir.domain_path(method, name), name=name)
+        metrics = workdir.read_metrics(method, name)
+        metrics["reused"] = True
+        return metrics
+    train_loader, val_loader, class_names = domain_loaders(
+        data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size, subsample=subsample, seed=seed,
+        num_workers=num_workers)
+    model.add_domain(name, len(class_names), class_names)
+    metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
+                           checkpoint_path=workdir.checkpoint_path(method, name),
+                           metrics_path=workdir.metrics_path(method, name), progress=progress, seed=seed,
+                           domain_path=workdir.domain_path(method, name), settings=settings)
+    metrics["reused"] = False
+    return metrics

@@ -1,0 +1,320 @@
+"""One training loop for every method (DESIGN.md §3a, §4, §5): a method only says
+what trains and at which learning rate (da2ext.methods); the loop is the same.
+
+    metrics = train_domain(model, "mnist", train_loader, val_loader, epochs=4,
+                           checkpoint_path="runs/checkpoints/mnist-da2.pt",
+                           metrics_path="runs/metrics/mnist-da2.json",
+                           domain_path="runs/domains/da2/mnist.safetensors")
+
+Adam over the method's parameter groups (model.param_groups()), the learning
+rate decayed along a cosine over all steps, cross-entropy. What the run keeps
+for backward (DESIGN.md §4's saved_bytes) is counted once, on its first batch.
+
+Resuming: after every epoch a checkpoint holds everything the rest of the run
+depends on - the domain's tensors, the optimizer's and scheduler's state, the
+torch RNG, the training loader's shuffling generator, the history so far - and
+the settings it was made with. A run that finds a checkpoint with the same
+settings continues after its last epoch and ends with the same weights, bit for
+bit, as a run that was never interrupted; a checkpoint of other settings is
+ignored (and overwritten).
+"""
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .atomic_file import atomic_write
+from .checkpoint import load_checkpoint, save_checkpoint
+from .memory import SavedTensorCounter, model_state
+
+__all__ = ["evaluate", "train_domain"]
+
+MIB = float(2 ** 20)
+CHECKPOINT_FORMAT = "da2ext-training-checkpoint-1"
+
+
+def _device_of(model):
+    return next(itertools.chain(model.buffers(), model.parameters())).device
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _log(message, progress):
+    if progress:
+        print(message, file=sys.stderr)
+        sys.stderr.flush()
+
+
+def _progress_bar(loader, description, enabled):
+    """tqdm over the loader's batches, or None (tqdm is optional)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=len(loader), desc=description, unit="batch", leave=True, dynamic_ncols=True)
+
+
+def evaluate(model, domain, loader):
+    """(accuracy, mean cross-entropy) of domain `domain` on the loader's images,
+    in eval mode and without autograd; the model's mode and active domain come back afterwards."""
+    device = _device_of(model)
+    was_training = model.training
+    correct, total, loss_sum = 0, 0, 0.0
+    with model.domain(domain), torch.no_grad():
+        model.eval()
+        try:
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                logits = model(images)
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(1) == labels).sum())
+                total += labels.numel()
+        finally:
+            model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate: the loader gave no images")
+    return correct / float(total), loss_sum / total
+
+
+def _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra):
+    """What a run's result depends on; a checkpoint is resumed only if they are equal."""
+    settings = {
+        "domain": domain,
+        "method": model.method.name,
+        "epochs": int(epochs),
+        "lr_scale": float(lr_scale),
+        "seed": int(seed),
+        "batch_size": int(train_loader.batch_size),
+        "train_images": len(train_loader.dataset),
+        "steps_per_epoch": len(train_loader),
+        "num_classes": int(model.domain_info(domain)["num_classes"]),
+        "architecture": model.architecture,
+        "backbone_fingerprint": model.backbone_fingerprint,
+    }
+    settings.update(extra or {})
+    return settings
+
+
+def _settings_difference(recorded, settings):
+    keys = sorted(set(recorded) | set(settings))
+    return ["{}: {!r} in the checkpoint, {!r} now".format(k, recorded.get(k), settings.get(k))
+            for k in keys if recorded.get(k) != settings.get(k)]
+
+
+def _median(values):
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+class _Run(object):
+    """The state of one training run that a checkpoint carries."""
+
+    def __init__(self, model, domain, train_loader, epochs, lr_scale, settings):
+        self.model = model
+        self.domain = domain
+        self.train_loader = train_loader
+        self.settings = settings
+        self.optimizer = torch.optim.Adam(model.param_groups(lr_scale))
+        # Decayed per step (not per epoch) along one cosine over the whole run.
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(1, int(epochs) * len(train_loader)))
+        self.epochs_done = 0
+        self.saved_bytes = None
+        self.history = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
+                        "epoch_seconds": [], "step_seconds": []}
+        self.resumed_from_epoch = None
+
+    def state(self):
+        generator = self.train_loader.generator
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "settings": self.settings,
+            "epochs_done": self.epochs_done,
+            "domain_tensors": dict((slot, t.detach().cpu()) for slot, t in
+                                   self.model._domain_tensors(self.domain).items()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader_generator": generator.get_state() if generator is not None else None,
+            "saved_bytes": self.saved_bytes,
+            "history": self.history,
+        }
+
+    def restore(self, state):
+        with torch.no_grad():
+            for slot, t in self.model._domain_tensors(self.domain).items():
+                t.copy_(state["domain_tensors"][slot])  # in place: the optimizer holds these tensors
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["loader_generator"] is not None and self.train_loader.generator is not None:
+            self.train_loader.generator.set_state(state["loader_generator"])
+        self.epochs_done = int(state["epochs_done"])
+        self.saved_bytes = state["saved_bytes"]
+        self.history = state["history"]
+        self.resumed_from_epoch = self.epochs_done
+
+
+def _resume(run, checkpoint_path, progress):
+    state = load_checkpoint(checkpoint_path)
+    if state is None:
+        return
+    if state.get("format") != CHECKPOINT_FORMAT:
+        _log("{}: not a checkpoint of this da2ext; starting over".format(checkpoint_path), progress)
+        return
+    difference = _settings_difference(state.get("settings", {}), run.settings)
+    if difference:
+        _log("{} was made with other settings ({}); starting over".format(
+            checkpoint_path, "; ".join(difference[:3])), progress)
+        return
+    run.restore(state)
+    _log("{}: resuming after epoch {}/{}".format(checkpoint_path, run.epochs_done, run.settings["epochs"]), progress)
+
+
+def _train_epoch(run, epoch, epochs, device, progress):
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    model.train()
+    bar = _progress_bar(run.train_loader, "{} {}/{}".format(run.domain, epoch + 1, epochs), progress)
+    loss_sum, correct, total = 0.0, 0, 0
+    try:
+        for images, labels in run.train_loader:
+            images, labels = images.to(device), labels.to(device)
+            _synchronize(device)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            if run.saved_bytes is None:
+                # Counted once: what this forward keeps for backward, the model's own tensors excluded.
+                with SavedTensorCounter(exclude=model_state(model)) as counter:
+                    logits = model(images)
+                    loss = F.cross_entropy(logits, labels)
+                run.saved_bytes = counter.saved_bytes
+            else:
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            _synchronize(device)
+            run.history["step_seconds"].append(time.perf_counter() - start)
+            loss_sum += float(loss.detach()) * labels.numel()
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            total += labels.numel()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss="{:.3f}".format(loss_sum / total), acc="{:.3f}".format(correct / float(total)),
+                                kept="{:.1f}MiB".format(run.saved_bytes / MIB), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    if total == 0:
+        raise ValueError("train_domain: the training loader gave no images")
+    return loss_sum / total, correct / float(total)
+
+
+def _write_json(path, record):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, checkpoint_path=None,
+                 metrics_path=None, progress=True, seed=0, domain_path=None, settings=None):
+    """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
+
+    train_loader: shuffles with its own seeded generator (data.domain_loaders)
+        so that a resumed run sees the batches an uninterrupted one would.
+    epochs, lr_scale: the run's length; lr_scale multiplies the method's learning rates.
+    checkpoint_path: written after every epoch; resumed from when it exists with
+        the same settings. Removed once the domain file is written.
+    metrics_path: the metrics as JSON, written at the end.
+    domain_path: where the trained domain is saved (model.save_domain), if given.
+    seed: seeds torch's global RNG at the start (anything random in a forward).
+    settings: further JSON-able values the run depends on (image size, data
+        directory, ...): recorded in the metrics, compared before resuming.
+
+    Metrics: method, domain, epochs, per-epoch train_loss, train_accuracy,
+    val_loss, val_accuracy, saved_bytes (kept for backward on one batch),
+    trainable_params, step_time (median seconds), total_time (seconds over all
+    epochs, a resumed run's earlier epochs included), file_bytes (of the domain
+    file, None without domain_path), settings, resumed_from_epoch.
+    """
+    if int(epochs) < 1:
+        raise ValueError("epochs must be >= 1, got {}".format(epochs))
+    device = _device_of(model)
+    model.set_domain(domain)
+    torch.manual_seed(seed)
+    run = _Run(model, domain, train_loader, epochs, lr_scale,
+               _run_settings(model, domain, train_loader, epochs, lr_scale, seed, settings))
+    if checkpoint_path is not None:
+        _resume(run, checkpoint_path, progress)
+        directory = os.path.dirname(os.path.abspath(checkpoint_path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory)
+
+    for epoch in range(run.epochs_done, int(epochs)):
+        start = time.perf_counter()
+        train_loss, train_accuracy = _train_epoch(run, epoch, epochs, device, progress)
+        val_accuracy, val_loss = evaluate(model, domain, val_loader)
+        run.history["epoch_seconds"].append(time.perf_counter() - start)
+        for key, value in (("train_loss", train_loss), ("train_accuracy", train_accuracy),
+                           ("val_loss", val_loss), ("val_accuracy", val_accuracy)):
+            run.history[key].append(value)
+        run.epochs_done = epoch + 1
+        _log("{} epoch {}/{}: train loss {:.4f} acc {:.4f}, val loss {:.4f} acc {:.4f}, kept for backward "
+             "{:.1f} MiB".format(domain, epoch + 1, epochs, train_loss, train_accuracy, val_loss, val_accuracy,
+                                 run.saved_bytes / MIB), progress)
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, run.state())
+
+    file_bytes = None
+    if domain_path is not None:
+        directory = os.path.dirname(os.path.abspath(domain_path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory)
+        model.save_domain(domain, domain_path)
+        file_bytes = os.path.getsize(domain_path)
+    history = run.history
+    metrics = {
+        "method": model.method.name,
+        "domain": domain,
+        "epochs": int(epochs),
+        "train_loss": history["train_loss"],
+        "train_accuracy": history["train_accuracy"],
+        "val_loss": history["val_loss"],
+        "val_accuracy": history["val_accuracy"],
+        "final_val_accuracy": history["val_accuracy"][-1],
+        "saved_bytes": run.saved_bytes,
+        "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
+        "learning_rates": dict((g["name"], g["initial_lr"]) for g in run.optimizer.param_groups),
+        "step_time": _median(history["step_seconds"]),
+        "steps": len(history["step_seconds"]),
+        "total_time": math.fsum(history["epoch_seconds"]),
+        "epoch_seconds": history["epoch_seconds"],
+        "file_bytes": file_bytes,
+        "settings": run.settings,
+        "resumed_from_epoch": run.resumed_from_epoch,
+        "device": str(device),
+    }
+    if metrics_path is not None:
+        _write_json(metrics_path, metrics)
+    if domain_path is not None and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        os.remove(checkpoint_path)  # the domain file holds the result now
+    return metrics

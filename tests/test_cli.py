@@ -1,0 +1,109 @@
+"""The command line (python -m da2ext ...): every subcommand has help, bad
+arguments say what is allowed, train + eval work on any ImageFolder directory,
+and the main job (digits-demo) runs end to end in a tiny setting."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import da2ext
+from da2ext.cli import main
+from test_training import write_image_folder
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBCOMMANDS = ("prepare-digits", "train", "eval", "digits-demo", "nano-table")
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
+
+
+def run_main(argv, capsys):
+    """(exit status, stdout, stderr) of main(argv)."""
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    status, out, _ = run_main([command, "--help"], capsys)
+    assert status == 0 and "usage:" in out
+
+
+def test_unknown_method_lists_the_methods(tmp_path, capsys):
+    status, _, err = run_main(["train", "--data", str(tmp_path), "--method", "lora"], capsys)
+    assert status == 2
+    assert "unknown method 'lora'" in err and "da2" in err and "ft" in err and "bias" in err
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    status, _, err = run_main(["train", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "runs")]
+                              + TINY, capsys)
+    assert status == 2 and "does not exist" in err
+    (tmp_path / "no_val" / "train").mkdir(parents=True)
+    status, _, err = run_main(["train", "--data", str(tmp_path / "no_val")] + TINY, capsys)
+    assert status == 2 and "no val/" in err
+
+
+def test_pretrained_torchvision_needs_weights(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    status, _, err = run_main(["train", "--data", str(tmp_path), "--backbone", "resnet18"], capsys)
+    assert status == 2 and "--weights" in err and "--no-pretrained" in err
+
+
+def test_train_two_domains_then_eval_prints_every_domain(tmp_path, capsys):
+    data = tmp_path / "data"
+    for name, seed in (("shapes", 0), ("other_shapes", 1)):
+        write_image_folder(str(data / name), train_per_class=4, val_per_class=3, seed=seed)
+    runs = str(tmp_path / "runs")
+    status, out, _ = run_main(["train", "--data", str(data / "shapes"), "--workdir", runs, "--epochs", "1"] + TINY,
+                              capsys)
+    assert status == 0, out
+    assert "shapes (da2): val accuracy" in out
+    status, out, _ = run_main(["train", "--data", str(data / "other_shapes"), "--workdir", runs, "--epochs", "1"]
+                              + TINY, capsys)
+    assert status == 0, out
+    assert "learned earlier" in out and "shapes" in out
+    for name in ("shapes", "other_shapes"):
+        assert os.path.isfile(os.path.join(runs, "domains", "da2", name + ".safetensors"))
+        with open(os.path.join(runs, "metrics", "{}-da2.json".format(name))) as f:
+            assert json.load(f)["domain"] == name
+    assert os.listdir(os.path.join(runs, "checkpoints")) == []
+
+    status, out, err = run_main(["eval", "--data", str(data), "--workdir", runs, "--backbone", "resnet18",
+                                 "--no-pretrained"], capsys)
+    assert status == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["shapes", "other_shapes"]
+
+    # The same work directory with another backbone: the files do not fit, and the error says why.
+    status, _, err = run_main(["eval", "--data", str(data), "--workdir", runs], capsys)
+    assert status == 2 and "backbone" in err
+
+
+def test_digits_demo_end_to_end(tmp_path):
+    """The README's main job, tiny: every domain gets an accuracy, earlier domains stay bit-identical."""
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(da2ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    workdir = str(tmp_path / "demo")
+    command = [sys.executable, "-m", "da2ext", "digits-demo", "--workdir", workdir, "--epochs", "1",
+               "--image-size", "32", "--batch-size", "32", "--train-per-domain", "64", "--val-per-domain", "40",
+               "--no-progress"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-5000:]
+    for name in ("mnist", "digits", "mnist_m"):
+        assert any(line.startswith("| {} | ".format(name)) and "%" in line for line in result.stdout.splitlines()), \
+            result.stdout[-3000:]
+    assert "earlier domains unchanged: yes" in result.stdout
+    assert "domain files reproduce the logits: yes" in result.stdout
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert [row["domain"] for row in results["domains"]] == ["mnist", "digits", "mnist_m"]
+    assert results["earlier_domains_unchanged"] is True
+    assert os.path.isfile(os.path.join(workdir, "results.md"))
