@@ -105,6 +105,9 @@ def markdown(records, meta):
         lines.append(row)
     floors = sorted(set((r["model"], r["batch_size"], r["floor_bytes"]) for r in records))
     lines += ["", "Packed-bit floor: " + "; ".join("{} batch {}: {} MiB".format(m, b, _mib(f)) for m, b, f in floors)]
+    if meta.get("updated_groups"):
+        lines += ["", "Remeasured in a later run (each group's ratios are within one run): " +
+                  ", ".join(meta["updated_groups"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +122,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default=None, help="results file name: nano_<tag>.json/.md (default: device)")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the (model, batch) groups measured now in an existing nano_<tag>.json "
+                             "(each group's times stay ratios within one run)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -153,7 +159,17 @@ def main(argv=None):
     tag = args.tag or device.type
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)
-    with open(os.path.join(args.out_dir, "nano_{}.json".format(tag)), "w") as f:
+    json_path = os.path.join(args.out_dir, "nano_{}.json".format(tag))
+    if args.update and os.path.exists(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+        measured = set((r["model"], r["batch_size"]) for r in records)
+        kept = [r for r in previous["records"] if (r["model"], r["batch_size"]) not in measured]
+        order = [(m, int(b)) for m in MODELS for b in (8, 32)]
+        records = sorted(kept + records, key=lambda r: (order.index((r["model"], r["batch_size"]))
+                                                         if (r["model"], r["batch_size"]) in order else len(order)))
+        meta["updated_groups"] = sorted("{} batch {}".format(m, b) for m, b in measured)
+    with open(json_path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     table = markdown(records, meta)
     with open(os.path.join(args.out_dir, "nano_{}.md".format(tag)), "w") as f:
