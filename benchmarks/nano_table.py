@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import sys
+import time
 
 import torch
 from torch import nn
@@ -65,17 +66,52 @@ def packed_bit_floor(name, batch_size, image_size):
     return 4 * sum(words)
 
 
-def measure(model_name, method_name, batch_size, image_size, num_classes, device, steps):
-    torch.manual_seed(0)
-    backbone = build_backbone(model_name)
-    model = methods.get(method_name).build(backbone, num_classes).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
-    inputs = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    targets = torch.randint(0, num_classes, (batch_size,), device=device)
-    figures = profile_step(model, inputs, targets, nn.CrossEntropyLoss(), optimizer, warmup=1, steps=steps)
-    figures["trainable_params"] = sum(p.numel() for p in trainable)
-    return figures
+class MethodSetup(object):
+    """One method's model, optimizer and batch, ready to step."""
+
+    def __init__(self, model_name, method_name, batch_size, image_size, num_classes, device):
+        torch.manual_seed(0)
+        self.device = device
+        self.model = methods.get(method_name).build(build_backbone(model_name), num_classes).to(device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.trainable, lr=1e-3, momentum=0.9)
+        self.inputs = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        self.targets = torch.randint(0, num_classes, (batch_size,), device=device)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def memory_figures(self):
+        """DESIGN §4's figures of one step after a warm-up step (profile_step, untimed)."""
+        figures = profile_step(self.model, self.inputs, self.targets, self.loss_fn, self.optimizer, warmup=1, steps=0)
+        figures["trainable_params"] = sum(p.numel() for p in self.trainable)
+        return figures
+
+    def timed_step(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        self.loss_fn(self.model(self.inputs), self.targets).backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def measure_group(model_name, method_names, batch_size, image_size, num_classes, device, steps):
+    """Every method on one (model, batch). Steps are timed round-robin - ft, last,
+    ..., da2, then again - so that a VM's slow minutes hit every method alike and
+    the ratios to ft stay fair; step_time is each method's median."""
+    setups = [MethodSetup(model_name, m, batch_size, image_size, num_classes, device) for m in method_names]
+    rows = [s.memory_figures() for s in setups]
+    times = [[] for _ in setups]
+    for _ in range(steps):
+        for i, setup in enumerate(setups):
+            times[i].append(setup.timed_step())
+    for row, method_times in zip(rows, times):
+        method_times.sort()
+        row["step_time"] = method_times[len(method_times) // 2]
+        row["step_times"] = method_times
+    return rows
 
 
 def _mib(value):
@@ -84,7 +120,8 @@ def _mib(value):
 
 def markdown(records, meta):
     lines = ["# Nano setting: memory and step time per method", "",
-             "{} · torch {} · da2ext {} · {} timed steps after 1 warm-up (median) · SGD momentum · "
+             "{} · torch {} · da2ext {} · {} timed steps per method after 1 warm-up, round-robin over the methods "
+             "(median) · SGD momentum · "
              "{}x{} inputs · {} classes".format(meta["device"], meta["torch"], meta["da2ext"], meta["steps"],
                                                 meta["image_size"], meta["image_size"], meta["num_classes"]),
              "", "saved = kept for backward (the model's own weights excluded, they are in params); "
@@ -138,12 +175,10 @@ def main(argv=None):
             continue
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             floor = packed_bit_floor(model_name, batch_size, args.image_size)
-            rows = []
-            for method_name in method_names:
-                figures = measure(model_name, method_name, batch_size, args.image_size, args.num_classes, device,
-                                  args.steps)
+            rows = measure_group(model_name, method_names, batch_size, args.image_size, args.num_classes, device,
+                                 args.steps)
+            for method_name, figures in zip(method_names, rows):
                 figures.update(model=model_name, batch_size=batch_size, method=method_name, floor_bytes=floor)
-                rows.append(figures)
                 print("{:18s} batch {:3d} {:17s} saved {:8.1f} MiB  step {:.3f} s".format(
                     model_name, batch_size, method_name, figures["saved_bytes"] / MIB, figures["step_time"]),
                     flush=True)

@@ -23,7 +23,7 @@ _convolution_backward = _find_convolution_backward()
 
 def _conv2d_backward(grad_output, spatial, weight, needs_input, needs_weight, needs_bias):
     padding = weight.shape[-1] // 2
-    with spatial_conv_backend(spatial.device):
+    with spatial_conv_backend(spatial):
         return _conv2d_backward_any_backend(grad_output, spatial, weight, padding, needs_input, needs_weight,
                                             needs_bias)
 
