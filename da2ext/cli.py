@@ -31,34 +31,25 @@ class CommandError(Exception):
 # Argument types with messages that say what is allowed
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a positive integer, got {!r}".format(text))
-    if value < 1:
-        raise argparse.ArgumentTypeError("expected a positive integer, got {}".format(value))
-    return value
+def _number_type(cast, expected, accept):
+    """An argparse type: `cast` the text, and refuse values for which `accept` is
+    false, saying what was `expected`."""
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected {}, got {!r}".format(expected, text))
+        if not accept(value):
+            raise argparse.ArgumentTypeError("expected {}, got {}".format(expected, value))
+        return value
+
+    return parse
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected an integer >= 0, got {!r}".format(text))
-    if value < 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 0, got {}".format(value))
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a positive number, got {!r}".format(text))
-    if not value > 0:
-        raise argparse.ArgumentTypeError("expected a positive number, got {}".format(value))
-    return value
+_positive_int = _number_type(int, "a positive integer", lambda value: value >= 1)
+_non_negative_int = _number_type(int, "an integer >= 0", lambda value: value >= 0)
+_positive_float = _number_type(float, "a positive number", lambda value: value > 0)  # also refuses NaN
 
 
 def _method(text):
