@@ -1,6 +1,7 @@
 """ft: full fine-tuning with train-mode BN, a new head (the paper's baseline).
 It keeps every activation for backward."""
 from ..adapt import replace_head
+from .batchnorm_training import train_batchnorm
 from .method import Method
 
 
@@ -8,7 +9,7 @@ def _build(backbone, num_classes):
     replace_head(backbone, num_classes)
     for p in backbone.parameters():
         p.requires_grad_(True)
-    return backbone.train()
+    return train_batchnorm(backbone).train()
 
 
 # Adam 3e-4 for everything (DESIGN.md §3a's ft row).
