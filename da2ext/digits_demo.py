@@ -25,7 +25,8 @@ from .atomic_file import atomic_write
 from .data import val_loader
 from .digits import DOMAINS, prepare_digits
 from .runs import WorkDir, build_model, learn_domain, load_saved_domains
-from .training import MIB, _device_of, evaluate
+from .memory import device_of
+from .training import MIB, evaluate
 
 __all__ = ["run_digits_demo", "results_table"]
 
@@ -46,7 +47,7 @@ def _logits(model, name, images):
     with model.domain(name), torch.no_grad():
         model.eval()
         try:
-            return model(images.to(_device_of(model))).cpu()
+            return model(images.to(device_of(model))).cpu()
         finally:
             model.train(was_training)
 

@@ -12,11 +12,12 @@ rows for frozen models are measured this way (656 MiB for ResNet-50 here); its
 full fine-tuning row (753 MiB) also counts the trainable weights, which this
 convention reports as param_bytes instead (656 MiB of activations here).
 """
+import itertools
 import time
 
 import torch
 
-__all__ = ["SavedTensorCounter", "model_state", "profile_step", "saved_bytes"]
+__all__ = ["SavedTensorCounter", "device_of", "model_state", "profile_step", "saved_bytes", "synchronize"]
 
 
 def _storage_key_and_bytes(t):
@@ -98,9 +99,15 @@ def _optimizer_bytes(optimizer):
                          if isinstance(v, torch.Tensor) and v.numel() > 0)
 
 
-def _synchronize(device):
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_of(model):
+    """The device of a model's tensors (buffers first: a lean backbone keeps its weights there)."""
+    return next(itertools.chain(model.buffers(), model.parameters())).device
 
 
 def profile_step(model, inputs, targets, loss_fn, optimizer, warmup=1, steps=3):
@@ -133,19 +140,19 @@ def profile_step(model, inputs, targets, loss_fn, optimizer, warmup=1, steps=3):
         step()
     peak = None
     if device.type == "cuda":
-        _synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     counter = SavedTensorCounter(exclude=model_state(model))
     step(counter)
     if device.type == "cuda":
-        _synchronize(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     times = []
     for _ in range(steps):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     times.sort()
     return {

@@ -19,7 +19,6 @@ freshly initialised adaptors (gamma 0) and a new head.
 """
 import contextlib
 import hashlib
-import itertools
 from collections import OrderedDict
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from . import methods as methods_registry
 from .adapt import Head
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
+from .memory import device_of
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]
 
@@ -109,7 +109,7 @@ class MultiDomainModel(nn.Module):
 
     def _device(self):
         # The frozen backbone's buffers follow .to(); the template does not need to.
-        return next(itertools.chain(self.model.buffers(), self.model.parameters())).device
+        return device_of(self.model)
 
     def _head_slot(self, name):
         return name.startswith(self._head_name + ".")

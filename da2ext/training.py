@@ -18,7 +18,6 @@ settings continues after its last epoch and ends with the same weights, bit for
 bit, as a run that was never interrupted; a checkpoint of other settings is
 ignored (and overwritten).
 """
-import itertools
 import json
 import math
 import os
@@ -30,21 +29,12 @@ import torch.nn.functional as F
 
 from .atomic_file import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
-from .memory import SavedTensorCounter, model_state
+from .memory import SavedTensorCounter, device_of, model_state, synchronize
 
 __all__ = ["evaluate", "train_domain"]
 
 MIB = float(2 ** 20)
 CHECKPOINT_FORMAT = "da2ext-training-checkpoint-1"
-
-
-def _device_of(model):
-    return next(itertools.chain(model.buffers(), model.parameters())).device
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _log(message, progress):
@@ -67,7 +57,7 @@ def _progress_bar(loader, description, enabled):
 def evaluate(model, domain, loader):
     """(accuracy, mean cross-entropy) of domain `domain` on the loader's images,
     in eval mode and without autograd; the model's mode and active domain come back afterwards."""
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     correct, total, loss_sum = 0, 0, 0.0
     with model.domain(domain), torch.no_grad():
@@ -195,7 +185,7 @@ def _train_epoch(run, epoch, epochs, device, progress):
     try:
         for images, labels in run.train_loader:
             images, labels = images.to(device), labels.to(device)
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             optimizer.zero_grad()
             if run.saved_bytes is None:
@@ -210,7 +200,7 @@ def _train_epoch(run, epoch, epochs, device, progress):
             loss.backward()
             optimizer.step()
             scheduler.step()
-            _synchronize(device)
+            synchronize(device)
             run.history["step_seconds"].append(time.perf_counter() - start)
             loss_sum += float(loss.detach()) * labels.numel()
             correct += int((logits.detach().argmax(1) == labels).sum())
@@ -258,7 +248,7 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     """
     if int(epochs) < 1:
         raise ValueError("epochs must be >= 1, got {}".format(epochs))
-    device = _device_of(model)
+    device = device_of(model)
     model.set_domain(domain)
     torch.manual_seed(seed)
     run = _Run(model, domain, train_loader, epochs, lr_scale,
