@@ -356,9 +356,9 @@ def parse_args(argv):
     parser.add_argument("--subsample", type=int, default=None, help="training images per domain (default: all)")
     parser.add_argument("--workdir", default=os.path.join("runs", "digits_table"))
     parser.add_argument("--no-nano", action="store_true", help="skip the ResNet-50 nano memory column")
-    parser.add_argument("--sweep-scales", default="0.3,1,3",
+    parser.add_argument("--sweep-scales", default="0.1,0.3,1,3,10",
                         help="learning-rate scales tried per method on --sweep-domain before the benchmark; "
-                             "1 alone: no sweep (default: 0.3,1,3)")
+                             "1 alone: no sweep (default: 0.1,0.3,1,3,10)")
     parser.add_argument("--sweep-domain", help="the sweep's domain (default: mnist_m if present, else the first)")
     parser.add_argument("--sweep-jobs", type=int, default=1,
                         help="sweep runs at once, the CPU threads shared among them (default: 1)")
