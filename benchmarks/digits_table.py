@@ -90,7 +90,8 @@ def run_training(args, method, domain, seed, lr_scale=1.0, stage="runs", threads
     record_path = os.path.join(run_dir, "record.json")
     settings = {"backbone": args.backbone, "weights": args.weights, "pretrained": not args.no_pretrained,
                 "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
-                "subsample": args.subsample, "data": os.path.abspath(args.data), "lr_scale": float(lr_scale)}
+                "subsample": args.subsample, "data": os.path.abspath(args.data), "lr_scale": float(lr_scale),
+                "method_learning_rates": methods.get(method).learning_rates}
     if os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -290,8 +291,12 @@ def markdown(summary, domains, meta):
     targets = check_targets(summary)
     if targets:
         lines += [""] + ["- " + line for line in targets]
-    lines += ["", "Measured on {} with torch {}, {} ({} s in all).".format(
-        meta["machine"], meta["torch"], meta["date"], meta["seconds"])]
+    lines += ["", "Measured on {} with torch {}, {}. Training and evaluation, summed over the runs (each run's "
+              "process start, a few seconds, not counted): {:.0f} min for the table, {:.0f} min for the sweep (2 "
+              "runs at a time share the CPU there, so its sum exceeds its wall time); this invocation {:.0f} min "
+              "(finished runs are reused).".format(meta["machine"], meta["torch"], meta["date"],
+                                                   meta["run_seconds"] / 60.0, meta["sweep_seconds"] / 60.0,
+                                                   meta["seconds"] / 60.0)]
     return "\n".join(lines) + "\n"
 
 
@@ -304,17 +309,24 @@ def plot(summary, path, title):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
-    figure, axes = plt.subplots(figsize=(7.5, 5))
-    for method, s in summary.items():
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    # Labels of points that sit close together (the plain-PyTorch methods all keep ~400 MiB)
+    # go alternately left and right of their point.
+    by_memory = sorted(summary, key=lambda m: (summary[m]["saved_bytes"], summary[m]["mean_accuracy"]))
+    for i, method in enumerate(by_memory):
+        s = summary[method]
         x = s["saved_bytes"] / MIB
         highlight = method.startswith("da2")
         axes.errorbar([x], [s["mean_accuracy"]], yerr=[s["mean_accuracy_spread"]], fmt="o" if highlight else "s",
                       color="tab:red" if highlight else "tab:blue", capsize=3)
-        axes.annotate(method, (x, s["mean_accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        crowded = s["saved_bytes"] > 100 * MIB and i % 2
+        axes.annotate(method, (x, s["mean_accuracy"]), textcoords="offset points", fontsize=8,
+                      xytext=(-6, 3) if crowded else (6, 3), ha="right" if crowded else "left")
     axes.set_xscale("log")
     axes.set_xlabel("kept for backward per training step (MiB, log scale)")
     axes.set_ylabel("mean validation accuracy over domains (%)")
-    axes.set_title(title, fontsize=9)
+    import textwrap
+    axes.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -427,7 +439,9 @@ def main(argv=None):
                         ", ".join("{:g}".format(x) for x in args.sweep_scales), args.sweep_domain, args.tag))
     meta = {"seeds": args.seeds, "setting": setting, "machine": "{} ({} CPUs)".format(platform.machine(),
                                                                                      os.cpu_count()),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seconds": int(time.time() - start)}
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seconds": int(time.time() - start),
+            "run_seconds": int(math.fsum(r["total_time"] for r in records)),
+            "sweep_seconds": int(math.fsum(r["total_time"] for r in sweep))}
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)
     stem = os.path.join(args.out_dir, args.tag)
@@ -438,7 +452,10 @@ def main(argv=None):
         atomic_write(stem + "_sweep.json", lambda f: f.write(text), mode="w")
     table = markdown(summary, args.domains, meta)
     atomic_write(stem + ".md", lambda f: f.write(table), mode="w")
-    plot(summary, stem + ".png", setting)
+    plot(summary, stem + ".png", "{} on {}: {}x{}, batch {}, {} epochs, {} training images per domain, seeds {}; "
+         "accuracy: mean over domains, bar: half-range over seeds".format(
+             ", ".join(args.domains), args.backbone, args.image_size, args.image_size, args.batch_size, args.epochs,
+             args.subsample or "all", ", ".join(str(x) for x in args.seeds)))
     print(table)
     print("wrote {0}.json, {0}.md, {0}.png".format(stem))
     return 0

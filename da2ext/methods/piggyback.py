@@ -143,10 +143,12 @@ def _build(backbone, num_classes):
     return model.train()
 
 
-# Adam. The scores ("other") at the paper's 1e-4: a score starts 5e-3 above the
-# threshold and Adam moves it about lr per step, so a weight is dropped only after
-# ~50 consistent steps - masks change slowly rather than flipping on noise (at 1e-3,
-# five steps would do). The head at 1e-2 like every other method here (last, bias,
+# Adam. The scores ("other") at 1e-3, ten times the paper's 1e-4: a score starts
+# 5e-3 above the threshold and Adam moves it about lr per step, so at 1e-4 no mask
+# bit can flip within ~50 steps, and a short run (the digits benchmark's 48 steps)
+# learns nothing but the head - measured: exactly last's accuracies. At 1e-3 a
+# consistently pushed weight is dropped after ~5 steps; the benchmark's sweep
+# still tries 1e-4. The head at 1e-2 like every other method here (last, bias,
 # da2), so comparisons differ only in what trains in the backbone.
 PIGGYBACK = Method("piggyback", "learned binary masks on the frozen conv weights + head (Piggyback)", _build,
-                   {"other": 1e-4, "head": 1e-2, "default": 1e-4})
+                   {"other": 1e-3, "head": 1e-2, "default": 1e-3})
