@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Everything da2ext checks on a CUDA GPU, in one go, for a short lease of a GPU machine:
+# build, the kernels against the reference, the CUDA tests, the two GPU benchmark
+# tables, and compute-sanitizer (most important first).
+#
+#   OUT=/some/dir TAG=h100 ARCH=9.0 bash benchmarks/gpu_checks.sh
+#
+# Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
+# tables nano_<TAG>.{json,md} and adaptor_<TAG>.{json,md} into $OUT. Every step has
+# its own time limit, so a slow one cannot starve the rest; the exit status is the
+# number of failed steps.
+set -u -o pipefail
+OUT=${OUT:-benchmarks/results}
+TAG=${TAG:-gpu}
+ARCH=${ARCH:-}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+failed=0
+step() { echo; echo "=== $1 (t=$(( $(date +%s) - start )) s)"; }
+check() { local rc=$?; echo "--- rc=$rc"; [ $rc -eq 0 ] || failed=$((failed + 1)); }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+$PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+nvcc --version | tail -2
+
+step "build (TORCH_CUDA_ARCH_LIST=${ARCH:-visible GPU})"
+TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1 timeout 400 \
+  $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1
+check
+if ! $PY -c "import da2ext, sys; print('backend:', da2ext.backend('cuda')); sys.exit(da2ext.backend('cuda') != 'cuda')"; then
+  tail -40 "$OUT/build.log"; exit 99
+fi
+rm -f "$OUT/build.log"
+
+step "kernels against the reference, odd shapes, fp32 and fp16"
+timeout 90 $PY tools/exercise_cuda_kernels.py | grep -v " ok$"
+check
+
+step "CUDA tests"
+timeout 180 $PY -m pytest tests -k cuda -q -ra -p no:cacheprovider --continue-on-collection-errors
+check
+
+step "nano table (ResNet-50, MobileNetV2, EfficientNet-Lite0; batch 8 and 32)"
+timeout 150 $PY benchmarks/nano_table.py --device cuda --tag "$TAG" --out-dir "$OUT"
+check
+
+step "adaptor table (fused kernels against the PyTorch reference)"
+timeout 150 $PY benchmarks/adaptor_table.py --device cuda --tag "$TAG" --out-dir "$OUT" ${PEAK_GBPS:+--peak-gbps $PEAK_GBPS}
+check
+
+step "compute-sanitizer memcheck"
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/exercise_cuda_kernels.py \
+  > "$OUT/memcheck.log" 2>&1
+check
+grep -E "ERROR SUMMARY|mismatches" "$OUT/memcheck.log"
+
+step "compute-sanitizer racecheck (da2ext kernels only)"
+timeout 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/exercise_cuda_kernels.py --kernels-only \
+  > "$OUT/racecheck.log" 2>&1
+check
+grep -E "RACECHECK SUMMARY|ERROR SUMMARY|mismatches" "$OUT/racecheck.log"
+
+step "done: $failed failed steps"
+exit $failed
