@@ -44,7 +44,7 @@ def attention_logits_backward(grad_channel_logits, grad_spatial_logits, channel_
                               fc1_weight, fc2_weight, spatial_weight, needs):
     """Gradients of (channel_mean, spatial, fc1.weight, fc1.bias, fc2.weight,
     fc2.bias, spatial.weight, spatial.bias); `needs` says which are wanted, the
-    others come back as None. Arithmetic in the parameters' dtype."""
+    others come back as None. Arithmetic in the dtype of the tensors passed in."""
     (needs_channel_mean, needs_spatial, needs_fc1_weight, needs_fc1_bias, needs_fc2_weight, needs_fc2_bias,
      needs_spatial_weight, needs_spatial_bias) = needs
     grads = [None] * 8
