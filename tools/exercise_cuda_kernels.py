@@ -16,12 +16,14 @@ the sanitizer is a quick smoke test. Exits non-zero on a mismatch.
 --device cpu runs the same checks on the CPU kernels (a test of this script).
 Python 3.6 compatible.
 """
+import os
 import sys
 
 import torch
 
-import da2ext
-from da2ext import reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import da2ext  # noqa: E402
+from da2ext import reference  # noqa: E402
 
 # (N, C, H, W): partial warps and mask words; one spatial size of 1; a batch of 1.
 SHAPES = [(2, 19, 7, 5), (1, 33, 1, 1), (3, 16, 13, 11)]
@@ -95,6 +97,10 @@ def exercise_packed_activation(shape, dtype, upper, failures):
 def exercise_adapted_model(failures):
     """One training step of adapt()'s lean ResNet-18 on CUDA against the CPU float64 model."""
     import torchvision
+    # cuDNN convolutions default to TF32 on Ampere and later (10-bit mantissa): through
+    # 18 layers that alone puts float32 gradients a few percent from float64's.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(2)
     model = torchvision.models.resnet18(num_classes=10)
     with torch.no_grad():
@@ -132,7 +138,7 @@ def main(argv):
     global DEVICE
     if "--device" in argv:
         DEVICE = argv[argv.index("--device") + 1]  # "cpu": a smoke test of this script without a GPU
-    if DEVICE == "cuda" and not torch.cuda.is_available() or da2ext.backend("cuda") != "cuda":
+    if DEVICE == "cuda" and (not torch.cuda.is_available() or da2ext.backend("cuda") != "cuda"):
         print("needs a CUDA GPU and a CUDA build of da2ext (backend: {})".format(da2ext.backend("cuda")))
         return 2
     failures = []
