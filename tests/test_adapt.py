@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import da2ext
 from conftest import relative_error
 from da2ext.adapt import AdaptedBlock, Head, adapt, supported_family
 from da2ext.frozen_conv import FrozenConvBNAct
@@ -134,8 +135,10 @@ def forward_backward(model, x, output_grad_seed=2, forward_seed=5):
     torch.manual_seed(forward_seed)
     xi = x.detach().clone().requires_grad_(True)
     y = model(xi)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(output_grad_seed), dtype=y.dtype)
-    (y * w).sum().backward()
+    # drawn in float64 whatever y's dtype (randn's stream depends on the dtype), so that
+    # runs in different dtypes and on different devices get the same w
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(output_grad_seed), dtype=torch.float64)
+    (y * w.to(device=y.device, dtype=y.dtype)).sum().backward()
     return y.detach(), xi.grad
 
 
@@ -368,7 +371,7 @@ def test_timm_mobilenetv3_is_not_a_supported_family():
 
 
 # ------------------------------------------------------------------------------------------
-# 7. A float16 backbone (CPU)
+# 7. A float16 backbone (the Jetson's: on the CPU where torch has float16 convs, and on CUDA)
 
 
 def _cpu_half_conv_works():
@@ -382,12 +385,23 @@ def _cpu_half_conv_works():
         return False
 
 
-@pytest.mark.skipif(not _cpu_half_conv_works(), reason="this torch has no float16 conv2d on the CPU")
-def test_float16_backbone_on_cpu():
+HALF_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_half_conv_works(),
+                                                 reason="this torch has no float16 conv2d on the CPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() and da2ext.backend("cuda") == "cuda"),
+        reason="needs a CUDA GPU and a CUDA build of da2ext")),
+]
+
+
+@pytest.mark.parametrize("device", HALF_DEVICES)
+def test_float16_backbone(device):
     original, shape = make_original("resnet18")
     full = adapt_quietly(copy.deepcopy(original), 10)
     half = adapt_quietly(copy.deepcopy(original), 10, backbone_dtype=torch.float16)
     randomize_common_trainable(half, full, std=0.1)
+    full.to(device)
+    half.to(device)
     for module in half.modules():
         if isinstance(module, FrozenConvBNAct):
             assert module.weight.dtype == torch.float16
@@ -396,26 +410,38 @@ def test_float16_backbone_on_cpu():
         if p.requires_grad:
             assert p.dtype == torch.float32, name
     assert isinstance(half.fc, Head) and half.fc.weight.dtype == torch.float32
-    x = torch.randn(*shape)
+    x = torch.randn(*shape, device=device)
     y_full, gx_full = forward_backward(full, x)
     y_half, gx_half = forward_backward(half, x)
     assert y_half.dtype == torch.float32
     assert relative_error(y_half, y_full) < 1e-2
     assert torch.isfinite(gx_half).all()
-    # The gradients only roughly: at this tiny input a BN shift's gradient sums a dozen
-    # elements per channel, so the few ReLU masks that float16 rounding flips (2 of 6,144
-    # at the last block here) move it by a few percent; 0.2 still catches a wrong scale,
-    # a zero or a missing term.
+    # The gradients only roughly. At this tiny input float16 rounding in the backbone flips
+    # a few ReLU masks (2 of 6,144 at the last block on the CPU), and those move a BN shift's
+    # gradient (a dozen elements per channel) by a few percent and an adaptor's fc1.weight
+    # gradient (a few live hidden units) by up to 21% (an H100). So: every gradient finite
+    # and float32; all of them together within 10%; each tensor within 50%, which still
+    # catches a zero or a missing term (100%). A one-element gradient (an adaptor's
+    # spatial.bias) sums N*H*W terms that largely cancel, so it can move by more than its
+    # own size (0.0048 against 0.0013 on an H100 machine's CPU): it counts only in the
+    # total. The float64 gradient tests cover the maths.
     full_params = named_trainable(full)
+    half_grads, full_grads = [], []
     for name, p in named_trainable(half).items():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
         if name in full_params:
-            assert relative_error(p.grad, full_params[name].grad) < 0.2, name
+            half_grads.append(p.grad.flatten())
+            full_grads.append(full_params[name].grad.flatten())
+            if p.numel() > 1:
+                assert relative_error(p.grad, full_params[name].grad) < 0.5, name
     half_shifts, full_shifts = shift_parameters(half), shift_parameters(full)
     assert len(half_shifts) == len(full_shifts) == 20
     for a, b in zip(half_shifts, full_shifts):
         assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
-        assert relative_error(a.grad, b.grad) < 0.2
+        assert relative_error(a.grad, b.grad) < 0.5
+        half_grads.append(a.grad.flatten())
+        full_grads.append(b.grad.flatten())
+    assert relative_error(torch.cat(half_grads), torch.cat(full_grads)) < 0.1
     assert relative_error(half.fc.weight.grad, full.fc.weight.grad) < 1e-2  # no mask between
 
 

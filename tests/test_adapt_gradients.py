@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from conftest import relative_error
+from conftest import all_devices, relative_error
 from test_adapt import (FAMILY_NAMES, adapt_quietly, forward_backward, make_original, named_trainable,
                         randomize_bn, randomize_common_trainable, shift_parameters)
 
@@ -90,3 +90,48 @@ def test_gradients_match_for_a_bottleneck_resnet():
     common = randomize_common_trainable(lean, eager)
     x = torch.randn(1, 3, 35, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     check_gradients_agree(lean, eager, common, x, {})
+
+
+def _without_dropout(model):
+    """No dropout (its masks come from each device's own generator): nn.Dropout and
+    timm's drop_rate before the classifier."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "drop_rate"):
+            module.drop_rate = 0.0
+    return model
+
+
+@pytest.mark.parametrize("device", [d for d in all_devices() if d != "cpu"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cuda_matches_cpu(family, device):
+    """The lean model on CUDA (packed masks and fused adaptors from the CUDA kernels,
+    cuDNN's convs) against the same lean model on the CPU, whose kernels the tests
+    above tie to plain autograd. Both in float32: against float64, float32 rounding
+    alone turns near-ties of the adaptor's channel max and of ReLU6's clamp at 6 into
+    different choices (Lite0 on the CPU: one shift gradient 5% off). TF32 off: it alone
+    moves float32 gradients by percents."""
+    original, shape = make_original(family)
+    model = _without_dropout(adapt_quietly(copy.deepcopy(original), 10))
+    randomize_common_trainable(model, copy.deepcopy(model))
+    reference = copy.deepcopy(model)
+    model.to(device)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model.train()
+        reference.train()
+        y, gx = forward_backward(model, x.to(device))
+        y_ref, gx_ref = forward_backward(reference, x)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+    assert y.device.type == "cuda"
+    assert relative_error(y, y_ref) < 1e-5
+    assert relative_error(gx, gx_ref) < 1e-4
+    reference_params = named_trainable(reference)
+    for name, p in named_trainable(model).items():
+        assert p.grad is not None and p.grad.device.type == "cuda", name
+        # a one-element gradient (spatial.bias) is a sum whose terms cancel: looser than 1e-4
+        assert relative_error(p.grad, reference_params[name].grad) < 1e-3, name
