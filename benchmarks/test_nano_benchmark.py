@@ -77,3 +77,15 @@ def test_training_step(benchmark, model_name, method_name):
     benchmark.extra_info.update(saved_bytes=counter.saved_bytes,
                                 floor_bytes=packed_bit_floor(model_name, BATCH, IMAGE))
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+
+
+def test_profile_nano_step_splits_the_step(capsys):
+    """benchmarks/profile_nano_step.py: one profiled step, split into convolution passes and the rest."""
+    import profile_nano_step
+
+    profile_nano_step.main(["--model", "mobilenet_v2", "--methods", "da2", "--batch-size", "1", "--top", "5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mobilenet_v2 da2 batch 1: step ")
+    conv_ms = float(lines[0].split("convolution passes ")[1].split(" ms")[0])
+    assert conv_ms > 0  # the frozen convs and 1x1 GEMMs were found
+    assert len(lines) == 1 + 5 and any("(conv)" in line for line in lines[1:])
