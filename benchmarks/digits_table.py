@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -325,7 +326,6 @@ def plot(summary, path, title):
     axes.set_xscale("log")
     axes.set_xlabel("kept for backward per training step (MiB, log scale)")
     axes.set_ylabel("mean validation accuracy over domains (%)")
-    import textwrap
     axes.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # a checkout runs without installing
 
 import da2ext  # noqa: E402
 from da2ext import methods  # noqa: E402
-from da2ext.memory import profile_step  # noqa: E402
+from da2ext.memory import profile_step, synchronize  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
 ROWS = ("ft", "last", "bias", "bias_lean", "da2_eager", "da2_adaptor_only", "da2")
@@ -86,14 +86,12 @@ class MethodSetup(object):
         return figures
 
     def timed_step(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         self.optimizer.zero_grad()
         self.loss_fn(self.model(self.inputs), self.targets).backward()
         self.optimizer.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter() - start
 
 

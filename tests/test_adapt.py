@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import da2ext
-from conftest import relative_error
+from conftest import kernel_devices, relative_error
 from da2ext.adapt import AdaptedBlock, Head, adapt, supported_family
 from da2ext.frozen_conv import FrozenConvBNAct
 from da2ext.memory import SavedTensorCounter, model_state, profile_step
@@ -388,9 +387,8 @@ def _cpu_half_conv_works():
 HALF_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_half_conv_works(),
                                                  reason="this torch has no float16 conv2d on the CPU")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not (torch.cuda.is_available() and da2ext.backend("cuda") == "cuda"),
-        reason="needs a CUDA GPU and a CUDA build of da2ext")),
+    pytest.param("cuda", marks=pytest.mark.skipif("cuda" not in kernel_devices(),
+                                                  reason="needs a CUDA GPU and a CUDA build of da2ext")),
 ]
 
 

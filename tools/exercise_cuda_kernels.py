@@ -24,17 +24,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import da2ext  # noqa: E402
 from da2ext import reference  # noqa: E402
+from da2ext.memory import synchronize  # noqa: E402
 
 # (N, C, H, W): partial warps and mask words; one spatial size of 1; a batch of 1.
 SHAPES = [(2, 19, 7, 5), (1, 33, 1, 1), (3, 16, 13, 11)]
 DTYPES = [torch.float32, torch.float16]
 DEVICE = "cuda"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}
-
-
-def synchronize():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def relative_error(actual, expected):
@@ -72,7 +68,7 @@ def exercise_adaptor(shape, dtype, mode, failures):
     y.backward(grad.to(dtype))
     y_ref.backward(grad)
     tag = "adaptor {} {} {}".format(mode, tuple(shape), str(dtype).replace("torch.", ""))
-    synchronize()
+    synchronize(torch.device(DEVICE))
     check(tag + " forward", y, y_ref, dtype, failures)
     check(tag + " grad input", x_fused.grad, x_ref.grad, dtype, failures)
     for (name, p), (_, p_ref) in zip(fused_half.named_parameters(), ref.named_parameters()):
@@ -88,7 +84,7 @@ def exercise_packed_activation(shape, dtype, upper, failures):
     grad = torch.randn_like(y_ref)
     y.backward(grad.to(dtype))
     y_ref.backward(grad)
-    synchronize()
+    synchronize(torch.device(DEVICE))
     tag = "packed_activation upper={} {} {}".format(upper, tuple(shape), str(dtype).replace("torch.", ""))
     check(tag + " forward", y, y_ref, dtype, failures)
     check(tag + " grad input", x.grad, x_ref.grad, dtype, failures)
@@ -122,7 +118,7 @@ def exercise_adapted_model(failures):
         loss = torch.nn.functional.cross_entropy(copy(x.to(device, dtype)), target.to(device))
         loss.backward()
         results[key] = (loss.detach(), {n: p.grad for n, p in copy.named_parameters() if p.grad is not None})
-    synchronize()
+    synchronize(torch.device(DEVICE))
     check("adapt(resnet18) loss", results["test"][0], results["reference"][0], torch.float32, failures)
     for name, grad in results["reference"][1].items():
         # float32 against float64 through 18 layers: the fp16 tolerance.
