@@ -11,7 +11,9 @@ CASES = [
     (2, 5, 7, 9, 3, 1, 1, 0, 1, 1),    # pointwise, 63 pixels: oneDNN
     (2, 5, 8, 9, 3, 1, 1, 0, 1, 1),    # pointwise, 72 pixels: the GEMM path
     (1, 4, 1, 1, 6, 1, 1, 0, 1, 1),    # pointwise on a 1x1 map
-    (2, 6, 9, 8, 4, 1, 2, 0, 1, 1),    # strided 1x1 (ResNet's downsample): conv path
+    (2, 6, 9, 8, 4, 1, 2, 0, 1, 1),    # strided 1x1 (ResNet's downsample), 20 output pixels: conv path
+    (2, 6, 17, 16, 4, 1, 2, 0, 1, 1),  # strided 1x1, 72 output pixels: GEMM at the read pixels
+    (1, 3, 25, 26, 5, 1, 3, 0, 1, 1),  # stride 3, 9x9 output pixels: GEMM; column 25 gets no gradient
     (2, 4, 11, 10, 8, 3, 2, 1, 1, 1),  # strided 3x3, odd sizes: output_padding needed
     (2, 6, 8, 7, 6, 3, 1, 1, 1, 6),    # depthwise
     (2, 4, 9, 9, 4, 3, 1, 2, 2, 2),    # dilated, grouped
@@ -44,6 +46,8 @@ def test_is_pointwise():
     w = torch.zeros(4, 3, 1, 1)
     assert is_pointwise(w, (1, 1), (0, 0), (1, 1), 1)
     assert not is_pointwise(w, (2, 2), (0, 0), (1, 1), 1)
+    assert is_pointwise(w, (2, 2), (0, 0), (1, 1), 1, any_stride=True)
+    assert not is_pointwise(w, (2, 2), (1, 1), (1, 1), 1, any_stride=True)
     assert not is_pointwise(w, (1, 1), (1, 1), (1, 1), 1)
     assert not is_pointwise(torch.zeros(4, 1, 1, 1), (1, 1), (0, 0), (1, 1), 3)
     assert not is_pointwise(torch.zeros(4, 3, 3, 3), (1, 1), (0, 0), (1, 1), 1)
