@@ -36,12 +36,15 @@ class FrozenBlock(nn.Module):
     def forward(self, x):
         x = x.to(self.main[0].weight.dtype)
         out = self.main(x)
+        # `out` is the last conv's fresh result, used by nothing else: the add and the
+        # activation write into it (an add keeps nothing for backward; the activation
+        # a bit mask), saving two new tensors of the block's output size.
         if self.has_skip:
-            out = out + (self.projection(x) if self.projection is not None else x)  # an add keeps nothing
+            out = out.add_(self.projection(x) if self.projection is not None else x)
         if self.final_upper is None:
             return out
         if torch.is_grad_enabled() and out.requires_grad:
-            return packed_activation(out, self.final_upper)
+            return packed_activation(out, self.final_upper, inplace=True)
         return activate_inplace(out, self.final_upper)
 
     def extra_repr(self):

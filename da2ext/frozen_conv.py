@@ -82,10 +82,12 @@ class FrozenConvBNActFunction(torch.autograd.Function):
         if tf_same:
             x, pads = _pad_same(x, weight.shape[-2:], stride, dilation)
         bias = (frozen_bias + shift).to(weight.dtype)
-        y = conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+        y = conv2d_forward(x, weight, bias, stride, padding, dilation, groups).contiguous()
         mask = None
         if upper is not None:
-            y, mask = torch.ops.da2ext.packed_activation(y, upper)
+            # In place: the conv's result is ours alone, and a new tensor would cost
+            # another pass over memory (on the CPU, also faulting in fresh pages).
+            mask = torch.ops.da2ext.packed_activation_(y, upper)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.input_shape = x.shape  # after TF padding; the padding is cut off again in backward
         ctx.pads = pads

@@ -25,8 +25,13 @@ __all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "pac
 
 class PackedActivationFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, upper):
-        output, mask = torch.ops.da2ext.packed_activation(x, upper)
+    def forward(ctx, x, upper, inplace):
+        if inplace:
+            mask = torch.ops.da2ext.packed_activation_(x, upper)
+            ctx.mark_dirty(x)
+            output = x
+        else:
+            output, mask = torch.ops.da2ext.packed_activation(x, upper)
         ctx.save_for_backward(mask)  # the only thing kept: ceil(numel / 32) int32 words
         return output
 
@@ -35,24 +40,28 @@ class PackedActivationFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         mask, = ctx.saved_tensors
         grad_input = torch.ops.da2ext.packed_activation_backward(grad_output.contiguous(), mask)
-        return grad_input, None
+        return grad_input, None, None
 
 
-def _reference(x, upper):
+def _reference(x, upper, inplace=False):
     """The same values and gradients in plain PyTorch (keeps x or the output for backward)."""
     if math.isinf(upper):
-        return torch.relu(x)
-    return F.hardtanh(x, 0.0, upper)
+        return torch.relu_(x) if inplace else torch.relu(x)
+    return F.hardtanh(x, 0.0, upper, inplace=inplace)
 
 
-def packed_activation(x, upper):
+def packed_activation(x, upper, inplace=False):
     """clamp(x, 0, upper) keeping only a bit mask for backward.
 
     `upper` > 0: float("inf") gives ReLU, 6 gives ReLU6. `x` is a float16,
     float32 or float64 tensor of any shape; a channels_last or otherwise
     strided `x` is made contiguous first (a copy), and the result is contiguous.
-    Where no kernels exist for x's device, plain PyTorch (relu/hardtanh) runs
-    instead, with a warning (see da2ext.backend()).
+    `inplace=True` (as nn.ReLU's) overwrites a contiguous `x` and returns it,
+    which saves a new output (on the CPU, also faulting its pages in); autograd
+    rejects it, as it does torch.relu_, where x is a leaf that requires grad or
+    is saved by another op for its backward. A non-contiguous `x` is copied
+    whatever `inplace` says. Where no kernels exist for x's device, plain
+    PyTorch (relu/hardtanh) runs instead, with a warning (see da2ext.backend()).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError("packed_activation: x must be a torch.Tensor, got {}".format(type(x).__name__))
@@ -64,33 +73,51 @@ def packed_activation(x, upper):
         raise TypeError("packed_activation: x must be float16, float32 or float64, got {}".format(x.dtype))
     if not kernels_available(x.device.type):
         warn_fallback(x.device.type)
-        return _reference(x, upper)
-    x = x.contiguous()
+        return _reference(x, upper, inplace)
+    if not x.is_contiguous():
+        x, inplace = x.contiguous(), False  # the copy is the output: writing it in place changes nothing
     if torch.is_grad_enabled() and x.requires_grad:
-        return PackedActivationFunction.apply(x, upper)
+        return PackedActivationFunction.apply(x, upper, bool(inplace))
+    if inplace:
+        torch.ops.da2ext.packed_activation_(x, upper)
+        return x
     output, _ = torch.ops.da2ext.packed_activation(x, upper)
     return output
 
 
-def packed_relu(x):
+def packed_relu(x, inplace=False):
     """ReLU keeping one bit per element for backward (see packed_activation)."""
-    return packed_activation(x, float("inf"))
+    return packed_activation(x, float("inf"), inplace)
 
 
-def packed_relu6(x):
+def packed_relu6(x, inplace=False):
     """ReLU6 keeping one bit per element for backward (see packed_activation)."""
-    return packed_activation(x, 6.0)
+    return packed_activation(x, 6.0, inplace)
 
 
 class PackedReLU(nn.Module):
-    """nn.ReLU that keeps one bit per element for backward (no `inplace`: the output is new)."""
+    """nn.ReLU that keeps one bit per element for backward; `inplace` as nn.ReLU's."""
+
+    def __init__(self, inplace=False):
+        super(PackedReLU, self).__init__()
+        self.inplace = inplace
 
     def forward(self, x):
-        return packed_relu(x)
+        return packed_relu(x, self.inplace)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
 
 
 class PackedReLU6(nn.Module):
-    """nn.ReLU6 that keeps one bit per element for backward (no `inplace`: the output is new)."""
+    """nn.ReLU6 that keeps one bit per element for backward; `inplace` as nn.ReLU6's."""
+
+    def __init__(self, inplace=False):
+        super(PackedReLU6, self).__init__()
+        self.inplace = inplace
 
     def forward(self, x):
-        return packed_relu6(x)
+        return packed_relu6(x, self.inplace)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""

@@ -133,6 +133,58 @@ def test_shapes_with_a_partial_last_word(device, shape, name):
 
 
 @pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(33,), (2, 3, 11, 13), (100003,), (0,)])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_inplace_op_matches_the_out_of_place_op(device, dtype, shape, name):
+    upper = ACTIVATIONS[name][2]
+    x = special_values(shape, device, dtype, seed=4)
+    expected, expected_mask = torch.ops.da2ext.packed_activation(x, upper)
+    data = x.clone()
+    mask = torch.ops.da2ext.packed_activation_(data, upper)
+    torch.testing.assert_close(data, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(mask, expected_mask)
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_inplace_under_autograd(device, name):
+    packed, reference, upper = ACTIVATIONS[name]
+    x = special_values((3, 5, 7), device, torch.float32, seed=5, nan=False).requires_grad_()
+    grad = torch.randn(x.shape).to(device)
+    hidden = x * 2  # a temporary that nothing saves: may be overwritten
+    y = packed(hidden, inplace=True)
+    assert y is hidden
+    with da2ext.SavedTensorCounter() as counter:
+        da2ext.packed_activation(x * 2, upper, inplace=True)
+    assert counter.saved_bytes == 4 * math.ceil(x.numel() / 32)  # the mask alone, as out of place
+    y.backward(grad)
+    expected_y, expected_grad = torch_forward_backward(lambda t: reference(t * 2), x, grad)
+    assert torch.equal(y.detach(), expected_y)
+    assert torch.equal(x.grad, expected_grad)
+    # autograd refuses what it refuses torch.relu_: a leaf that requires grad ...
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        packed(x, inplace=True)
+    # ... and overwriting what another op keeps for its backward (exp keeps its output).
+    kept = x.exp()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        packed(kept, inplace=True).sum().backward()
+
+
+@pytest.mark.parametrize("device", all_devices())
+def test_inplace_on_a_non_contiguous_input_copies(device):
+    x = special_values((4, 6, 5), device, torch.float32, seed=6).transpose(0, 2)
+    before = x.clone()
+    y = da2ext.packed_relu6(x, inplace=True)
+    torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)  # strided: the result is a copy
+    assert y.is_contiguous() and torch.allclose(y, F.relu6(before), equal_nan=True, rtol=0, atol=0)
+    with torch.no_grad():
+        z = before.contiguous()
+        assert da2ext.PackedReLU(inplace=True)(z) is z
+        assert torch.allclose(z, torch.relu(before), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", all_devices())
 @pytest.mark.parametrize("shape", [(0,), (2, 0, 5)])
 def test_empty(device, shape):
     x = torch.empty(shape, device=device, requires_grad=True)
@@ -235,6 +287,12 @@ def test_op_errors_name_the_argument():
         torch.ops.da2ext.packed_activation(x, 0.0)
     with pytest.raises(RuntimeError, match="packed_activation: upper must be > 0"):
         torch.ops.da2ext.packed_activation(x, float("nan"))
+    with pytest.raises(RuntimeError, match="packed_activation_: self must be contiguous"):
+        torch.ops.da2ext.packed_activation_(non_contiguous, 6.0)
+    with pytest.raises(RuntimeError, match="packed_activation_: self must be float16, float32 or float64"):
+        torch.ops.da2ext.packed_activation_(torch.ones(4, dtype=torch.int32), 6.0)
+    with pytest.raises(RuntimeError, match="packed_activation_: upper must be > 0"):
+        torch.ops.da2ext.packed_activation_(x, -1.0)
     output, mask = torch.ops.da2ext.packed_activation(x, 6.0)
     backward = torch.ops.da2ext.packed_activation_backward
     with pytest.raises(RuntimeError, match=r"packed_activation_backward: mask must have ceil\(numel / 32\) = 9 "):

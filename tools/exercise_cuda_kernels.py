@@ -88,6 +88,12 @@ def exercise_packed_activation(shape, dtype, upper, failures):
     tag = "packed_activation upper={} {} {}".format(upper, tuple(shape), str(dtype).replace("torch.", ""))
     check(tag + " forward", y, y_ref, dtype, failures)
     check(tag + " grad input", x.grad, x_ref.grad, dtype, failures)
+    in_place = x.detach().clone()
+    mask = torch.ops.da2ext.packed_activation_(in_place, upper)
+    _, expected_mask = torch.ops.da2ext.packed_activation(x.detach(), upper)
+    check(tag + " in place", in_place, y_ref, dtype, failures)
+    if not torch.equal(mask, expected_mask):
+        failures.append(tag + " in place: the mask differs from the out-of-place op's")
 
 
 def exercise_adapted_model(failures):

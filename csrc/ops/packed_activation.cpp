@@ -41,9 +41,13 @@ uint32_t* mask_words_ptr(const at::Tensor& mask) {
   return reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
 }
 
+at::Tensor allocate_activation_mask(const at::Tensor& input) {
+  return at::empty({math::packed_mask_words(input.numel())}, input.options().dtype(at::kInt));
+}
+
 std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input) {
   return std::make_tuple(at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous),
-                         at::empty({math::packed_mask_words(input.numel())}, input.options().dtype(at::kInt)));
+                         allocate_activation_mask(input));
 }
 
 }  // namespace ops
@@ -53,6 +57,10 @@ TORCH_LIBRARY_FRAGMENT(da2ext, m) {
   // output = clamp(input, 0, upper) (upper = inf: ReLU, 6: ReLU6); mask: int32 [ceil(numel / 32)],
   // bit i % 32 of word i / 32 set where the gradient passes (0 < x < upper; x > 0 when upper = inf)
   m.def("packed_activation(Tensor input, float upper) -> (Tensor output, Tensor mask)");
+  // The same in place: self = clamp(self, 0, upper); returns the mask. Saves a fresh
+  // output where the input is a temporary (a frozen conv's result), which on the CPU
+  // also saves faulting in the new pages.
+  m.def("packed_activation_(Tensor(a!) self, float upper) -> Tensor mask");
   // grad_input = grad_output where the mask bit is set, else 0
   m.def("packed_activation_backward(Tensor grad_output, Tensor mask) -> Tensor grad_input");
 }

@@ -25,7 +25,10 @@ void check_activation_mask(const at::Tensor& mask, const at::Tensor& reference, 
 // The int32 mask storage as the uint32 words the kernels pack (same size and layout).
 uint32_t* mask_words_ptr(const at::Tensor& mask);
 
-// (output like input, contiguous; mask int32 [ceil(numel / 32)]), both uninitialised.
+// The mask for `input`: int32 [ceil(numel / 32)], uninitialised.
+at::Tensor allocate_activation_mask(const at::Tensor& input);
+
+// (output like input, contiguous; the mask as above), both uninitialised.
 std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input);
 
 }  // namespace ops

@@ -11,10 +11,13 @@
 // flow), and each bit is or-ed in as a power of two read from a table, under
 // the comparison's lane mask (SSE2 has no per-lane variable shift).
 //
+// The forward also runs in place (output == input, packed_activation_): each
+// word's elements are all loaded into locals before any is stored, so the two
+// pointers may be equal and carry no __restrict__.
+//
 // Threads: at::parallel_for's OpenMP backend is an inline header whose
 // `#pragma omp parallel` only takes effect when this file is compiled with
-// -fopenmp; without it (the build flags at the time of writing) it runs on one
-// thread.
+// -fopenmp, which setup.py does on Linux.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -42,23 +45,28 @@ alignas(64) const uint32_t kBitValue[kPackedBits] = {
     1u << 22, 1u << 23, 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
 
 // One mask word: elements [0, count) of `input`, count <= 32 (a partial word
-// only at the end of the tensor; its missing bits are 0).
+// only at the end of the tensor; its missing bits are 0). `output` may equal
+// `input`: the word is loaded whole before the first store.
 template <bool bounded, typename scalar_t, typename acc_t>
-DA2EXT_ALWAYS_INLINE uint32_t forward_word(const scalar_t* __restrict__ input, int count, acc_t upper,
-                                           scalar_t* __restrict__ output) {
+DA2EXT_ALWAYS_INLINE uint32_t forward_word(const scalar_t* input, int count, acc_t upper, scalar_t* output) {
+  acc_t v[kPackedBits];
   uint32_t bits = 0;
   if (count == kPackedBits) {
     for (int j = 0; j < kPackedBits; ++j) {
-      const acc_t v = static_cast<acc_t>(input[j]);
-      output[j] = static_cast<scalar_t>(math::clamp_activation(v, upper));
-      const uint32_t lane_mask = math::activation_passes_gradient<bounded>(v, upper) ? 0xffffffffu : 0u;
+      v[j] = static_cast<acc_t>(input[j]);
+    }
+    for (int j = 0; j < kPackedBits; ++j) {
+      output[j] = static_cast<scalar_t>(math::clamp_activation(v[j], upper));
+      const uint32_t lane_mask = math::activation_passes_gradient<bounded>(v[j], upper) ? 0xffffffffu : 0u;
       bits |= lane_mask & kBitValue[j];
     }
   } else {
     for (int j = 0; j < count; ++j) {
-      const acc_t v = static_cast<acc_t>(input[j]);
-      output[j] = static_cast<scalar_t>(math::clamp_activation(v, upper));
-      bits |= math::activation_passes_gradient<bounded>(v, upper) ? kBitValue[j] : 0u;
+      v[j] = static_cast<acc_t>(input[j]);
+    }
+    for (int j = 0; j < count; ++j) {
+      output[j] = static_cast<scalar_t>(math::clamp_activation(v[j], upper));
+      bits |= math::activation_passes_gradient<bounded>(v[j], upper) ? kBitValue[j] : 0u;
     }
   }
   return bits;
@@ -164,6 +172,22 @@ std::tuple<at::Tensor, at::Tensor> packed_activation_cpu(const at::Tensor& input
   return std::make_tuple(output, mask);
 }
 
+at::Tensor packed_activation_inplace_cpu(at::Tensor& self, double upper) {
+  const char* op = "packed_activation_";
+  check_activation_tensor(self, op, "self");
+  check_activation_upper(upper, op);
+  at::Tensor mask = allocate_activation_mask(self);
+  const int64_t numel = self.numel();
+  if (numel == 0) {
+    return mask;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(self.scalar_type(), "packed_activation_inplace_cpu", [&] {
+    scalar_t* data = self.data_ptr<scalar_t>();
+    packed_activation_kernel(data, numel, upper, data, mask_words_ptr(mask));
+  });
+  return mask;
+}
+
 at::Tensor packed_activation_backward_cpu(const at::Tensor& grad_output, const at::Tensor& mask) {
   const char* op = "packed_activation_backward";
   check_activation_tensor(grad_output, op, "grad_output");
@@ -184,6 +208,7 @@ at::Tensor packed_activation_backward_cpu(const at::Tensor& grad_output, const a
 
 TORCH_LIBRARY_IMPL(da2ext, CPU, m) {
   m.impl("packed_activation", packed_activation_cpu);
+  m.impl("packed_activation_", packed_activation_inplace_cpu);
   m.impl("packed_activation_backward", packed_activation_backward_cpu);
 }
 

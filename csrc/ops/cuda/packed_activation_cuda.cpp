@@ -37,6 +37,25 @@ std::tuple<at::Tensor, at::Tensor> packed_activation_cuda(const at::Tensor& inpu
   return std::make_tuple(output, mask);
 }
 
+at::Tensor packed_activation_inplace_cuda(at::Tensor& self, double upper) {
+  const char* op = "packed_activation_";
+  check_activation_tensor(self, op, "self");
+  check_cuda(self, op, "self");
+  check_activation_upper(upper, op);
+  const c10::cuda::CUDAGuard guard(self.device());
+  at::Tensor mask = allocate_activation_mask(self);
+  if (self.numel() == 0) {
+    return mask;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(self.scalar_type(), "packed_activation_inplace_cuda", [&] {
+    check_launch(cuda::packed_activation(kernel_ptr<scalar_t>(self), self.numel(), upper,
+                                         kernel_mutable_ptr<scalar_t>(self), mask_words_ptr(mask),
+                                         c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
+  });
+  return mask;
+}
+
 at::Tensor packed_activation_backward_cuda(const at::Tensor& grad_output, const at::Tensor& mask) {
   const char* op = "packed_activation_backward";
   check_activation_tensor(grad_output, op, "grad_output");
@@ -60,6 +79,7 @@ at::Tensor packed_activation_backward_cuda(const at::Tensor& grad_output, const 
 
 TORCH_LIBRARY_IMPL(da2ext, CUDA, m) {
   m.impl("packed_activation", packed_activation_cuda);
+  m.impl("packed_activation_", packed_activation_inplace_cuda);
   m.impl("packed_activation_backward", packed_activation_backward_cuda);
 }
 

@@ -10,7 +10,9 @@
 // nothing and vote 0, but still take part in the ballot (the loop bound depends
 // on the warp only, so all 32 lanes reach it together). Backward: one thread per
 // element, reading its word (the 32 threads of a warp read the same word, one
-// transaction). Indices are 64-bit.
+// transaction). Indices are 64-bit. The forward also runs in place (output ==
+// input, packed_activation_): each thread stores only the element it loaded, so
+// the two pointers carry no __restrict__.
 #include <limits>
 
 #include "../packed_activation_math.h"
@@ -39,8 +41,8 @@ int grid_size(int64_t blocks) {
 
 template <bool bounded, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    packed_activation_kernel(const scalar_t* __restrict__ input, int64_t numel, int64_t words, acc_t upper,
-                             scalar_t* __restrict__ output, uint32_t* __restrict__ mask) {
+    packed_activation_kernel(const scalar_t* input, int64_t numel, int64_t words, acc_t upper, scalar_t* output,
+                             uint32_t* __restrict__ mask) {
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   const int64_t first_warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);

@@ -15,7 +15,7 @@ namespace da2ext {
 namespace cuda {
 
 // output = clamp(input, 0, upper), mask bits where the gradient passes;
-// upper > 0, +inf for ReLU.
+// upper > 0, +inf for ReLU. `output` may be `input` (in place).
 template <typename scalar_t>
 cudaError_t packed_activation(const scalar_t* input, int64_t numel, double upper, scalar_t* output, uint32_t* mask,
                               cudaStream_t stream);
