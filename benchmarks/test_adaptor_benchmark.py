@@ -21,20 +21,14 @@ extra_info of every benchmark:
     backend         which code ran: "cpu" / "cuda" kernels, or "reference"
     model_bytes, achieved_gbps (CUDA only): see TRAFFIC_MODEL below.
 
-Environment variables:
-    DA2EXT_BENCH_ROUNDS      timed rounds (default 10 on CPU, 50 on CUDA)
-    DA2EXT_BENCH_ITERATIONS  calls per round (default 1 on CPU, 5 on CUDA)
-    DA2EXT_BENCH_WARMUP      untimed warm-up rounds (default 2 on CPU, 5 on CUDA)
-    DA2EXT_BENCH_THREADS     torch.set_num_threads for the CPU runs (default: torch's default)
+Rounds and threads: the environment variables of bench_settings.py.
 """
-import os
-import platform
-
 import pytest
 import torch
 from torch import nn
 
 import da2ext
+from bench_settings import DEVICE_DTYPES, device_name, pedantic_settings, shape_id
 from da2ext import reference
 
 # ResNet-50 stage outputs (conv2_x .. conv5_x) at batch 8.
@@ -52,70 +46,6 @@ IMPLEMENTATIONS = ["fused", "reference"]
 # recorded for the reference as an "effective" bandwidth (it moves far more than this).
 TRAFFIC_MODEL = {"add": 6, "mul": 7}
 
-if os.environ.get("DA2EXT_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["DA2EXT_BENCH_THREADS"]))
-
-
-def _cuda_kernels_available():
-    return torch.cuda.is_available() and da2ext.backend("cuda") == "cuda"
-
-
-def _cuda_skip_reason():
-    if _cuda_kernels_available():
-        return "CUDA kernels available"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    return "da2ext was built without CUDA kernels (da2ext.backend('cuda') == {!r})".format(da2ext.backend("cuda"))
-
-
-_needs_cuda = pytest.mark.skipif(not _cuda_kernels_available(), reason=_cuda_skip_reason())
-
-# float32 everywhere, float16 only on CUDA (the CPU kernels are not meant for half precision).
-DEVICE_DTYPES = [
-    pytest.param("cpu", "float32", id="cpu-float32"),
-    pytest.param("cuda", "float32", id="cuda-float32", marks=_needs_cuda),
-    pytest.param("cuda", "float16", id="cuda-float16", marks=_needs_cuda),
-]
-
-
-def _env_int(name, default):
-    value = os.environ.get(name)
-    return int(value) if value else default
-
-
-def _pedantic_settings(device):
-    cuda = device == "cuda"
-    return dict(
-        rounds=_env_int("DA2EXT_BENCH_ROUNDS", 50 if cuda else 10),
-        iterations=_env_int("DA2EXT_BENCH_ITERATIONS", 5 if cuda else 1),
-        warmup_rounds=_env_int("DA2EXT_BENCH_WARMUP", 5 if cuda else 2),
-    )
-
-
-def _cpu_name():
-    name = platform.processor()
-    if name:
-        return name
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except (IOError, OSError):
-        pass
-    return platform.machine() or "cpu"
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return _cpu_name()
-
-
-def _shape_id(shape):
-    return "x".join(str(s) for s in shape)
-
-
 def make_modules(channels, mode, device, dtype):
     """The fused and the reference adaptor with one random state_dict (gamma != 0)."""
     torch.manual_seed(0)
@@ -127,7 +57,7 @@ def make_modules(channels, mode, device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_adaptor_forward_backward(benchmark, implementation, mode, shape, device, dtype):
@@ -157,7 +87,7 @@ def test_adaptor_forward_backward(benchmark, implementation, mode, shape, device
         if cuda:
             torch.cuda.synchronize()
 
-    benchmark.group = "{}-{}-{}-{}".format(device, dtype, mode, _shape_id(shape))
+    benchmark.group = "{}-{}-{}-{}".format(device, dtype, mode, shape_id(shape))
     info = benchmark.extra_info
     info["implementation"] = implementation
     info["backend"] = da2ext.backend(device) if implementation == "fused" else "reference"
@@ -179,7 +109,7 @@ def test_adaptor_forward_backward(benchmark, implementation, mode, shape, device
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
 
-    settings = _pedantic_settings(device)
+    settings = pedantic_settings(device)
     info["warmup_rounds"] = settings["warmup_rounds"]
     benchmark.pedantic(step, **settings)
 
