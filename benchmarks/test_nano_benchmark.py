@@ -89,3 +89,16 @@ def test_profile_nano_step_splits_the_step(capsys):
     conv_ms = float(lines[0].split("convolution passes ")[1].split(" ms")[0])
     assert conv_ms > 0  # the frozen convs and 1x1 GEMMs were found
     assert len(lines) == 1 + 5 and any("(conv)" in line for line in lines[1:])
+
+
+def test_step_time_processes_times_each_method_alone(capsys):
+    """benchmarks/step_time_processes.py: one process per method, ratios to ft's."""
+    import step_time_processes
+
+    step_time_processes.main(["--model", "mobilenet_v2", "--methods", "da2", "--batch-size", "1", "--steps", "1",
+                              "--repeats", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| checkout") and "---" not in line]
+    assert [row[1] for row in rows] == ["ft", "da2"]  # ft added first
+    assert rows[0][4].rstrip(" |") == "1.00"
+    assert float(rows[1][2]) > 0
