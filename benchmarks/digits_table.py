@@ -9,7 +9,7 @@ the trainable parameter count and the domain file's size. A nano column adds
 what each method keeps for backward in DESIGN.md §4's setting (ResNet-50, random
 weights, batch 8, 3x224x224, float32).
 
-    python benchmarks/digits_table.py                   # the bundled digits, about an hour on 2 cores
+    python benchmarks/digits_table.py --subsample 720 --sweep-jobs 2   # the committed table: ~1.5 h on 2 cores
     python benchmarks/digits_table.py --methods da2,bias --seeds 1 --subsample 480
     python benchmarks/digits_table.py --data DIR --backbone resnet50 --weights W.pth --tag mine
 
