@@ -12,8 +12,8 @@ autograd in float64):
   the batch of tiny products is all overhead), so smaller maps stay on oneDNN.
 - A strided 1x1 conv (ResNet's downsampling shortcut) reads only the pixels
   x[:, :, ::s, ::s], so its input gradient is that GEMM's at those pixels and 0
-  elsewhere: 16 vs 34 ms for 256 -> 512 at 8x56x56, stride 2, against the
-  transposed conv (whose result oneDNN also copies back to NCHW). Its forward
+  elsewhere: 16.8 vs 46.5 ms for 256 -> 512 at 8x56x56, stride 2, against the
+  transposed conv (benchmarks/test_conv_passes_benchmark.py). Its forward
   gains nothing from a strided slice, and stays on oneDNN.
 - Every other input gradient is a transposed conv of the output gradient with
   the same weight, which on the CPU beats aten::convolution_backward with only
