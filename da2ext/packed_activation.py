@@ -59,8 +59,8 @@ def packed_activation(x, upper, inplace=False):
     `inplace=True` (as nn.ReLU's) overwrites a contiguous `x` and returns it,
     which saves a new output (on the CPU, also faulting its pages in); autograd
     rejects it, as it does torch.relu_, where x is a leaf that requires grad or
-    is saved by another op for its backward. A non-contiguous `x` is copied
-    whatever `inplace` says. Where no kernels exist for x's device, plain
+    is saved by another op for its backward. A non-contiguous `x` is never
+    written: the result is its contiguous copy, whatever `inplace` says. Where no kernels exist for x's device, plain
     PyTorch (relu/hardtanh) runs instead, with a warning (see da2ext.backend()).
     """
     if not isinstance(x, torch.Tensor):
@@ -75,7 +75,8 @@ def packed_activation(x, upper, inplace=False):
         warn_fallback(x.device.type)
         return _reference(x, upper, inplace)
     if not x.is_contiguous():
-        x, inplace = x.contiguous(), False  # the copy is the output: writing it in place changes nothing
+        # The contiguous copy is ours alone: the result goes into it, and x is left as it was.
+        x, inplace = x.contiguous(), True
     if torch.is_grad_enabled() and x.requires_grad:
         return PackedActivationFunction.apply(x, upper, bool(inplace))
     if inplace:
