@@ -155,20 +155,25 @@ void packed_activation_backward_kernel(const scalar_t* grad_output, const uint32
   });
 }
 
+// output (which may be input itself) = clamp(input, 0, upper), and the mask.
+void activate_into(const at::Tensor& input, double upper, at::Tensor& output, at::Tensor& mask) {
+  const int64_t numel = input.numel();
+  if (numel == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "packed_activation_cpu", [&] {
+    packed_activation_kernel(input.data_ptr<scalar_t>(), numel, upper, output.data_ptr<scalar_t>(),
+                             mask_words_ptr(mask));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> packed_activation_cpu(const at::Tensor& input, double upper) {
   const char* op = "packed_activation";
   check_activation_tensor(input, op, "input");
   check_activation_upper(upper, op);
   at::Tensor output, mask;
   std::tie(output, mask) = allocate_activation_outputs(input);
-  const int64_t numel = input.numel();
-  if (numel == 0) {
-    return std::make_tuple(output, mask);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "packed_activation_cpu", [&] {
-    packed_activation_kernel(input.data_ptr<scalar_t>(), numel, upper, output.data_ptr<scalar_t>(),
-                             mask_words_ptr(mask));
-  });
+  activate_into(input, upper, output, mask);
   return std::make_tuple(output, mask);
 }
 
@@ -177,14 +182,7 @@ at::Tensor packed_activation_inplace_cpu(at::Tensor& self, double upper) {
   check_activation_tensor(self, op, "self");
   check_activation_upper(upper, op);
   at::Tensor mask = allocate_activation_mask(self);
-  const int64_t numel = self.numel();
-  if (numel == 0) {
-    return mask;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND_HALF(self.scalar_type(), "packed_activation_inplace_cpu", [&] {
-    scalar_t* data = self.data_ptr<scalar_t>();
-    packed_activation_kernel(data, numel, upper, data, mask_words_ptr(mask));
-  });
+  activate_into(self, upper, self, mask);
   return mask;
 }
 

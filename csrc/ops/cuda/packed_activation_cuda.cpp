@@ -17,6 +17,20 @@ namespace ops {
 namespace {
 
 
+// output (which may be input itself) = clamp(input, 0, upper), and the mask, on
+// the current stream of input's device (the caller holds a guard for it).
+void activate_into(const at::Tensor& input, double upper, at::Tensor& output, at::Tensor& mask, const char* op) {
+  if (input.numel() == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "packed_activation_cuda", [&] {
+    check_launch(cuda::packed_activation(kernel_ptr<scalar_t>(input), input.numel(), upper,
+                                         kernel_mutable_ptr<scalar_t>(output), mask_words_ptr(mask),
+                                         c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> packed_activation_cuda(const at::Tensor& input, double upper) {
   const char* op = "packed_activation";
   check_activation_tensor(input, op, "input");
@@ -25,15 +39,7 @@ std::tuple<at::Tensor, at::Tensor> packed_activation_cuda(const at::Tensor& inpu
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output, mask;
   std::tie(output, mask) = allocate_activation_outputs(input);
-  if (input.numel() == 0) {
-    return std::make_tuple(output, mask);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "packed_activation_cuda", [&] {
-    check_launch(cuda::packed_activation(kernel_ptr<scalar_t>(input), input.numel(), upper,
-                                         kernel_mutable_ptr<scalar_t>(output), mask_words_ptr(mask),
-                                         c10::cuda::getCurrentCUDAStream().stream()),
-                 op);
-  });
+  activate_into(input, upper, output, mask, op);
   return std::make_tuple(output, mask);
 }
 
@@ -44,15 +50,7 @@ at::Tensor packed_activation_inplace_cuda(at::Tensor& self, double upper) {
   check_activation_upper(upper, op);
   const c10::cuda::CUDAGuard guard(self.device());
   at::Tensor mask = allocate_activation_mask(self);
-  if (self.numel() == 0) {
-    return mask;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND_HALF(self.scalar_type(), "packed_activation_inplace_cuda", [&] {
-    check_launch(cuda::packed_activation(kernel_ptr<scalar_t>(self), self.numel(), upper,
-                                         kernel_mutable_ptr<scalar_t>(self), mask_words_ptr(mask),
-                                         c10::cuda::getCurrentCUDAStream().stream()),
-                 op);
-  });
+  activate_into(self, upper, self, mask, op);
   return mask;
 }
 
