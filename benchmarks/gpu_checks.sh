@@ -13,7 +13,8 @@
 # system compiler there.
 #
 # Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
-# tables nano_<TAG>.{json,md} and adaptor_<TAG>.{json,md} into $OUT. Every step has
+# tables nano_<TAG>.{json,md} and adaptor_<TAG>.{json,md} and the pytest-benchmark
+# results packed_activation_<TAG>.json into $OUT. Every step has
 # its own time limit, so a slow one cannot starve the rest; the exit status is the
 # number of failed steps.
 set -u -o pipefail
@@ -61,6 +62,11 @@ check
 
 step "adaptor table (fused kernels against the PyTorch reference)"
 timeout 150 $PY benchmarks/adaptor_table.py --device cuda --tag "$TAG" --out-dir "$OUT" ${PEAK_GBPS:+--peak-gbps $PEAK_GBPS}
+check
+
+step "packed activation benchmark (fused bits against torch's relu, CUDA)"
+timeout 120 $PY -m pytest benchmarks/test_packed_activation_benchmark.py --benchmark-only -k cuda -q \
+  -p no:cacheprovider --benchmark-columns min,median,max,rounds --benchmark-json "$OUT/packed_activation_$TAG.json"
 check
 
 step "compute-sanitizer memcheck"
