@@ -13,8 +13,9 @@
 # system compiler there.
 #
 # Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
-# tables nano_<TAG>.{json,md} and adaptor_<TAG>.{json,md} and the pytest-benchmark
-# results packed_activation_<TAG>.json into $OUT. Every step has
+# tables nano_<TAG>, adaptor_<TAG> and cuda_graph_<TAG> (.json and .md) and the
+# pytest-benchmark results packed_activation_<TAG>.json into $OUT (12 files: a lent
+# machine returns 8, so tar them there). Every step has
 # its own time limit, so a slow one cannot starve the rest; the exit status is the
 # number of failed steps.
 set -u -o pipefail
@@ -69,6 +70,10 @@ timeout 120 $PY -m pytest benchmarks/test_packed_activation_benchmark.py --bench
   -p no:cacheprovider --benchmark-columns min,median,max,rounds --benchmark-json "$OUT/packed_activation_$TAG.json"
 check
 
+step "step time eager and as one CUDA graph (CUDAGraphStep)"
+timeout 240 $PY benchmarks/cuda_graph_table.py --tag "$TAG" --out-dir "$OUT"
+check
+
 step "compute-sanitizer memcheck"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/exercise_cuda_kernels.py \
   > "$OUT/memcheck.log" 2>&1
@@ -80,6 +85,15 @@ timeout 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/exerc
   > "$OUT/racecheck.log" 2>&1
 check
 grep -E "RACECHECK SUMMARY|ERROR SUMMARY|mismatches" "$OUT/racecheck.log"
+
+step "compute-sanitizer initcheck (uninitialised reads; informational)"
+timeout 90 compute-sanitizer --tool initcheck $PY tools/exercise_cuda_kernels.py --kernels-only \
+  > "$OUT/initcheck.log" 2>&1
+grep -E "ERROR SUMMARY|mismatches" "$OUT/initcheck.log"
+grep -A1 -m1 "Uninitialized" "$OUT/initcheck.log"
+
+step "run-to-run reproducibility, eager and graphed (informational)"
+timeout 90 $PY tools/cuda_determinism_check.py 2>&1 | grep -v -i warn
 
 step "done: $failed failed steps"
 exit $failed

@@ -102,3 +102,24 @@ def test_step_time_processes_times_each_method_alone(capsys):
     assert [row[1] for row in rows] == ["ft", "da2"]  # ft added first
     assert rows[0][4].rstrip(" |") == "1.00"
     assert float(rows[1][2]) > 0
+
+
+def test_cuda_graph_table(tmp_path):
+    """benchmarks/cuda_graph_table.py: refuses to run without CUDA; with it, one small
+    group gives eager and graphed times for ft and da2, ratios to ft's."""
+    import cuda_graph_table
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            cuda_graph_table.main(["--out-dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        return
+    code = cuda_graph_table.main(["--models", "mobilenet_v2", "--batch-sizes", "2", "--methods", "da2", "--steps",
+                                  "2", "--tag", "test", "--out-dir", str(tmp_path)])
+    assert code == 0
+    import json
+    with open(str(tmp_path / "cuda_graph_test.json")) as f:
+        records = json.load(f)["records"]
+    assert [r["method"] for r in records] == ["ft", "da2"]
+    assert all(r["graphed_step_time"] > 0 and r["eager_step_time"] > 0 for r in records)
+    assert records[0]["graphed_vs_ft_graphed"] == 1.0

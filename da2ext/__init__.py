@@ -10,6 +10,7 @@ from ._extension import backend
 from .adapt import adapt
 from .adaptor import ResidualAttentionAdaptor
 from .attention_branch import spatial_kernel_size
+from .cuda_graph_step import CUDAGraphStep
 from .domain_file import DomainFileError
 from .frozen_conv import FrozenConvBNAct
 from .lean_max_pool import LeanMaxPool2d
@@ -22,6 +23,7 @@ from .trainable import print_trainable_parameters, trainable_parameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "CUDAGraphStep",
     "DomainFileError",
     "FrozenConvBNAct",
     "LeanMaxPool2d",

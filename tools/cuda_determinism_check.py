@@ -1,0 +1,69 @@
+"""Run-to-run reproducibility of training steps on CUDA, eager and as a CUDA graph.
+
+    python tools/cuda_determinism_check.py
+
+Three SGD steps of adapt()'s lean ResNet-18 (adaptor gamma ~ N(0, 0.5), as in
+tests/test_cuda_graph_step.py) and of the same model plainly frozen
+(adapt(..., lean=False), gamma as initialised), each run twice eagerly and once
+through da2ext.CUDAGraphStep from the same start. Printed per case: the three
+tensors that differ most between the runs (relative error in norm), and whether
+the losses are equal. First with PyTorch's defaults, then with cuDNN's and
+torch's deterministic algorithms.
+"""
+import copy
+import os
+import sys
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
+
+import da2ext  # noqa: E402
+from conftest import relative_error  # noqa: E402
+from test_cuda_graph_step import adapted_resnet18, batches, eager_steps, sgd  # noqa: E402
+
+
+def plainly_frozen_resnet18(device):
+    import torchvision
+    torch.manual_seed(0)
+    return da2ext.adapt(torchvision.models.resnet18(), 10, lean=False).to(device).train()
+
+
+def worst_differences(a, b, count=3):
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return sorted(((relative_error(state_a[k].float(), state_b[k].float()), k) for k in state_a
+                   if state_a[k].is_floating_point()), reverse=True)[:count]
+
+
+def compare(label, make_model):
+    device = torch.device("cuda")
+    first = make_model(device)
+    second, graphed = copy.deepcopy(first), copy.deepcopy(first)
+    data = batches(device)
+    losses = eager_steps(first, sgd(first), data)
+    same = eager_steps(second, sgd(second), data) == losses
+    print("{}: eager vs eager {} (losses equal: {})".format(label, worst_differences(second, first), same), flush=True)
+    step = da2ext.CUDAGraphStep(graphed, nn.CrossEntropyLoss(), sgd(graphed), *data[0])
+    same = [step(x, y).item() for x, y in data] == losses
+    print("{}: graphed vs eager {} (losses equal: {})".format(label, worst_differences(graphed, first), same),
+          flush=True)
+
+
+def main():
+    if not torch.cuda.is_available() or da2ext.backend("cuda") != "cuda":
+        print("needs a CUDA GPU and a CUDA build of da2ext")
+        return 2
+    for deterministic in (False, True):
+        if deterministic:
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        mode = "deterministic" if deterministic else "defaults"
+        compare("lean, gamma N(0, 0.5), " + mode, adapted_resnet18)
+        compare("plainly frozen, gamma 0, " + mode, plainly_frozen_resnet18)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
