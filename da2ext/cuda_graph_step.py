@@ -81,6 +81,9 @@ class CUDAGraphStep(object):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphStep needs CUDA, which this torch does not see (torch.cuda.is_available() "
                                "is False); run the step as usual on the CPU")
+        if not hasattr(torch.cuda, "graph"):
+            raise RuntimeError("CUDAGraphStep needs torch.cuda.graph (torch >= 1.10), this is torch {}".format(
+                torch.__version__))
         _check_cuda_tensor("example_inputs", example_inputs)
         device = example_inputs.device
         _check_cuda_tensor("example_targets", example_targets, device)

@@ -66,8 +66,11 @@ def deterministic():
     """cuDNN's and torch's deterministic algorithms where they have them (warnings elsewhere)."""
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled())
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    except TypeError:  # torch < 1.11 (the Jetson's 1.10) has no warn_only
+        pytest.skip("needs torch.use_deterministic_algorithms(..., warn_only=True) (torch >= 1.11)")
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
     torch.use_deterministic_algorithms(saved[2])
