@@ -10,7 +10,7 @@ per activation (FrozenConvBNAct), nothing for the add.
 import torch
 from torch import nn
 
-from .frozen_conv import FrozenConvBNAct, activate_inplace, activation_upper
+from .frozen_conv import FrozenConvBNAct, fused_cpu_kernels, activate_inplace, activation_upper
 from .packed_activation import packed_activation
 
 __all__ = ["FrozenBlock", "InferenceOnly", "freeze_block", "freeze_conv_bn_act", "block_out_channels"]
@@ -35,6 +35,13 @@ class FrozenBlock(nn.Module):
 
     def forward(self, x):
         x = x.to(self.main[0].weight.dtype)
+        if self._fuses_tail(x):
+            # The last conv, the add and the activation in one pass over the output (CPU).
+            out = x
+            for layer in list(self.main)[:-1]:
+                out = layer(out)
+            shortcut = self.projection(x) if self.projection is not None else x
+            return self.main[-1].forward_add_activation(out, shortcut, self.final_upper)
         out = self.main(x)
         # `out` is the last conv's fresh result, used by nothing else: the add and the
         # activation write into it (an add keeps nothing for backward; the activation
@@ -46,6 +53,15 @@ class FrozenBlock(nn.Module):
         if torch.is_grad_enabled() and out.requires_grad:
             return packed_activation(out, self.final_upper, inplace=True)
         return activate_inplace(out, self.final_upper)
+
+    def _fuses_tail(self, x):
+        """Whether this forward runs the last conv, the add and the final activation as
+        one node: under autograd, on the CPU with its kernels, for a block whose last
+        conv has no activation of its own (ResNet's blocks)."""
+        last = self.main[-1]
+        return (self.has_skip and self.final_upper is not None and last.upper is None and not last.tf_same
+                and torch.is_grad_enabled() and fused_cpu_kernels(x)
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def extra_repr(self):
         return "has_skip={}, final_activation={}".format(self.has_skip, self.final_upper)

@@ -72,6 +72,50 @@ def activate_inplace(y, upper):
     return y.clamp_(0, upper)
 
 
+def fused_cpu_kernels(t):
+    """Whether the CPU kernels that fuse neighbouring passes into the activation's
+    (packed_bias_activation_, packed_activation_backward_channel_sums) serve `t`.
+    Elsewhere (CUDA) the same maths runs as separate passes."""
+    return t.device.type == "cpu" and kernels_available("cpu")
+
+
+def _conv_bias_activation(x, weight, bias, residual, upper, conv_args):
+    """(y, mask): y = clamp(conv(x, weight) + bias (+ residual), 0, upper) in a new
+    tensor and its packed mask (None without activation, upper None).
+
+    On the CPU the bias and the residual are added in the activation's own pass:
+    the conv (a GEMM for 1x1) writes its plain product, and one pass over it adds,
+    clamps and packs. Otherwise the conv adds the bias (cuDNN fuses it), the
+    residual is added in place and the activation runs in place."""
+    stride, padding, dilation, groups = conv_args
+    if upper is not None and fused_cpu_kernels(x):
+        y = conv2d_forward(x, weight, None, stride, padding, dilation, groups).contiguous()
+        return y, torch.ops.da2ext.packed_bias_activation_(y, bias, residual, upper)
+    y = conv2d_forward(x, weight, bias, stride, padding, dilation, groups).contiguous()
+    if residual is not None:
+        y.add_(residual)
+    if upper is None:
+        return y, None
+    return y, torch.ops.da2ext.packed_activation_(y, upper)
+
+
+def _masked_grad_and_shift_grad(grad_output, mask, needs_shift, shift_dtype):
+    """(the gradient at the BN's output, i.e. grad_output through the mask; the
+    shift's gradient, its sum over every dim but the channels, or None).
+    Summed in at least float32 (a float16 backbone has a float32 shift); on the
+    CPU in the same pass as the masking."""
+    grad = grad_output.contiguous()
+    if mask is not None and needs_shift and fused_cpu_kernels(grad):
+        grad, channel_sums = torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)
+        return grad, channel_sums.to(shift_dtype)
+    if mask is not None:
+        grad = torch.ops.da2ext.packed_activation_backward(grad, mask)
+    if not needs_shift:
+        return grad, None
+    dims = [0] + list(range(2, grad.dim()))
+    return grad, grad.sum(dim=dims, dtype=torch.promote_types(grad.dtype, torch.float32)).to(shift_dtype)
+
+
 class FrozenConvBNActFunction(torch.autograd.Function):
     """conv(x) + bias, then clamp(., 0, upper) with a packed mask (upper None: no
     activation). Keeps the folded weight (a buffer held anyway) and the mask."""
@@ -82,12 +126,9 @@ class FrozenConvBNActFunction(torch.autograd.Function):
         if tf_same:
             x, pads = _pad_same(x, weight.shape[-2:], stride, dilation)
         bias = (frozen_bias + shift).to(weight.dtype)
-        y = conv2d_forward(x, weight, bias, stride, padding, dilation, groups).contiguous()
-        mask = None
-        if upper is not None:
-            # In place: the conv's result is ours alone, and a new tensor would cost
-            # another pass over memory (on the CPU, also faulting in fresh pages).
-            mask = torch.ops.da2ext.packed_activation_(y, upper)
+        # In place: the conv's result is ours alone, and a new tensor would cost
+        # another pass over memory (on the CPU, also faulting in fresh pages).
+        y, mask = _conv_bias_activation(x, weight, bias, None, upper, (stride, padding, dilation, groups))
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.input_shape = x.shape  # after TF padding; the padding is cut off again in backward
         ctx.pads = pads
@@ -100,15 +141,7 @@ class FrozenConvBNActFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         weight, mask = ctx.saved_tensors
         needs_input, needs_shift = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad = grad_output.contiguous()
-        if mask is not None:
-            grad = torch.ops.da2ext.packed_activation_backward(grad, mask)
-        grad_shift = None
-        if needs_shift:
-            # d shift = sum over n, h, w of the gradient at the BN's output (after the mask).
-            # Summed in at least float32 (a float16 backbone has a float32 shift).
-            grad_shift = grad.sum(dim=(0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32))
-            grad_shift = grad_shift.to(ctx.shift_dtype)
+        grad, grad_shift = _masked_grad_and_shift_grad(grad_output, mask, needs_shift, ctx.shift_dtype)
         grad_input = None
         if needs_input:
             stride, padding, dilation, groups = ctx.conv_args
@@ -117,6 +150,38 @@ class FrozenConvBNActFunction(torch.autograd.Function):
             if any(ctx.pads):
                 grad_input = grad_input[:, :, top:grad_input.shape[2] - bottom, left:grad_input.shape[3] - right]
         return grad_input, None, None, grad_shift, None, None, None, None, None, None
+
+
+class FrozenConvBNAddActFunction(torch.autograd.Function):
+    """clamp(conv(x) + bias + residual, 0, upper) with a packed mask: the last conv of a
+    residual block, the add of its shortcut and the block's activation as one node,
+    so that on the CPU one pass adds the bias and the shortcut and activates. Keeps
+    the folded weight and the mask, as the conv and the activation would apart; the
+    residual's gradient is the masked gradient itself."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, frozen_bias, shift, stride, padding, dilation, groups, upper):
+        bias = (frozen_bias + shift).to(weight.dtype)
+        y, mask = _conv_bias_activation(x, weight, bias, residual.contiguous(), upper,
+                                        (stride, padding, dilation, groups))
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.input_shape = x.shape
+        ctx.shift_dtype = shift.dtype
+        ctx.save_for_backward(weight, mask)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        weight, mask = ctx.saved_tensors
+        needs_input, needs_residual, needs_shift = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                                    ctx.needs_input_grad[4])
+        grad, grad_shift = _masked_grad_and_shift_grad(grad_output, mask, needs_shift, ctx.shift_dtype)
+        grad_input = None
+        if needs_input:
+            stride, padding, dilation, groups = ctx.conv_args
+            grad_input = conv2d_input_grad(grad, ctx.input_shape, weight, stride, padding, dilation, groups)
+        return (grad_input, grad if needs_residual else None, None, None, grad_shift, None, None, None, None, None)
 
 
 class FrozenConvBNAct(nn.Module):
@@ -192,6 +257,18 @@ class FrozenConvBNAct(nn.Module):
         with torch.no_grad():
             return activate_inplace(self._conv(x, (self.frozen_bias + self.shift).to(self.weight.dtype)),
                                      self.upper)
+
+    def forward_add_activation(self, x, residual, upper):
+        """clamp(self(x) + residual, 0, upper) for a layer with no activation of its
+        own (the last conv of a residual block), as one autograd node whose backward
+        keeps the folded weight and a packed mask (FrozenConvBNAddActFunction)."""
+        if self.upper is not None or self.tf_same:
+            raise ValueError("forward_add_activation is for a conv without activation or TF padding "
+                             "(this one: activation upper={}, tf_same={})".format(self.upper, self.tf_same))
+        x = x.to(self.weight.dtype)
+        return FrozenConvBNAddActFunction.apply(x.contiguous(), residual.to(self.weight.dtype), self.weight,
+                                                self.frozen_bias, self.shift, self.stride, self.padding,
+                                                self.dilation, self.groups, upper)
 
     def _conv(self, x, bias):
         if self.tf_same:

@@ -142,3 +142,45 @@ def test_same_padding_is_tensorflows(size, kernel, stride, expected):
 def test_what_cannot_be_folded_says_why(conv, bn, activation, pattern):
     with pytest.raises(NotImplementedError, match=pattern):
         FrozenConvBNAct.fold(conv, bn, activation)
+
+
+# The last conv of a residual block with the add and the block's activation as one node
+# (FrozenConvBNAct.forward_add_activation): 1x1 at 16x16 takes the GEMM path, 3x3 at 5x5 oneDNN's.
+ADD_ACTIVATION_CASES = {"1x1_gemm_relu": ((6, 8, 1), 16, float("inf")), "3x3_relu6": ((6, 8, 3), 5, 6.0)}
+
+
+@pytest.mark.parametrize("name", sorted(ADD_ACTIVATION_CASES))
+def test_conv_add_activation_matches_conv_bn_add_activation(name):
+    (c_in, c_out, kernel), size, upper = ADD_ACTIVATION_CASES[name]
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False).double()
+    bn = randomize_bn(nn.BatchNorm2d(c_out), 0).double().eval()
+    frozen = FrozenConvBNAct.fold(copy.deepcopy(conv), copy.deepcopy(bn), None, dtype=torch.float64)
+    bn.requires_grad_(False)
+    bn.bias.requires_grad_(True)
+    conv.requires_grad_(False)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, c_in, size, size, dtype=torch.float64, generator=generator)
+    residual = torch.randn(2, c_out, size, size, dtype=torch.float64, generator=generator) * 3
+    grad = torch.randn(2, c_out, size, size, dtype=torch.float64, generator=generator)
+
+    def activation(t):
+        return torch.clamp(t, 0, upper) if math.isfinite(upper) else torch.relu(t)
+
+    results = []
+    for run in ("eager", "frozen"):
+        xi, ri = x.clone().requires_grad_(True), residual.clone().requires_grad_(True)
+        if run == "eager":
+            y, shift = activation(bn(conv(xi)) + ri), bn.bias
+        else:
+            with SavedTensorCounter(exclude=model_state(frozen)) as counter:
+                y = frozen.forward_add_activation(xi, ri, upper)
+            assert counter.saved_bytes == 4 * int(math.ceil(y.numel() / 32.0))  # the mask alone
+            shift = frozen.shift
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, ri.grad, shift.grad))
+    for eager_value, frozen_value in zip(*results):
+        assert eager_value.abs().max() > 0
+        assert relative_error(frozen_value, eager_value) < 1e-12
+    with pytest.raises(ValueError, match="without activation"):
+        FrozenConvBNAct.fold(conv, bn, nn.ReLU()).forward_add_activation(x.float(), residual.float(), upper)

@@ -324,3 +324,69 @@ def test_fallback_runs_plain_pytorch_with_a_warning(monkeypatch):
     expected_y, expected_grad = torch_forward_backward(F.relu6, x, grad)
     assert torch.equal(y, expected_y)
     assert torch.equal(grad_input, expected_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused with the neighbouring passes (CPU kernels): bias (+ residual) into the forward's pass,
+# the per-channel sum (the BN shift's gradient) into the backward's.
+
+FUSED_SHAPES = [(2, 3, 7, 7), (8, 64, 12, 12), (3, 5, 1, 1), (2, 4, 33), (1, 1, 5, 7), (4, 6), (2, 3, 0, 4)]
+
+
+def _bits(mask, numel):
+    return ((mask.view(-1, 1) >> torch.arange(32)) & 1).flatten()[:numel].bool()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("residual", [False, True], ids=["bias", "bias_residual"])
+def test_bias_activation_matches_its_composite(dtype, shape, name, residual):
+    upper = ACTIVATIONS[name][2]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=generator) * 4).to(dtype)
+    bias = torch.randn(shape[1], generator=generator).to(dtype)
+    other = (torch.randn(shape, generator=generator) * 2).to(dtype) if residual else None
+    # The kernel's arithmetic: (x + bias) (+ residual) in the accumulation dtype, clamped, rounded once.
+    pre = x.to(acc) + bias.to(acc).view([1, -1] + [1] * (len(shape) - 2))
+    if residual:
+        pre = pre + other.to(acc)
+    y = x.clone()
+    mask = torch.ops.da2ext.packed_bias_activation_(y, bias, other, upper)
+    assert mask.dtype == torch.int32 and mask.numel() == (x.numel() + 31) // 32
+    assert torch.equal(y, pre.clamp(0, upper).to(dtype))
+    assert torch.equal(_bits(mask, x.numel()), ((pre > 0) & (pre < upper)).flatten())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_channel_sums_match_mask_then_sum(dtype, shape):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=generator).to(dtype)
+    _, mask = torch.ops.da2ext.packed_activation(x, 6.0)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    grad_input, sums = torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)
+    assert torch.equal(grad_input, torch.ops.da2ext.packed_activation_backward(grad, mask))
+    assert sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = grad_input.double().sum(dim=[0] + list(range(2, len(shape))))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(sums.double(), expected, rtol=tolerance, atol=tolerance)
+    again = torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)[1]
+    assert torch.equal(again, sums)  # a fixed summation order
+
+
+def test_fused_ops_say_what_is_wrong():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="bias must be 1-D with one value per channel"):
+        torch.ops.da2ext.packed_bias_activation_(x, torch.zeros(4), None, 6.0)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous Float tensor"):
+        torch.ops.da2ext.packed_bias_activation_(x, torch.zeros(3, dtype=torch.float64), None, 6.0)
+    with pytest.raises(RuntimeError, match="residual must be a Float tensor of shape"):
+        torch.ops.da2ext.packed_bias_activation_(x, torch.zeros(3), torch.zeros(2, 3, 4, 5), 6.0)
+    with pytest.raises(RuntimeError, match="self must have at least 2 dims"):
+        torch.ops.da2ext.packed_bias_activation_(torch.zeros(5), torch.zeros(5), None, 6.0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.da2ext.packed_bias_activation_(x.transpose(2, 3), torch.zeros(3), None, 6.0)
+    with pytest.raises(RuntimeError, match="mask must have ceil"):
+        torch.ops.da2ext.packed_activation_backward_channel_sums(x, torch.zeros(1, dtype=torch.int32))

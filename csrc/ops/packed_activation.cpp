@@ -63,4 +63,12 @@ TORCH_LIBRARY_FRAGMENT(da2ext, m) {
   m.def("packed_activation_(Tensor(a!) self, float upper) -> Tensor mask");
   // grad_input = grad_output where the mask bit is set, else 0
   m.def("packed_activation_backward(Tensor grad_output, Tensor mask) -> Tensor grad_input");
+  // Fused with the neighbouring passes (CPU kernels; on CUDA the Python callers run the
+  // composite): self = clamp(self + bias[c] (+ residual), 0, upper), c the index along
+  // dim 1, returning the mask as packed_activation_ does; and grad_input as
+  // packed_activation_backward with channel_sums[c], its sum over every dim but 1
+  // (float32, float64 for float64).
+  m.def("packed_bias_activation_(Tensor(a!) self, Tensor bias, Tensor? residual, float upper) -> Tensor mask");
+  m.def("packed_activation_backward_channel_sums(Tensor grad_output, Tensor mask) -> "
+        "(Tensor grad_input, Tensor channel_sums)");
 }

@@ -27,6 +27,7 @@
 
 #include "../packed_activation.h"
 #include "../packed_activation_math.h"
+#include "mask_bit_table.h"
 #include "vectorization.h"
 
 namespace da2ext {
@@ -38,11 +39,6 @@ using math::kPackedBits;
 // Mask words per task: 2048 words = 64 Ki elements.
 constexpr int64_t kWordGrain = 2048;
 
-// kBitValue[j] = math::mask_bit_value(j).
-alignas(64) const uint32_t kBitValue[kPackedBits] = {
-    1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,  1u << 8,  1u << 9,  1u << 10,
-    1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15, 1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21,
-    1u << 22, 1u << 23, 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
 
 // One mask word: elements [0, count) of `input`, count <= 32 (a partial word
 // only at the end of the tensor; its missing bits are 0). `output` may equal
