@@ -144,55 +144,27 @@ def _masked_grad_and_shift_grad(grad_output, mask, needs_shift, shift_dtype):
 
 
 class FrozenConvBNActFunction(torch.autograd.Function):
-    """conv(x) + bias, then clamp(., 0, upper) with a packed mask (upper None: no
-    activation). Keeps the folded weight (a buffer held anyway) and the mask."""
+    """conv(x) + bias (+ residual), then clamp(., 0, upper) with a packed mask (upper
+    None: no activation). Keeps the folded weight (a buffer held anyway) and the mask.
+
+    `residual` (or None) is a shortcut added before the activation: the last conv
+    of a residual block, the add and the block's activation as one node, so that
+    on the CPU one pass adds the bias and the shortcut and activates. Its gradient
+    is the masked gradient itself."""
 
     @staticmethod
-    def forward(ctx, x, weight, frozen_bias, shift, stride, padding, dilation, groups, tf_same, upper):
+    def forward(ctx, x, residual, weight, frozen_bias, shift, stride, padding, dilation, groups, tf_same, upper):
         pads = (0, 0, 0, 0)
         if tf_same:
             x, pads = _pad_same(x, weight.shape[-2:], stride, dilation)
         bias = (frozen_bias + shift).to(weight.dtype)
         # In place: the conv's result is ours alone, and a new tensor would cost
         # another pass over memory (on the CPU, also faulting in fresh pages).
-        y, mask = _conv_bias_activation(x, weight, bias, None, upper, (stride, padding, dilation, groups))
+        y, mask = _conv_bias_activation(x, weight, bias, None if residual is None else residual.contiguous(), upper,
+                                        (stride, padding, dilation, groups))
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.input_shape = x.shape  # after TF padding; the padding is cut off again in backward
         ctx.pads = pads
-        ctx.shift_dtype = shift.dtype
-        ctx.save_for_backward(weight, mask)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        weight, mask = ctx.saved_tensors
-        needs_input, needs_shift = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad, grad_shift = _masked_grad_and_shift_grad(grad_output, mask, needs_shift, ctx.shift_dtype)
-        grad_input = None
-        if needs_input:
-            stride, padding, dilation, groups = ctx.conv_args
-            grad_input = conv2d_input_grad(grad, ctx.input_shape, weight, stride, padding, dilation, groups)
-            left, right, top, bottom = ctx.pads
-            if any(ctx.pads):
-                grad_input = grad_input[:, :, top:grad_input.shape[2] - bottom, left:grad_input.shape[3] - right]
-        return grad_input, None, None, grad_shift, None, None, None, None, None, None
-
-
-class FrozenConvBNAddActFunction(torch.autograd.Function):
-    """clamp(conv(x) + bias + residual, 0, upper) with a packed mask: the last conv of a
-    residual block, the add of its shortcut and the block's activation as one node,
-    so that on the CPU one pass adds the bias and the shortcut and activates. Keeps
-    the folded weight and the mask, as the conv and the activation would apart; the
-    residual's gradient is the masked gradient itself."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, frozen_bias, shift, stride, padding, dilation, groups, upper):
-        bias = (frozen_bias + shift).to(weight.dtype)
-        y, mask = _conv_bias_activation(x, weight, bias, residual.contiguous(), upper,
-                                        (stride, padding, dilation, groups))
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.input_shape = x.shape
         ctx.shift_dtype = shift.dtype
         ctx.save_for_backward(weight, mask)
         return y
@@ -208,7 +180,11 @@ class FrozenConvBNAddActFunction(torch.autograd.Function):
         if needs_input:
             stride, padding, dilation, groups = ctx.conv_args
             grad_input = conv2d_input_grad(grad, ctx.input_shape, weight, stride, padding, dilation, groups)
-        return (grad_input, grad if needs_residual else None, None, None, grad_shift, None, None, None, None, None)
+            left, right, top, bottom = ctx.pads
+            if any(ctx.pads):
+                grad_input = grad_input[:, :, top:grad_input.shape[2] - bottom, left:grad_input.shape[3] - right]
+        return (grad_input, grad if needs_residual else None, None, None, grad_shift, None, None, None, None, None,
+                None)
 
 
 class FrozenConvBNAct(nn.Module):
@@ -275,7 +251,7 @@ class FrozenConvBNAct(nn.Module):
         x = x.to(self.weight.dtype)
         if torch.is_grad_enabled() and (x.requires_grad or self.shift.requires_grad):
             if kernels_available(x.device.type) or self.upper is None:
-                return FrozenConvBNActFunction.apply(x.contiguous(), self.weight, self.frozen_bias, self.shift,
+                return FrozenConvBNActFunction.apply(x.contiguous(), None, self.weight, self.frozen_bias, self.shift,
                                                      self.stride, self.padding, self.dilation, self.groups,
                                                      self.tf_same, self.upper)
             warn_fallback(x.device.type)
@@ -288,14 +264,14 @@ class FrozenConvBNAct(nn.Module):
     def forward_add_activation(self, x, residual, upper):
         """clamp(self(x) + residual, 0, upper) for a layer with no activation of its
         own (the last conv of a residual block), as one autograd node whose backward
-        keeps the folded weight and a packed mask (FrozenConvBNAddActFunction)."""
+        keeps the folded weight and a packed mask (FrozenConvBNActFunction with a residual)."""
         if self.upper is not None or self.tf_same:
             raise ValueError("forward_add_activation is for a conv without activation or TF padding "
                              "(this one: activation upper={}, tf_same={})".format(self.upper, self.tf_same))
         x = x.to(self.weight.dtype)
-        return FrozenConvBNAddActFunction.apply(x.contiguous(), residual.to(self.weight.dtype), self.weight,
-                                                self.frozen_bias, self.shift, self.stride, self.padding,
-                                                self.dilation, self.groups, upper)
+        return FrozenConvBNActFunction.apply(x.contiguous(), residual.to(self.weight.dtype), self.weight,
+                                             self.frozen_bias, self.shift, self.stride, self.padding, self.dilation,
+                                             self.groups, False, upper)
 
     def _conv(self, x, bias):
         if self.tf_same:
