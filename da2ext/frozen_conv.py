@@ -79,20 +79,22 @@ def fused_cpu_kernels(t):
     return t.device.type == "cpu" and kernels_available("cpu")
 
 
-# The fused CPU kernels walk 32-element mask words; a word across two channel planes
-# takes their slow, per-element path. Measured on the development VM against the
-# separate passes: the forward wins from 28x28 maps up (8x512x28x28: 0.6 against
-# 1.3 ms) and loses on 7x7 (8x2048x7x7: 0.9 against 0.3 ms); the backward, which
-# walks each plane from word boundary to word boundary, wins where every plane is
-# whole words (8x256x56x56: 2.8 against 3.7 ms) and loses elsewhere (8x1024x14x14:
-# 1.3 against 0.4 ms). So: the forward on planes of 512 elements and more or of
-# whole words, the backward on planes of whole words.
-_FUSED_FORWARD_MIN_PLANE = 512
+# The fused CPU kernels walk 32-element mask words, and a word across two channel
+# planes (or a plane's ragged ends, in the backward) takes their per-element path.
+# Medians of 30 rounds against the separate passes on the development VM
+# (`DA2EXT_BENCH_ROUNDS=30 pytest benchmarks/test_fused_activation_benchmark.py
+# --benchmark-only`), ResNet-50 block outputs at batch 8:
+#   forward  (bias + shortcut + activation): 6.6 vs 10.2 ms at 56x56, 3.1 vs 3.7 at 28x28,
+#            1.7 vs 1.5 at 14x14, 2.3 vs 0.7 at 7x7;
+#   backward (mask + channel sums):          3.6 vs 5.1 ms at 56x56, 1.7 vs 2.4 at 28x28,
+#            1.3 vs 0.9 at 14x14, 2.4 vs 0.4 at 7x7.
+# So both run fused on planes of whole words or of 512 elements and more.
+_FUSED_MIN_PLANE = 512
 _MASK_WORD = 32
 
 
-def _plane_fits_fused_forward(plane):
-    return plane % _MASK_WORD == 0 or plane >= _FUSED_FORWARD_MIN_PLANE
+def _plane_fits_fused(plane):
+    return plane % _MASK_WORD == 0 or plane >= _FUSED_MIN_PLANE
 
 
 def _conv_output_plane(x, weight, stride, padding, dilation):
@@ -114,7 +116,7 @@ def _conv_bias_activation(x, weight, bias, residual, upper, conv_args):
     residual is added in place and the activation runs in place."""
     stride, padding, dilation, groups = conv_args
     if (upper is not None and fused_cpu_kernels(x)
-            and _plane_fits_fused_forward(_conv_output_plane(x, weight, stride, padding, dilation))):
+            and _plane_fits_fused(_conv_output_plane(x, weight, stride, padding, dilation))):
         y = conv2d_forward(x, weight, None, stride, padding, dilation, groups).contiguous()
         return y, torch.ops.da2ext.packed_bias_activation_(y, bias, residual, upper)
     y = conv2d_forward(x, weight, bias, stride, padding, dilation, groups).contiguous()
@@ -129,10 +131,10 @@ def _masked_grad_and_shift_grad(grad_output, mask, needs_shift, shift_dtype):
     """(the gradient at the BN's output, i.e. grad_output through the mask; the
     shift's gradient, its sum over every dim but the channels, or None).
     Summed in at least float32 (a float16 backbone has a float32 shift); on the
-    CPU, for planes of whole mask words, in the same pass as the masking."""
+    CPU, on maps where that pays (above), in the same pass as the masking."""
     grad = grad_output.contiguous()
     plane = grad[0, 0].numel() if grad.shape[0] * grad.shape[1] > 0 else 0
-    if mask is not None and needs_shift and fused_cpu_kernels(grad) and plane % _MASK_WORD == 0:
+    if mask is not None and needs_shift and fused_cpu_kernels(grad) and _plane_fits_fused(plane):
         grad, channel_sums = torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)
         return grad, channel_sums.to(shift_dtype)
     if mask is not None:
