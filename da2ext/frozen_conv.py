@@ -110,10 +110,11 @@ def _conv_bias_activation(x, weight, bias, residual, upper, conv_args):
     """(y, mask): y = clamp(conv(x, weight) + bias (+ residual), 0, upper) in a new
     tensor and its packed mask (None without activation, upper None).
 
-    On the CPU, on maps where that pays (above), the bias and the residual are added
-    in the activation's own pass: the conv (a GEMM for 1x1) writes its plain
-    product, and one pass over it adds, clamps and packs. Otherwise the conv adds the bias (cuDNN fuses it), the
-    residual is added in place and the activation runs in place."""
+    On the CPU, on maps where that pays (above), the bias and the residual are
+    added in the activation's own pass: the conv (a GEMM for 1x1) writes its plain
+    product, and one pass over it adds, clamps and packs. Otherwise the conv adds
+    the bias (cuDNN fuses it), the residual is added in place and the activation
+    runs in place."""
     stride, padding, dilation, groups = conv_args
     if (upper is not None and fused_cpu_kernels(x)
             and _plane_fits_fused(_conv_output_plane(x, weight, stride, padding, dilation))):
