@@ -28,14 +28,10 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
-from nano_table import MODELS, MethodSetup, build_backbone  # noqa: E402
+from nano_table import MODELS, MethodSetup, available_models, methods_with_ft  # noqa: E402
+from step_time_processes import median  # noqa: E402
 
 METHODS = ("ft", "bias", "bias_lean", "da2")
-
-
-def _median(values):
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 class GraphedSetup(object):
@@ -85,8 +81,8 @@ def measure_group(model_name, method_names, batch_size, device, steps):
             eager[s.method].append(s.timed_eager_step())
             graphed[s.method].append(s.timed_graphed_step())
     for s in setups:
-        rows.append({"method": s.method, "eager_step_time": _median(eager[s.method]),
-                     "graphed_step_time": _median(graphed[s.method]), "eager_step_times": eager[s.method],
+        rows.append({"method": s.method, "eager_step_time": median(eager[s.method]),
+                     "graphed_step_time": median(graphed[s.method]), "eager_step_times": eager[s.method],
                      "graphed_step_times": graphed[s.method]})
         del s.step  # free the graph's pool before the next group
     ft = [r for r in rows if r["method"] == "ft" and "error" not in r]
@@ -145,14 +141,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (torch.cuda.is_available() is False): CUDA graphs replay GPU work")
     device = torch.device("cuda")
-    method_names = args.methods.split(",")
-    if "ft" not in method_names:
-        method_names.insert(0, "ft")
+    method_names = methods_with_ft(args.methods)
     records = []
-    for model_name in args.models.split(","):
-        if build_backbone(model_name) is None:
-            print("skipping {}: timm is not installed (pip install timm)".format(model_name))
-            continue
+    for model_name in available_models(args.models):
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             for r in measure_group(model_name, method_names, batch_size, device, args.steps):
                 records.append(r)

@@ -15,6 +15,7 @@ The floor is every ReLU/ReLU6 output kept as packed bits (§1, §4).
 Writes benchmarks/results/nano_<tag>.json and .md.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -47,6 +48,27 @@ def build_backbone(name):
             return None
         return timm.create_model("tf_efficientnet_lite0", pretrained=False)
     return getattr(torchvision.models, name)()
+
+
+def methods_with_ft(methods_arg):
+    """The comma-separated methods as a list, ft first if it was missing: every time
+    is a ratio to ft's in the same run."""
+    names = methods_arg.split(",")
+    if "ft" not in names:
+        names.insert(0, "ft")
+    return names
+
+
+def available_models(models_arg):
+    """The comma-separated models that can be built here, saying which are skipped
+    (efficientnet_lite0 needs timm)."""
+    names = []
+    for name in models_arg.split(","):
+        if name == "efficientnet_lite0" and importlib.util.find_spec("timm") is None:
+            print("skipping {}: timm is not installed (pip install timm)".format(name))
+            continue
+        names.append(name)
+    return names
 
 
 def packed_bit_floor(name, batch_size, image_size):
@@ -163,14 +185,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    method_names = args.methods.split(",")
-    if "ft" not in method_names:
-        method_names.insert(0, "ft")  # every time is a ratio to ft's in the same run
+    method_names = methods_with_ft(args.methods)
     records = []
-    for model_name in args.models.split(","):
-        if build_backbone(model_name) is None:
-            print("skipping {}: timm is not installed (pip install timm)".format(model_name))
-            continue
+    for model_name in available_models(args.models):
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             floor = packed_bit_floor(model_name, batch_size, args.image_size)
             rows = measure_group(model_name, method_names, batch_size, args.image_size, args.num_classes, device,

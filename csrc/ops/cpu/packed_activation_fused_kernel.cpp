@@ -109,6 +109,16 @@ DA2EXT_ALWAYS_INLINE void bias_words_body(scalar_t* data, const scalar_t* residu
   }
 }
 
+// One element of the masked gradient outside whole words: written, and added to its lane.
+template <typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void masked_element(const scalar_t* grad_output, const uint32_t* mask, int64_t i,
+                                         scalar_t* grad_input, acc_t* lanes) {
+  const bool bit = math::mask_has_bit(mask[i / kPackedBits], kBitValue[i % kPackedBits]);
+  const acc_t g = math::packed_activation_grad(static_cast<acc_t>(grad_output[i]), bit);
+  grad_input[i] = static_cast<scalar_t>(g);
+  lanes[i % kPackedBits] += g;
+}
+
 // The masked gradient of one plane, written to grad_input, and its sum. 32
 // running lane sums over whole words (independent lanes: they vectorise without
 // reassociation), added up in a fixed order at the end.
@@ -121,10 +131,7 @@ DA2EXT_ALWAYS_INLINE acc_t masked_plane_sum(const scalar_t* grad_output, const u
   }
   int64_t i = start;
   for (; i < stop && i % kPackedBits != 0; ++i) {  // up to the first word boundary
-    const bool bit = math::mask_has_bit(mask[i / kPackedBits], kBitValue[i % kPackedBits]);
-    const acc_t g = math::packed_activation_grad(static_cast<acc_t>(grad_output[i]), bit);
-    grad_input[i] = static_cast<scalar_t>(g);
-    lanes[i % kPackedBits] += g;
+    masked_element(grad_output, mask, i, grad_input, lanes);
   }
   for (; i + kPackedBits <= stop; i += kPackedBits) {
     const uint32_t word = mask[i / kPackedBits];
@@ -136,10 +143,7 @@ DA2EXT_ALWAYS_INLINE acc_t masked_plane_sum(const scalar_t* grad_output, const u
     }
   }
   for (; i < stop; ++i) {  // the rest of the plane, less than a word
-    const bool bit = math::mask_has_bit(mask[i / kPackedBits], kBitValue[i % kPackedBits]);
-    const acc_t g = math::packed_activation_grad(static_cast<acc_t>(grad_output[i]), bit);
-    grad_input[i] = static_cast<scalar_t>(g);
-    lanes[i % kPackedBits] += g;
+    masked_element(grad_output, mask, i, grad_input, lanes);
   }
   acc_t sum = acc_t(0);
   for (int j = 0; j < kPackedBits; ++j) {
