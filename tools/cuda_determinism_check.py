@@ -1,6 +1,7 @@
 """Run-to-run reproducibility of training steps on CUDA, eager and as a CUDA graph.
 
     python tools/cuda_determinism_check.py
+    python tools/cuda_determinism_check.py --cpu     # the same two eager runs on the CPU (no graph)
 
 Three SGD steps of adapt()'s lean ResNet-18 (adaptor gamma ~ N(0, 0.5), as in
 tests/test_cuda_graph_step.py) and of the same model plainly frozen
@@ -8,7 +9,8 @@ tests/test_cuda_graph_step.py) and of the same model plainly frozen
 through da2ext.CUDAGraphStep from the same start. Printed per case: the three
 tensors that differ most between the runs (relative error in norm), and whether
 the losses are equal. First with PyTorch's defaults, then with cuDNN's and
-torch's deterministic algorithms.
+torch's deterministic algorithms. --cpu: the lean model's two eager runs on
+the CPU, for comparison.
 """
 import copy
 import os
@@ -37,33 +39,38 @@ def worst_differences(a, b, count=3):
                    if state_a[k].is_floating_point()), reverse=True)[:count]
 
 
-def compare(label, make_model):
-    device = torch.device("cuda")
+def compare(label, make_model, device):
     first = make_model(device)
     second, graphed = copy.deepcopy(first), copy.deepcopy(first)
     data = batches(device)
     losses = eager_steps(first, sgd(first), data)
     same = eager_steps(second, sgd(second), data) == losses
     print("{}: eager vs eager {} (losses equal: {})".format(label, worst_differences(second, first), same), flush=True)
+    if device.type != "cuda":
+        return
     step = da2ext.CUDAGraphStep(graphed, nn.CrossEntropyLoss(), sgd(graphed), *data[0])
     same = [step(x, y).item() for x, y in data] == losses
     print("{}: graphed vs eager {} (losses equal: {})".format(label, worst_differences(graphed, first), same),
           flush=True)
 
 
-def main():
+def main(argv):
+    if "--cpu" in argv:
+        compare("lean, gamma N(0, 0.5), CPU", adapted_resnet18, torch.device("cpu"))
+        return 0
     if not torch.cuda.is_available() or da2ext.backend("cuda") != "cuda":
-        print("needs a CUDA GPU and a CUDA build of da2ext")
+        print("needs a CUDA GPU and a CUDA build of da2ext (or --cpu)")
         return 2
+    device = torch.device("cuda")
     for deterministic in (False, True):
         if deterministic:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
             torch.use_deterministic_algorithms(True, warn_only=True)
         mode = "deterministic" if deterministic else "defaults"
-        compare("lean, gamma N(0, 0.5), " + mode, adapted_resnet18)
-        compare("plainly frozen, gamma 0, " + mode, plainly_frozen_resnet18)
+        compare("lean, gamma N(0, 0.5), " + mode, adapted_resnet18, device)
+        compare("plainly frozen, gamma 0, " + mode, plainly_frozen_resnet18, device)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
