@@ -25,6 +25,8 @@ from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
 from .conv_passes import conv2d_forward, conv2d_input_grad
+from .memory_order import CONTIGUOUS, dense, in_memory_order, memory_order, memory_view
+from .packed_activation import packed_activation_backward
 
 __all__ = ["FrozenConvBNAct", "activate_inplace", "activation_upper", "same_padding"]
 
@@ -58,10 +60,13 @@ def same_padding(input_size, kernel_size, stride, dilation):
 
 
 def _pad_same(x, kernel_size, stride, dilation):
+    """(x padded as TensorFlow's "SAME", in x's memory order; the pads)."""
     top, bottom = same_padding(x.shape[-2], kernel_size[0], stride[0], dilation[0])
     left, right = same_padding(x.shape[-1], kernel_size[1], stride[1], dilation[1])
     pads = (left, right, top, bottom)
-    return (F.pad(x, pads) if any(pads) else x), pads
+    if not any(pads):
+        return x, pads
+    return in_memory_order(F.pad(x, pads), memory_order(x) or CONTIGUOUS), pads
 
 
 def activate_inplace(y, upper):
@@ -106,44 +111,51 @@ def _conv_output_plane(x, weight, stride, padding, dilation):
     return plane
 
 
-def _conv_bias_activation(x, weight, bias, residual, upper, conv_args):
+def _conv_bias_activation(x, weight, bias, residual, upper, conv_args, order):
     """(y, mask): y = clamp(conv(x, weight) + bias (+ residual), 0, upper) in a new
-    tensor and its packed mask (None without activation, upper None).
+    tensor, dense in `order` (x's), and its packed mask (None without activation,
+    upper None).
 
-    On the CPU, on maps where that pays (above), the bias and the residual are
-    added in the activation's own pass: the conv (a GEMM for 1x1) writes its plain
-    product, and one pass over it adds, clamps and packs. Otherwise the conv adds
-    the bias (cuDNN fuses it), the residual is added in place and the activation
-    runs in place."""
+    On the CPU, in NCHW, on maps where that pays (above), the bias and the
+    residual are added in the activation's own pass: the conv (a GEMM for 1x1)
+    writes its plain product, and one pass over it adds, clamps and packs.
+    Otherwise the conv adds the bias (oneDNN and cuDNN fuse it), the residual is
+    added in place and the activation runs in place."""
     stride, padding, dilation, groups = conv_args
-    if (upper is not None and fused_cpu_kernels(x)
+    if (upper is not None and order == CONTIGUOUS and fused_cpu_kernels(x)
             and _plane_fits_fused(_conv_output_plane(x, weight, stride, padding, dilation))):
         y = conv2d_forward(x, weight, None, stride, padding, dilation, groups).contiguous()
         return y, torch.ops.da2ext.packed_bias_activation_(y, bias, residual, upper)
-    y = conv2d_forward(x, weight, bias, stride, padding, dilation, groups).contiguous()
+    y = in_memory_order(conv2d_forward(x, weight, bias, stride, padding, dilation, groups), order)
     if residual is not None:
         y.add_(residual)
     if upper is None:
         return y, None
-    return y, torch.ops.da2ext.packed_activation_(y, upper)
+    return y, torch.ops.da2ext.packed_activation_(memory_view(y, order), upper)
 
 
-def _masked_grad_and_shift_grad(grad_output, mask, needs_shift, shift_dtype):
-    """(the gradient at the BN's output, i.e. grad_output through the mask; the
-    shift's gradient, its sum over every dim but the channels, or None).
-    Summed in at least float32 (a float16 backbone has a float32 shift); on the
-    CPU, on maps where that pays (above), in the same pass as the masking."""
-    grad = grad_output.contiguous()
+def _masked_grad_and_shift_grad(grad_output, mask, needs_shift, shift_dtype, order):
+    """(the gradient at the BN's output, i.e. grad_output through the mask, dense
+    in `order` like the forward's output; the shift's gradient, its sum over
+    every dim but the channels, or None). Summed in at least float32 (a float16
+    backbone has a float32 shift); on the CPU, in NCHW, on maps where that pays
+    (above), in the same pass as the masking."""
+    grad = in_memory_order(grad_output, order)
     plane = grad[0, 0].numel() if grad.shape[0] * grad.shape[1] > 0 else 0
-    if mask is not None and needs_shift and fused_cpu_kernels(grad) and _plane_fits_fused(plane):
+    if (mask is not None and needs_shift and order == CONTIGUOUS and fused_cpu_kernels(grad)
+            and _plane_fits_fused(plane)):
         grad, channel_sums = torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)
         return grad, channel_sums.to(shift_dtype)
     if mask is not None:
-        grad = torch.ops.da2ext.packed_activation_backward(grad, mask)
+        grad = packed_activation_backward(grad, mask, order)
     if not needs_shift:
         return grad, None
-    dims = [0] + list(range(2, grad.dim()))
-    return grad, grad.sum(dim=dims, dtype=torch.promote_types(grad.dtype, torch.float32)).to(shift_dtype)
+    sum_dtype = torch.promote_types(grad.dtype, torch.float32)
+    if order == CONTIGUOUS:
+        channel_sums = grad.sum(dim=[0] + list(range(2, grad.dim())), dtype=sum_dtype)
+    else:  # channels_last: the channels are the rows of an (N*H*W) x C matrix
+        channel_sums = memory_view(grad, order).reshape(-1, grad.shape[1]).sum(dim=0, dtype=sum_dtype)
+    return grad, channel_sums.to(shift_dtype)
 
 
 class FrozenConvBNActFunction(torch.autograd.Function):
@@ -161,10 +173,12 @@ class FrozenConvBNActFunction(torch.autograd.Function):
         if tf_same:
             x, pads = _pad_same(x, weight.shape[-2:], stride, dilation)
         bias = (frozen_bias + shift).to(weight.dtype)
+        order = memory_order(x)  # the caller made x dense; TF padding keeps its order
         # In place: the conv's result is ours alone, and a new tensor would cost
         # another pass over memory (on the CPU, also faulting in fresh pages).
-        y, mask = _conv_bias_activation(x, weight, bias, None if residual is None else residual.contiguous(), upper,
-                                        (stride, padding, dilation, groups))
+        y, mask = _conv_bias_activation(x, weight, bias, None if residual is None else in_memory_order(residual, order),
+                                        upper, (stride, padding, dilation, groups), order)
+        ctx.order = order
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.input_shape = x.shape  # after TF padding; the padding is cut off again in backward
         ctx.pads = pads
@@ -178,7 +192,7 @@ class FrozenConvBNActFunction(torch.autograd.Function):
         weight, mask = ctx.saved_tensors
         needs_input, needs_residual, needs_shift = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                                     ctx.needs_input_grad[4])
-        grad, grad_shift = _masked_grad_and_shift_grad(grad_output, mask, needs_shift, ctx.shift_dtype)
+        grad, grad_shift = _masked_grad_and_shift_grad(grad_output, mask, needs_shift, ctx.shift_dtype, ctx.order)
         grad_input = None
         if needs_input:
             stride, padding, dilation, groups = ctx.conv_args
@@ -254,7 +268,7 @@ class FrozenConvBNAct(nn.Module):
         x = x.to(self.weight.dtype)
         if torch.is_grad_enabled() and (x.requires_grad or self.shift.requires_grad):
             if kernels_available(x.device.type) or self.upper is None:
-                return FrozenConvBNActFunction.apply(x.contiguous(), None, self.weight, self.frozen_bias, self.shift,
+                return FrozenConvBNActFunction.apply(dense(x), None, self.weight, self.frozen_bias, self.shift,
                                                      self.stride, self.padding, self.dilation, self.groups,
                                                      self.tf_same, self.upper)
             warn_fallback(x.device.type)
@@ -272,14 +286,14 @@ class FrozenConvBNAct(nn.Module):
             raise ValueError("forward_add_activation is for a conv without activation or TF padding "
                              "(this one: activation upper={}, tf_same={})".format(self.upper, self.tf_same))
         x = x.to(self.weight.dtype)
-        return FrozenConvBNActFunction.apply(x.contiguous(), residual.to(self.weight.dtype), self.weight,
+        return FrozenConvBNActFunction.apply(dense(x), residual.to(self.weight.dtype), self.weight,
                                              self.frozen_bias, self.shift, self.stride, self.padding, self.dilation,
                                              self.groups, False, upper)
 
     def _conv(self, x, bias):
         if self.tf_same:
             x, _ = _pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
-        return conv2d_forward(x.contiguous(), self.weight, bias, self.stride, self.padding, self.dilation,
+        return conv2d_forward(dense(x), self.weight, bias, self.stride, self.padding, self.dilation,
                               self.groups)
 
     def _plain_autograd(self, x):

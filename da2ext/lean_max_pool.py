@@ -6,13 +6,17 @@ the network's packed activation masks together. The backward needs only which
 of the k*k window positions won, which fits in a uint8 for windows of up to
 256 positions. The forward converts the plane indices to window offsets; the
 backward turns them back and scatter-adds (windows overlap when stride <
-kernel, so two outputs may send gradient to one input).
+kernel, so two outputs may send gradient to one input). A channels_last input
+gets its gradient in channels_last, scattered along the positions of its
+N x (H*W) x C memory.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
+
+from .memory_order import CHANNELS_LAST, in_memory_order, memory_order, memory_view
 
 __all__ = ["LeanMaxPool2d"]
 
@@ -35,6 +39,7 @@ class LeanMaxPool2dFunction(torch.autograd.Function):
         offset = offset.to(torch.uint8)
         ctx.pool_args = (kernel_size, stride, padding, dilation)
         ctx.input_shape = x.shape
+        ctx.order = memory_order(x)
         ctx.save_for_backward(offset)
         return y
 
@@ -50,9 +55,15 @@ class LeanMaxPool2dFunction(torch.autograd.Function):
                                                                           offset.device).view(-1, 1)
         col = (offset % kernel_size[1]) * dilation[1] + _window_origins(out_w, stride[1], padding[1],
                                                                           offset.device).view(1, -1)
-        plane_index = (row * width + col).view(n, c, -1)
+        plane_index = row * width + col  # N x C x H_out x W_out
+        if ctx.order == CHANNELS_LAST:
+            index = memory_view(plane_index, CHANNELS_LAST).reshape(n, -1, c)
+            grad = memory_view(in_memory_order(grad_output, CHANNELS_LAST), CHANNELS_LAST).reshape(n, -1, c)
+            grad_input = grad_output.new_zeros(n, height * width, c)
+            grad_input.scatter_add_(1, index, grad)
+            return grad_input.view(n, height, width, c).permute(0, 3, 1, 2), None, None, None, None, None
         grad_input = grad_output.new_zeros(n, c, height * width)
-        grad_input.scatter_add_(2, plane_index, grad_output.reshape(n, c, -1))
+        grad_input.scatter_add_(2, plane_index.reshape(n, c, -1), grad_output.reshape(n, c, -1))
         return grad_input.view(n, c, height, width), None, None, None, None, None
 
 

@@ -20,6 +20,7 @@ from ._extension import kernels_available, warn_fallback
 from ._validation import check_feature_map
 from .attention_branch import attention_logits_with_hidden
 from .attention_branch_backward import attention_logits_backward
+from .memory_order import dense, in_memory_order, memory_order
 from .reference import residual_attention_reference
 
 __all__ = ["residual_attention"]
@@ -51,6 +52,7 @@ class ResidualAttentionFunction(torch.autograd.Function):
         if multiplicative:
             kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
         ctx.multiplicative = multiplicative
+        ctx.order = memory_order(x)  # the kernels read the gradient in the input's memory order
         # All small: descriptors, argmax, the MLP's hidden layer, the logits, parameters.
         ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, spatial_logits, gamma,
                               kept_input, fc1_weight, fc2_weight, spatial_weight)
@@ -62,13 +64,13 @@ class ResidualAttentionFunction(torch.autograd.Function):
         (channel_mean, spatial, argmax, hidden_pre, channel_logits, spatial_logits, gamma, kept_input, fc1_weight,
          fc2_weight, spatial_weight) = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_output = grad_output.contiguous()
+        grad_output = in_memory_order(grad_output, ctx.order)
         acc_dtype = _accumulate_dtype(grad_output.dtype)
         channel_sigmoid, gate_channel, gate_spatial = _gates(channel_logits, spatial_logits, gamma, acc_dtype)
 
         input_for_reduce = None
         if ctx.multiplicative:
-            input_for_reduce = kept_input.to(grad_output.dtype).contiguous()
+            input_for_reduce = in_memory_order(kept_input.to(grad_output.dtype), ctx.order)
         channel_sum, spatial_sum = torch.ops.da2ext.attention_backward_reduce(
             grad_output, input_for_reduce, gate_channel, gate_spatial, ctx.multiplicative)
 
@@ -100,8 +102,9 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
                        mode="add", saved_input_dtype=None):
     """y = F + gamma*A (mode "add") or F * (1 + gamma*A) (mode "mul") with the fused kernels.
 
-    `x` is an (N, C, H, W) tensor with the parameters' dtype and device; a
-    channels_last or otherwise strided `x` is made contiguous first (a copy).
+    `x` is an (N, C, H, W) tensor with the parameters' dtype and device. On the
+    CPU a channels_last `x` is read as it is and y comes out channels_last too;
+    elsewhere (CUDA), and for any other strides, `x` is made contiguous first (a copy).
     `saved_input_dtype` (mode "mul" only): keep F for backward in this dtype,
     e.g. torch.float16 to halve what mode "mul" keeps. Where no kernels exist for
     x's device the reference runs instead, with a warning (see da2ext.backend()).
@@ -115,4 +118,4 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
     if not kernels_available(x.device.type):
         warn_fallback(x.device.type)
         return residual_attention_reference(x, *params, mode=mode)
-    return ResidualAttentionFunction.apply(x.contiguous(), *params, mode == "mul", saved_input_dtype)
+    return ResidualAttentionFunction.apply(dense(x), *params, mode == "mul", saved_input_dtype)

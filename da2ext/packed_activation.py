@@ -10,6 +10,9 @@ da2ext.SavedTensorCounter counts it.
 Gradient convention (as torch's): ReLU passes the gradient where x > 0; ReLU6
 (and any finite `upper`) where 0 < x < upper, so exactly 0 and exactly `upper`
 pass nothing. At a NaN input the output is NaN and no gradient passes.
+
+A channels_last input keeps its memory order: the kernels run over its memory
+as one flat run (see memory_order.py), and the mask follows that order.
 """
 import math
 
@@ -19,6 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
+from .memory_order import CONTIGUOUS, from_memory_view, in_memory_order, memory_order, memory_view
 
 __all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "packed_relu6"]
 
@@ -26,12 +30,15 @@ __all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "pac
 class PackedActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, upper, inplace):
+        order = memory_order(x)  # the caller made x dense
         if inplace:
-            mask = torch.ops.da2ext.packed_activation_(x, upper)
+            mask = torch.ops.da2ext.packed_activation_(memory_view(x, order), upper)
             ctx.mark_dirty(x)
             output = x
         else:
-            output, mask = torch.ops.da2ext.packed_activation(x, upper)
+            output, mask = torch.ops.da2ext.packed_activation(memory_view(x, order), upper)
+            output = from_memory_view(output, order)
+        ctx.order = order
         ctx.save_for_backward(mask)  # the only thing kept: ceil(numel / 32) int32 words
         return output
 
@@ -39,8 +46,14 @@ class PackedActivationFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         mask, = ctx.saved_tensors
-        grad_input = torch.ops.da2ext.packed_activation_backward(grad_output.contiguous(), mask)
-        return grad_input, None, None
+        return packed_activation_backward(grad_output, mask, ctx.order), None, None
+
+
+def packed_activation_backward(grad_output, mask, order):
+    """grad_output where the activation passed it (mask, packed in `order`), 0
+    elsewhere; the result is dense in `order`."""
+    grad = memory_view(in_memory_order(grad_output, order), order)
+    return from_memory_view(torch.ops.da2ext.packed_activation_backward(grad, mask), order)
 
 
 def _reference(x, upper, inplace=False):
@@ -54,14 +67,15 @@ def packed_activation(x, upper, inplace=False):
     """clamp(x, 0, upper) keeping only a bit mask for backward.
 
     `upper` > 0: float("inf") gives ReLU, 6 gives ReLU6. `x` is a float16,
-    float32 or float64 tensor of any shape; a channels_last or otherwise
-    strided `x` is made contiguous first (a copy), and the result is contiguous.
-    `inplace=True` (as nn.ReLU's) overwrites a contiguous `x` and returns it,
-    which saves a new output (on the CPU, also faulting its pages in); autograd
+    float32 or float64 tensor of any shape; a contiguous or channels_last `x`
+    keeps its memory order, any other is made contiguous first (a copy).
+    `inplace=True` (as nn.ReLU's) overwrites such an `x` and returns it, which
+    saves a new output (on the CPU, also faulting its pages in); autograd
     rejects it, as it does torch.relu_, where x is a leaf that requires grad or
-    is saved by another op for its backward. A non-contiguous `x` is never
-    written: the result is its contiguous copy, whatever `inplace` says. Where no kernels exist for x's device, plain
-    PyTorch (relu/hardtanh) runs instead, with a warning (see da2ext.backend()).
+    is saved by another op for its backward. Any other `x` is never written: the
+    result is its contiguous copy, whatever `inplace` says. Where no kernels
+    exist for x's device, plain PyTorch (relu/hardtanh) runs instead, with a
+    warning (see da2ext.backend()).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError("packed_activation: x must be a torch.Tensor, got {}".format(type(x).__name__))
@@ -74,16 +88,17 @@ def packed_activation(x, upper, inplace=False):
     if not kernels_available(x.device.type):
         warn_fallback(x.device.type)
         return _reference(x, upper, inplace)
-    if not x.is_contiguous():
+    order = memory_order(x)
+    if order is None:
         # The contiguous copy is ours alone: the result goes into it, and x is left as it was.
-        x, inplace = x.contiguous(), True
+        x, inplace, order = x.contiguous(), True, CONTIGUOUS
     if torch.is_grad_enabled() and x.requires_grad:
         return PackedActivationFunction.apply(x, upper, bool(inplace))
     if inplace:
-        torch.ops.da2ext.packed_activation_(x, upper)
+        torch.ops.da2ext.packed_activation_(memory_view(x, order), upper)
         return x
-    output, _ = torch.ops.da2ext.packed_activation(x, upper)
-    return output
+    output, _ = torch.ops.da2ext.packed_activation(memory_view(x, order), upper)
+    return from_memory_view(output, order)
 
 
 def packed_relu(x, inplace=False):

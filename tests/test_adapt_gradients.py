@@ -64,9 +64,10 @@ def check_gradients_agree(lean, eager, common, x, settings):
     assert trained == sum(p.numel() for p in eager_params.values())
 
 
+@pytest.mark.parametrize("cpu_channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_gradients_match_plain_autograd(family):
-    lean, eager, common, x = lean_and_eager(family)
+def test_gradients_match_plain_autograd(family, cpu_channels_last):
+    lean, eager, common, x = lean_and_eager(family, cpu_channels_last=cpu_channels_last)
     check_gradients_agree(lean, eager, common, x, {})
 
 
@@ -80,12 +81,14 @@ def test_gradients_match_plain_autograd_ablations(family, settings):
     check_gradients_agree(lean, eager, common, x, settings)
 
 
-def test_gradients_match_for_a_bottleneck_resnet():
+@pytest.mark.parametrize("cpu_channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_gradients_match_for_a_bottleneck_resnet(cpu_channels_last):
     """resnet50 (Bottleneck blocks, a projection in every first block) at a tiny input."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     original = randomize_bn(torchvision.models.resnet50()).double()
-    lean = adapt_quietly(copy.deepcopy(original), 10, backbone_dtype=torch.float64).double()
+    lean = adapt_quietly(copy.deepcopy(original), 10, backbone_dtype=torch.float64,
+                         cpu_channels_last=cpu_channels_last).double()
     eager = adapt_quietly(copy.deepcopy(original), 10, lean=False).double()
     common = randomize_common_trainable(lean, eager)
     x = torch.randn(1, 3, 35, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(4))

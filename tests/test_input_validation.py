@@ -110,8 +110,17 @@ def test_empty_batch(mode, device):
 @pytest.mark.parametrize("device", all_devices())
 def test_op_level_errors_name_the_argument(device):
     x = torch.randn(2, 4, 3, 3, device=device)
-    with pytest.raises(RuntimeError, match="descriptor_pool: input must be contiguous in NCHW order"):
+    with pytest.raises(RuntimeError, match="descriptor_pool: input must be contiguous in NCHW"):
         torch.ops.da2ext.descriptor_pool(x.transpose(2, 3))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    if device == "cuda":  # the CUDA kernels read NCHW alone
+        with pytest.raises(RuntimeError, match="input must be contiguous in NCHW order on cuda"):
+            torch.ops.da2ext.descriptor_pool(channels_last)
+    else:  # the CPU kernels read channels_last too, and the big operands must agree
+        gate_c, gate_s = torch.rand(2, 4), torch.rand(2, 3, 3)
+        with pytest.raises(RuntimeError, match=r"input must be contiguous in the same memory order as the feature "
+                                               r"map \(channels_last\)"):
+            torch.ops.da2ext.attention_backward_reduce(channels_last, x, gate_c, gate_s, True)
     with pytest.raises(RuntimeError, match="input must be a 4-D tensor"):
         torch.ops.da2ext.descriptor_pool(x[0])
     with pytest.raises(RuntimeError, match="must be float16, float32 or float64"):

@@ -14,18 +14,27 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* name) {
+FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* name, bool allow_channels_last) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D tensor (N, C, H, W), got ", t.dim(),
               "-D with shape ", t.sizes());
   const at::ScalarType dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kDouble, op, ": ", name,
               " must be float16, float32 or float64, got ", dtype);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
-              " must be contiguous in NCHW order (call .contiguous() on channels_last or strided tensors); "
-              "got strides ",
-              t.strides(), " for shape ", t.sizes());
+  const bool nchw = t.is_contiguous();
+  if (allow_channels_last) {
+    TORCH_CHECK(nchw || t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
+                " must be contiguous in NCHW or in channels_last order (call .contiguous() on strided tensors); "
+                "got strides ",
+                t.strides(), " for shape ", t.sizes());
+  } else {
+    TORCH_CHECK(nchw, op, ": ", name,
+                " must be contiguous in NCHW order on ", t.device().type(),
+                " (call .contiguous() on channels_last or strided tensors); got strides ", t.strides(),
+                " for shape ", t.sizes());
+  }
   FeatureShape s;
+  s.channels_last = !nchw;
   s.N = t.size(0);
   s.C = t.size(1);
   s.H = t.size(2);
@@ -39,14 +48,26 @@ FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* 
   return s;
 }
 
+void check_same_memory_order(const at::Tensor& t, const FeatureShape& s, const char* op, const char* name) {
+  const bool ok = s.channels_last ? t.is_contiguous(at::MemoryFormat::ChannelsLast) : t.is_contiguous();
+  TORCH_CHECK(ok, op, ": ", name, " must be contiguous in the same memory order as the feature map (",
+              s.channels_last ? "channels_last" : "NCHW", "); got strides ", t.strides(), " for shape ", t.sizes());
+}
+
 void check_companion(const at::Tensor& t, const at::Tensor& reference, at::ScalarType dtype, int64_t numel,
-                     const char* op, const char* name, const char* expected_shape) {
+                     const char* op, const char* name, const char* expected_shape, const FeatureShape* same_as) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " must be on ", reference.device(),
               " like the feature map, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.numel() == numel, op, ": ", name, " must have shape ", expected_shape, " (", numel,
               " elements), got shape ", t.sizes());
+  if (same_as != nullptr) {
+    TORCH_CHECK(t.sizes() == reference.sizes(), op, ": ", name, " must have shape ", expected_shape, " ",
+                reference.sizes(), ", got ", t.sizes());
+    check_same_memory_order(t, *same_as, op, name);
+    return;
+  }
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 

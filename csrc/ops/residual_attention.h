@@ -15,18 +15,29 @@ namespace ops {
 // the attention reductions and the descriptor-path gradients.
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
 
-// Sizes of a checked N x C x H x W input, with HW = H * W.
+// Sizes of a checked N x C x H x W input, with HW = H * W. `channels_last`: its
+// memory is N x H x W x C (torch.channels_last) rather than N x C x H x W.
 struct FeatureShape {
   int64_t N, C, H, W, HW;
+  bool channels_last;
 };
 
-// `name` must be a contiguous (NCHW) float16/float32/float64 4-D tensor with
-// C, H, W >= 1 and C, H*W within 32-bit range (argmax is stored as int32).
-FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* name);
+// `name` must be a dense float16/float32/float64 4-D tensor with C, H, W >= 1
+// and C, H*W within 32-bit range (argmax is stored as int32): contiguous (NCHW),
+// or, where `allow_channels_last` (the CPU kernels), channels_last. A tensor that
+// is both (C == 1, or H == W == 1) has one memory order for both and is read as NCHW.
+FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* name,
+                               bool allow_channels_last = false);
 
-// `t` must be on `reference`'s device, contiguous, of `dtype` and `numel` elements.
+// `t` must have the memory order `s` describes (the big operands of one op share it).
+void check_same_memory_order(const at::Tensor& t, const FeatureShape& s, const char* op, const char* name);
+
+// `t` must be on `reference`'s device, of `dtype` and `numel` elements, and
+// contiguous; or, given `same_as` (the feature map's shape), of `reference`'s
+// sizes and in `same_as`'s memory order.
 void check_companion(const at::Tensor& t, const at::Tensor& reference, at::ScalarType dtype, int64_t numel,
-                     const char* op, const char* name, const char* expected_shape);
+                     const char* op, const char* name, const char* expected_shape,
+                     const FeatureShape* same_as = nullptr);
 
 // descriptor_pool: (channel_mean [N, C], spatial [N, 2, H, W] = (channel mean,
 // channel max), argmax [N, H, W] int32), all uninitialised.

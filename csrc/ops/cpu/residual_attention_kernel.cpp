@@ -8,6 +8,10 @@
 //    summed in a fixed order, so no two tasks write the same place and results
 //    do not depend on the number of threads;
 //  - the elementwise passes (apply, input gradient) go plane by plane.
+// A channels_last feature map (N x H x W x C in memory) takes the same tasks
+// over runs of pixels whose channels are adjacent: the dual reductions tile
+// positions as above, the elementwise passes split the N*H*W pixels into runs
+// that stay within one image.
 // The loops themselves are in residual_attention_loops.{h,cpp}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,6 +43,11 @@ struct Tiling {
 // Elementwise passes: enough planes per task to amortise scheduling on small maps.
 int64_t plane_grain(int64_t HW) {
   return std::max<int64_t>(1, 32768 / HW);
+}
+
+// The outputs the size of the feature map keep its memory order.
+at::MemoryFormat memory_format_of(const FeatureShape& s) {
+  return s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 Mode mode_of(bool multiplicative) {
@@ -77,6 +86,21 @@ void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, c
   sum_row_partials(row_partial, s.N, tiling.tiles, s.C, mean_count, row_out);
 }
 
+// channels_last elementwise passes: body(n, pixel, len) for runs of pixels
+// [pixel, pixel + len) (absolute indices n*HW + position) within image n.
+template <typename Body>
+void for_each_pixel_run(const FeatureShape& s, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / s.C);
+  at::parallel_for(0, s.N * s.HW, grain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t n = begin / s.HW;
+      const int64_t stop = std::min(end, (n + 1) * s.HW);
+      body(n, begin, stop - begin);
+      begin = stop;
+    }
+  });
+}
+
 template <typename scalar_t>
 void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar_t* channel_mean, scalar_t* spatial,
                             int32_t* argmax) {
@@ -84,7 +108,11 @@ void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar
   const int64_t C = s.C, HW = s.HW;
   dual_reduction<acc_t>(s, /*mean_count=*/HW, channel_mean, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
     scalar_t* mean_out = spatial + n * 2 * HW + hw0;
-    cpu::pool_tile(input + n * C * HW + hw0, C, HW, len, rows, mean_out, mean_out + HW, argmax + n * HW + hw0);
+    if (s.channels_last) {
+      cpu::pool_pixels(input + (n * HW + hw0) * C, C, len, rows, mean_out, mean_out + HW, argmax + n * HW + hw0);
+    } else {
+      cpu::pool_tile(input + n * C * HW + hw0, C, HW, len, rows, mean_out, mean_out + HW, argmax + n * HW + hw0);
+    }
   });
 }
 
@@ -92,6 +120,13 @@ template <typename scalar_t, typename acc_t>
 void attention_apply_kernel(Mode mode, const scalar_t* input, const acc_t* gate_channel, const acc_t* gate_spatial,
                             const FeatureShape& s, scalar_t* output) {
   const int64_t C = s.C, HW = s.HW;
+  if (s.channels_last) {
+    for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
+      cpu::apply_pixels(mode, input + pixel * C, gate_channel + n * C, gate_spatial + pixel, C, len,
+                        output + pixel * C);
+    });
+    return;
+  }
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       cpu::apply_plane(mode, input + plane * HW, gate_channel[plane], gate_spatial + (plane / C) * HW, HW,
@@ -106,6 +141,12 @@ void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, co
                                       acc_t* channel_sum, acc_t* spatial_sum) {
   const int64_t C = s.C, HW = s.HW;
   dual_reduction<acc_t>(s, /*mean_count=*/0, channel_sum, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
+    if (s.channels_last) {
+      const int64_t offset = (n * HW + hw0) * C;
+      cpu::reduce_pixels(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gate_channel + n * C,
+                         gate_spatial + n * HW + hw0, C, len, rows, spatial_sum + n * HW + hw0);
+      return;
+    }
     const int64_t offset = n * C * HW + hw0;
     cpu::reduce_tile(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gate_channel + n * C,
                      gate_spatial + n * HW + hw0, C, HW, len, rows, spatial_sum + n * HW + hw0);
@@ -118,6 +159,20 @@ void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const a
                                  const int32_t* argmax, const FeatureShape& s, scalar_t* grad_input) {
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
+  if (s.channels_last) {
+    std::vector<acc_t> channel_share(s.N * C);
+    for (int64_t i = 0; i < s.N * C; ++i) {
+      channel_share[i] = grad_channel_mean[i] * inv_hw;  // the NCHW loop's product, per plane
+    }
+    for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
+      const int64_t position = pixel - n * HW;
+      const acc_t* grad_mean = grad_spatial + n * 2 * HW + position;
+      cpu::input_grad_pixels(mode, grad_output + pixel * C, gate_channel + n * C, &channel_share[n * C],
+                             gate_spatial + pixel, grad_mean, grad_mean + HW, argmax + pixel, inv_c, C, len,
+                             grad_input + pixel * C);
+    });
+    return;
+  }
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C;
@@ -130,7 +185,7 @@ void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> descriptor_pool_cpu(const at::Tensor& input) {
-  const FeatureShape s = check_feature_map(input, "descriptor_pool", "input");
+  const FeatureShape s = check_feature_map(input, "descriptor_pool", "input", /*allow_channels_last=*/true);
   at::Tensor channel_mean, spatial, argmax;
   std::tie(channel_mean, spatial, argmax) = allocate_pool_outputs(input, s);
   if (s.N == 0) {
@@ -145,9 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> descriptor_pool_cpu(const at::Ten
 
 at::Tensor attention_apply_cpu(const at::Tensor& input, const at::Tensor& gate_channel,
                                const at::Tensor& gate_spatial, bool multiplicative) {
-  const FeatureShape s = check_feature_map(input, "attention_apply", "input");
+  const FeatureShape s = check_feature_map(input, "attention_apply", "input", /*allow_channels_last=*/true);
   check_gates(input, s, gate_channel, gate_spatial, "attention_apply");
-  at::Tensor output = at::empty_like(input);
+  at::Tensor output = at::empty_like(input, input.options(), memory_format_of(s));
   if (s.N == 0) {
     return output;
   }
@@ -165,12 +220,12 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_reduce_cpu(const at::Tenso
                                                                  const at::Tensor& gate_spatial,
                                                                  bool multiplicative) {
   const char* op = "attention_backward_reduce";
-  const FeatureShape s = check_feature_map(grad_output, op, "grad_output");
+  const FeatureShape s = check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
   check_gates(grad_output, s, gate_channel, gate_spatial, op);
   if (multiplicative) {
     TORCH_CHECK(input.has_value() && input->defined(), op, ": input is required in mode \"mul\"");
     check_companion(*input, grad_output, grad_output.scalar_type(), grad_output.numel(), op, "input",
-                    "[N, C, H, W] like grad_output");
+                    "[N, C, H, W] like grad_output", &s);
   }
   const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
   at::Tensor channel_sum = at::empty({s.N, s.C}, grad_output.options().dtype(acc));
@@ -192,10 +247,10 @@ at::Tensor attention_input_grad_cpu(const at::Tensor& grad_output, const at::Ten
                                     const at::Tensor& gate_spatial, const at::Tensor& grad_channel_mean,
                                     const at::Tensor& grad_spatial, const at::Tensor& argmax, bool multiplicative) {
   const char* op = "attention_input_grad";
-  const FeatureShape s = check_feature_map(grad_output, op, "grad_output");
+  const FeatureShape s = check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
   check_gates(grad_output, s, gate_channel, gate_spatial, op);
   check_descriptor_grads(grad_output, s, grad_channel_mean, grad_spatial, argmax, op);
-  at::Tensor grad_input = at::empty_like(grad_output);
+  at::Tensor grad_input = at::empty_like(grad_output, grad_output.options(), memory_format_of(s));
   if (s.N == 0) {
     return grad_input;
   }

@@ -89,6 +89,89 @@ DA2EXT_ALWAYS_INLINE void input_grad_plane_body(const scalar_t* grad_output, acc
   }
 }
 
+// channels_last bodies. Per pixel the C channels are one contiguous run: the
+// row sums (one per channel) and the pixel's own sum vectorise along it; the
+// running max keeps the ascending-channel order of the NCHW loop, so the argmax
+// (first of equal maxima, first NaN) is the same.
+template <typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void pool_pixels_body(const scalar_t* pixels, int64_t C, int64_t len, acc_t* row_sums,
+                                           scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {
+  std::fill(row_sums, row_sums + C, acc_t(0));
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* p = pixels + i * C;
+    acc_t sum = 0;
+    DA2EXT_VECTORIZE_SUM(sum)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(p[c]);
+      row_sums[c] += v;
+      sum += v;
+    }
+    acc_t max = static_cast<acc_t>(p[0]);
+    int32_t index = 0;
+    for (int64_t c = 1; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(p[c]);
+      const bool take = math::replaces_running_max(v, max);
+      max = take ? v : max;
+      index = take ? static_cast<int32_t>(c) : index;
+    }
+    mean_out[i] = static_cast<scalar_t>(sum / static_cast<acc_t>(C));
+    max_out[i] = static_cast<scalar_t>(max);
+    argmax_out[i] = index;
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void apply_pixels_body(const scalar_t* pixels, const acc_t* gate_channel,
+                                            const acc_t* gate_spatial, int64_t C, int64_t len, scalar_t* output) {
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* in = pixels + i * C;
+    scalar_t* out = output + i * C;
+    const acc_t gs = gate_spatial[i];
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(in[c]), gate_channel[c], gs));
+    }
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void reduce_pixels_body(const scalar_t* grad_pixels, const scalar_t* input_pixels,
+                                             const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,
+                                             int64_t len, acc_t* row_sums, acc_t* spatial_sum) {
+  std::fill(row_sums, row_sums + C, acc_t(0));
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* g = grad_pixels + i * C;
+    // mode Add never reads the input (it may be null): f aliases g, unused
+    const scalar_t* f = mode == Mode::Mul ? input_pixels + i * C : g;
+    const acc_t gs = gate_spatial[i];
+    acc_t column = 0;
+    DA2EXT_VECTORIZE_SUM(column)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t t = math::attention_grad_term(mode, static_cast<acc_t>(g[c]), static_cast<acc_t>(f[c]));
+      row_sums[c] += t * gs;
+      column += t * gate_channel[c];
+    }
+    spatial_sum[i] = column;
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void input_grad_pixels_body(const scalar_t* grad_pixels, const acc_t* gate_channel,
+                                                 const acc_t* channel_share, const acc_t* gate_spatial,
+                                                 const acc_t* grad_mean, const acc_t* grad_max,
+                                                 const int32_t* argmax, acc_t inv_c, int64_t C, int64_t len,
+                                                 scalar_t* grad_input) {
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* g = grad_pixels + i * C;
+    scalar_t* out = grad_input + i * C;
+    const acc_t gs = gate_spatial[i], mean_share = grad_mean[i] * inv_c, max_share = grad_max[i];
+    const int32_t winner = argmax[i];
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(g[c]), gate_channel[c], gs,
+                                                      channel_share[c], mean_share, winner == c, max_share));
+    }
+  }
+}
+
 }  // namespace
 
 #define DA2EXT_DEFINE_CPU_LOOPS(scalar_t, acc_t)                                                                   \
@@ -125,6 +208,41 @@ DA2EXT_ALWAYS_INLINE void input_grad_plane_body(const scalar_t* grad_output, acc
     } else {                                                                                                      \
       input_grad_plane_body<Mode::Add>(grad_output, gate_channel, channel_share, gate_spatial, grad_mean,         \
                                        grad_max, argmax, channel, inv_c, HW, grad_input);                         \
+    }                                                                                                             \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void pool_pixels(const scalar_t* pixels, int64_t C, int64_t len, acc_t* row_sums,             \
+                                     scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {                \
+    pool_pixels_body(pixels, C, len, row_sums, mean_out, max_out, argmax_out);                                   \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void apply_pixels(Mode mode, const scalar_t* pixels, const acc_t* gate_channel,               \
+                                      const acc_t* gate_spatial, int64_t C, int64_t len, scalar_t* output) {      \
+    if (mode == Mode::Mul) {                                                                                      \
+      apply_pixels_body<Mode::Mul>(pixels, gate_channel, gate_spatial, C, len, output);                           \
+    } else {                                                                                                      \
+      apply_pixels_body<Mode::Add>(pixels, gate_channel, gate_spatial, C, len, output);                           \
+    }                                                                                                             \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void reduce_pixels(Mode mode, const scalar_t* grad_pixels, const scalar_t* input_pixels,      \
+                                       const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,           \
+                                       int64_t len, acc_t* row_sums, acc_t* spatial_sum) {                        \
+    if (mode == Mode::Mul) {                                                                                      \
+      reduce_pixels_body<Mode::Mul>(grad_pixels, input_pixels, gate_channel, gate_spatial, C, len, row_sums,      \
+                                    spatial_sum);                                                                 \
+    } else {                                                                                                      \
+      reduce_pixels_body<Mode::Add>(grad_pixels, input_pixels, gate_channel, gate_spatial, C, len, row_sums,      \
+                                    spatial_sum);                                                                 \
+    }                                                                                                             \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void input_grad_pixels(Mode mode, const scalar_t* grad_pixels, const acc_t* gate_channel,     \
+                                           const acc_t* channel_share, const acc_t* gate_spatial,                 \
+                                           const acc_t* grad_mean, const acc_t* grad_max, const int32_t* argmax,  \
+                                           acc_t inv_c, int64_t C, int64_t len, scalar_t* grad_input) {           \
+    if (mode == Mode::Mul) {                                                                                      \
+      input_grad_pixels_body<Mode::Mul>(grad_pixels, gate_channel, channel_share, gate_spatial, grad_mean,        \
+                                        grad_max, argmax, inv_c, C, len, grad_input);                             \
+    } else {                                                                                                      \
+      input_grad_pixels_body<Mode::Add>(grad_pixels, gate_channel, channel_share, gate_spatial, grad_mean,        \
+                                        grad_max, argmax, inv_c, C, len, grad_input);                             \
     }                                                                                                             \
   }
 

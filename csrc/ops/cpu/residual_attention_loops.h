@@ -36,7 +36,22 @@ constexpr int64_t kMaxTile = 2048;
                    acc_t* row_sums, acc_t* spatial_sum);                                                          \
   void input_grad_plane(math::Mode mode, const scalar_t* grad_output, acc_t gate_channel, acc_t channel_share,   \
                         const acc_t* gate_spatial, const acc_t* grad_mean, const acc_t* grad_max,                 \
-                        const int32_t* argmax, int32_t channel, acc_t inv_c, int64_t HW, scalar_t* grad_input);
+                        const int32_t* argmax, int32_t channel, acc_t inv_c, int64_t HW, scalar_t* grad_input); \
+  /* channels_last: the same four passes over `len` pixels of one image whose C */                               \
+  /* channels are adjacent in memory (`pixels` points at the first one's channel 0; */                         \
+  /* gate_spatial and the per-position outputs at its position). */                                            \
+  void pool_pixels(const scalar_t* pixels, int64_t C, int64_t len, acc_t* row_sums, scalar_t* mean_out,           \
+                   scalar_t* max_out, int32_t* argmax_out);                                                       \
+  void apply_pixels(math::Mode mode, const scalar_t* pixels, const acc_t* gate_channel, const acc_t* gate_spatial, \
+                    int64_t C, int64_t len, scalar_t* output);                                                    \
+  void reduce_pixels(math::Mode mode, const scalar_t* grad_pixels, const scalar_t* input_pixels,                  \
+                     const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C, int64_t len,                \
+                     acc_t* row_sums, acc_t* spatial_sum);                                                        \
+  /* channel_share[c]: dL/dd_c already divided by H*W, as input_grad_plane's. */                                 \
+  void input_grad_pixels(math::Mode mode, const scalar_t* grad_pixels, const acc_t* gate_channel,                 \
+                         const acc_t* channel_share, const acc_t* gate_spatial, const acc_t* grad_mean,           \
+                         const acc_t* grad_max, const int32_t* argmax, acc_t inv_c, int64_t C, int64_t len,       \
+                         scalar_t* grad_input);
 
 DA2EXT_DECLARE_CPU_LOOPS(float, float)
 DA2EXT_DECLARE_CPU_LOOPS(double, double)
