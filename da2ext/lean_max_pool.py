@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .memory_order import CHANNELS_LAST, in_memory_order, memory_order, memory_view
+from .memory_order import CHANNELS_LAST, from_memory_view, in_memory_order, memory_order, memory_view
 
 __all__ = ["LeanMaxPool2d"]
 
@@ -61,7 +61,8 @@ class LeanMaxPool2dFunction(torch.autograd.Function):
             grad = memory_view(in_memory_order(grad_output, CHANNELS_LAST), CHANNELS_LAST).reshape(n, -1, c)
             grad_input = grad_output.new_zeros(n, height * width, c)
             grad_input.scatter_add_(1, index, grad)
-            return grad_input.view(n, height, width, c).permute(0, 3, 1, 2), None, None, None, None, None
+            return (from_memory_view(grad_input.view(n, height, width, c), CHANNELS_LAST), None, None, None, None,
+                    None)
         grad_input = grad_output.new_zeros(n, c, height * width)
         grad_input.scatter_add_(2, plane_index.reshape(n, c, -1), grad_output.reshape(n, c, -1))
         return grad_input.view(n, c, height, width), None, None, None, None, None

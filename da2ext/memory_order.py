@@ -8,11 +8,12 @@ conv's forward and input-gradient pass (see adapt()'s `cpu_channels_last`).
 Every lean module keeps the memory order its input came in; on CUDA that is
 NCHW, which the CUDA kernels expect.
 
-The packed activation kernels are elementwise over memory: given a dense
-tensor's memory as one flat run they write one mask bit per element in memory
-order, whatever the logical order. A channels_last tensor permuted to
-(N, H, W, C) is exactly such a contiguous run; the mask then follows that
-order, and the backward must read its gradient in the same one.
+The CPU kernels take both orders: the packed activation's are elementwise
+over memory, so a channels_last tensor's mask follows its memory order, and its
+backward must read the gradient in that same order (in_memory_order); the
+adaptor's and the fused mask-and-channel-sum pass have loops for each. A
+channels_last tensor's memory_view, its (N, H, W, C) permutation, is
+contiguous: a product over its channels is one matrix product.
 """
 import torch
 

@@ -11,8 +11,8 @@ Gradient convention (as torch's): ReLU passes the gradient where x > 0; ReLU6
 (and any finite `upper`) where 0 < x < upper, so exactly 0 and exactly `upper`
 pass nothing. At a NaN input the output is NaN and no gradient passes.
 
-A channels_last input keeps its memory order: the kernels run over its memory
-as one flat run (see memory_order.py), and the mask follows that order.
+A channels_last input keeps its memory order: the kernels run over memory in
+order (see memory_order.py), the mask follows it, and so must the gradient.
 """
 import math
 
@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
-from .memory_order import CONTIGUOUS, from_memory_view, in_memory_order, memory_order, memory_view
+from .memory_order import in_memory_order, memory_order
 
 __all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "packed_relu6"]
 
@@ -30,15 +30,13 @@ __all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "pac
 class PackedActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, upper, inplace):
-        order = memory_order(x)  # the caller made x dense
         if inplace:
-            mask = torch.ops.da2ext.packed_activation_(memory_view(x, order), upper)
+            mask = torch.ops.da2ext.packed_activation_(x, upper)
             ctx.mark_dirty(x)
             output = x
         else:
-            output, mask = torch.ops.da2ext.packed_activation(memory_view(x, order), upper)
-            output = from_memory_view(output, order)
-        ctx.order = order
+            output, mask = torch.ops.da2ext.packed_activation(x, upper)
+        ctx.order = memory_order(x)  # the caller made x dense
         ctx.save_for_backward(mask)  # the only thing kept: ceil(numel / 32) int32 words
         return output
 
@@ -52,8 +50,7 @@ class PackedActivationFunction(torch.autograd.Function):
 def packed_activation_backward(grad_output, mask, order):
     """grad_output where the activation passed it (mask, packed in `order`), 0
     elsewhere; the result is dense in `order`."""
-    grad = memory_view(in_memory_order(grad_output, order), order)
-    return from_memory_view(torch.ops.da2ext.packed_activation_backward(grad, mask), order)
+    return torch.ops.da2ext.packed_activation_backward(in_memory_order(grad_output, order), mask)
 
 
 def _reference(x, upper, inplace=False):
@@ -88,17 +85,16 @@ def packed_activation(x, upper, inplace=False):
     if not kernels_available(x.device.type):
         warn_fallback(x.device.type)
         return _reference(x, upper, inplace)
-    order = memory_order(x)
-    if order is None:
+    if memory_order(x) is None:
         # The contiguous copy is ours alone: the result goes into it, and x is left as it was.
-        x, inplace, order = x.contiguous(), True, CONTIGUOUS
+        x, inplace = x.contiguous(), True
     if torch.is_grad_enabled() and x.requires_grad:
         return PackedActivationFunction.apply(x, upper, bool(inplace))
     if inplace:
-        torch.ops.da2ext.packed_activation_(memory_view(x, order), upper)
+        torch.ops.da2ext.packed_activation_(x, upper)
         return x
-    output, _ = torch.ops.da2ext.packed_activation(memory_view(x, order), upper)
-    return from_memory_view(output, order)
+    output, _ = torch.ops.da2ext.packed_activation(x, upper)
+    return output
 
 
 def packed_relu(x, inplace=False):

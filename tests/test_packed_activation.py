@@ -233,7 +233,7 @@ def test_keeps_only_the_mask(device, shape, dtype):
         assert counter.saved_bytes == 4 * ((numel + 31) // 32)
         assert counter.saved_tensors == 1
         y.sum().backward()
-    # a channels_last input is copied first; the copy keeps nothing for backward
+    # a channels_last input keeps its memory order, and its mask is as large
     if len(shape) == 4:
         x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
         with da2ext.SavedTensorCounter() as counter:
@@ -376,6 +376,33 @@ def test_backward_channel_sums_match_mask_then_sum(dtype, shape):
     assert torch.equal(again, sums)  # a fixed summation order
 
 
+# channels_last: C a multiple of 32 (whole words inside rows), not (words across rows),
+# enough rows for several blocks of the kernel, one pixel.
+CHANNELS_LAST_SHAPES = [(2, 64, 5, 7), (3, 24, 9, 11), (8, 40, 30, 30), (2, 96, 1, 1), (1, 7, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_channel_sums_in_channels_last(dtype, shape):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
+    output, mask = torch.ops.da2ext.packed_activation(x, 6.0)
+    assert output.stride() == x.stride() and torch.equal(output, F.relu6(x.double()).to(dtype))
+    # the mask follows memory order: the (N, H, W, C) view's
+    assert torch.equal(mask, python_mask(x.permute(0, 2, 3, 1), 6.0))
+    grad = torch.randn(shape, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad_input, sums = torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)
+    separate = torch.ops.da2ext.packed_activation_backward(grad, mask)
+    assert grad_input.stride() == grad.stride() and separate.stride() == grad.stride()
+    assert torch.equal(grad_input, separate)
+    passes = (x.double() > 0) & (x.double() < 6)
+    assert torch.equal(grad_input, torch.where(passes, grad, torch.zeros_like(grad)))
+    expected = grad_input.double().sum(dim=(0, 2, 3))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(sums.double(), expected, rtol=tolerance, atol=tolerance)
+    assert torch.equal(torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)[1], sums)
+
+
 def test_fused_ops_say_what_is_wrong():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="bias must be 1-D with one value per channel"):
@@ -388,5 +415,8 @@ def test_fused_ops_say_what_is_wrong():
         torch.ops.da2ext.packed_bias_activation_(torch.zeros(5), torch.zeros(5), None, 6.0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         torch.ops.da2ext.packed_bias_activation_(x.transpose(2, 3), torch.zeros(3), None, 6.0)
+    with pytest.raises(RuntimeError, match=r"self must be contiguous \(N x C x \.\.\.\)"):
+        torch.ops.da2ext.packed_bias_activation_(x.contiguous(memory_format=torch.channels_last), torch.zeros(3),
+                                                 None, 6.0)
     with pytest.raises(RuntimeError, match="mask must have ceil"):
         torch.ops.da2ext.packed_activation_backward_channel_sums(x, torch.zeros(1, dtype=torch.int32))

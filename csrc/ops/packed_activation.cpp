@@ -16,9 +16,18 @@ void check_activation_tensor(const at::Tensor& t, const char* op, const char* na
   const at::ScalarType dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kDouble, op, ": ", name,
               " must be float16, float32 or float64, got ", dtype);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
-              " must be contiguous (call .contiguous() on channels_last or strided tensors); got strides ",
+  TORCH_CHECK(t.is_contiguous() || is_channels_last(t), op, ": ", name,
+              " must be contiguous or channels_last (call .contiguous() on strided tensors); got strides ",
               t.strides(), " for shape ", t.sizes());
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor empty_in_memory_order(const at::Tensor& like) {
+  return at::empty(like.sizes(), like.options(),
+                   is_channels_last(like) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 void check_activation_upper(double upper, const char* op) {
@@ -46,8 +55,7 @@ at::Tensor allocate_activation_mask(const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input) {
-  return std::make_tuple(at::empty(input.sizes(), input.options(), at::MemoryFormat::Contiguous),
-                         allocate_activation_mask(input));
+  return std::make_tuple(empty_in_memory_order(input), allocate_activation_mask(input));
 }
 
 }  // namespace ops
@@ -55,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(da2ext, m) {
   // output = clamp(input, 0, upper) (upper = inf: ReLU, 6: ReLU6); mask: int32 [ceil(numel / 32)],
-  // bit i % 32 of word i / 32 set where the gradient passes (0 < x < upper; x > 0 when upper = inf)
+  // bit i % 32 of word i / 32 set where the gradient passes (0 < x < upper; x > 0 when upper = inf),
+  // i counting elements in memory order (contiguous or channels_last; outputs keep the input's)
   m.def("packed_activation(Tensor input, float upper) -> (Tensor output, Tensor mask)");
   // The same in place: self = clamp(self, 0, upper); returns the mask. Saves a fresh
   // output where the input is a temporary (a frozen conv's result), which on the CPU
@@ -67,7 +76,8 @@ TORCH_LIBRARY_FRAGMENT(da2ext, m) {
   // composite): self = clamp(self + bias[c] (+ residual), 0, upper), c the index along
   // dim 1, returning the mask as packed_activation_ does; and grad_input as
   // packed_activation_backward with channel_sums[c], its sum over every dim but 1
-  // (float32, float64 for float64).
+  // (float32, float64 for float64). The bias op takes contiguous (NCHW) tensors, the
+  // backward channels_last ones too.
   m.def("packed_bias_activation_(Tensor(a!) self, Tensor bias, Tensor? residual, float upper) -> Tensor mask");
   m.def("packed_activation_backward_channel_sums(Tensor grad_output, Tensor mask) -> "
         "(Tensor grad_input, Tensor channel_sums)");

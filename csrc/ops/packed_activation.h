@@ -11,9 +11,18 @@
 namespace da2ext {
 namespace ops {
 
-// `name` must be a defined, contiguous float16/float32/float64 tensor (any shape,
-// numel 0 included).
+// `name` must be a defined float16/float32/float64 tensor (any shape, numel 0
+// included), dense in one of the two memory orders the kernels take: contiguous,
+// or channels_last (4-D). The elementwise kernels walk memory in order, so the
+// mask's bit i is memory element i whichever it is.
 void check_activation_tensor(const at::Tensor& t, const char* op, const char* name);
+
+// Whether `t` is channels_last and not also contiguous (C == 1 or H == W == 1
+// make both orders one).
+bool is_channels_last(const at::Tensor& t);
+
+// A new uninitialised tensor of `like`'s sizes and options in its memory order.
+at::Tensor empty_in_memory_order(const at::Tensor& like);
 
 // upper must be > 0 (+inf allowed, NaN not).
 void check_activation_upper(double upper, const char* op);
@@ -28,7 +37,7 @@ uint32_t* mask_words_ptr(const at::Tensor& mask);
 // The mask for `input`: int32 [ceil(numel / 32)], uninitialised.
 at::Tensor allocate_activation_mask(const at::Tensor& input);
 
-// (output like input, contiguous; the mask as above), both uninitialised.
+// (output like input, in its memory order; the mask as above), both uninitialised.
 std::tuple<at::Tensor, at::Tensor> allocate_activation_outputs(const at::Tensor& input);
 
 }  // namespace ops

@@ -16,10 +16,16 @@
 // bias per element. The backward walks planes, so that each plane's sum is one
 // task's and the reduction order is fixed by the shapes alone (the same result
 // run to run, whatever the thread count).
+//
+// The backward also takes a channels_last gradient (N x H x W x C in memory; its
+// mask then follows memory order, as packed_activation_ wrote it there): rows of
+// C channels, in blocks of whole rows fixed by the shape, each block summing
+// into its own row of partial channel sums, added up in block order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -160,6 +166,44 @@ DA2EXT_ALWAYS_INLINE void masked_planes_body(const scalar_t* grad_output, const 
   }
 }
 
+// One block of channels_last rows [first_row, end_row): the masked gradient,
+// written, and its per-channel sums (sums[0..C), overwritten). Whole mask words
+// inside a row take the vectorised path; words across two rows (C not a
+// multiple of 32) go element by element.
+template <typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void masked_rows_body(const scalar_t* grad_output, const uint32_t* mask, int64_t first_row,
+                                           int64_t end_row, int64_t C, scalar_t* grad_input, acc_t* sums) {
+  for (int64_t c = 0; c < C; ++c) {
+    sums[c] = acc_t(0);
+  }
+  const int64_t stop = end_row * C;
+  int64_t c = 0;
+  for (int64_t i = first_row * C; i < stop;) {
+    if (i % kPackedBits == 0 && c + kPackedBits <= C) {
+      const uint32_t word = mask[i / kPackedBits];
+      acc_t* row_sums = sums + c;
+      for (int j = 0; j < kPackedBits; ++j) {
+        const acc_t g = math::packed_activation_grad(static_cast<acc_t>(grad_output[i + j]),
+                                                     math::mask_has_bit(word, kBitValue[j]));
+        grad_input[i + j] = static_cast<scalar_t>(g);
+        row_sums[j] += g;
+      }
+      i += kPackedBits;
+      c += kPackedBits;
+    } else {
+      const bool bit = math::mask_has_bit(mask[i / kPackedBits], kBitValue[i % kPackedBits]);
+      const acc_t g = math::packed_activation_grad(static_cast<acc_t>(grad_output[i]), bit);
+      grad_input[i] = static_cast<scalar_t>(g);
+      sums[c] += g;
+      ++i;
+      ++c;
+    }
+    if (c == C) {
+      c = 0;
+    }
+  }
+}
+
 // Entry points built for AVX2 and for the baseline (see vectorization.h).
 #define DA2EXT_DEFINE_FUSED_LOOPS(scalar_t, acc_t)                                                                  \
   DA2EXT_CPU_CLONES void bias_words(scalar_t* data, const scalar_t* residual, const scalar_t* bias, int64_t begin,   \
@@ -181,6 +225,10 @@ DA2EXT_ALWAYS_INLINE void masked_planes_body(const scalar_t* grad_output, const 
   DA2EXT_CPU_CLONES void masked_planes(const scalar_t* grad_output, const uint32_t* mask, int64_t begin,             \
                                        int64_t end, int64_t plane, scalar_t* grad_input, acc_t* plane_sums) {        \
     masked_planes_body<scalar_t, acc_t>(grad_output, mask, begin, end, plane, grad_input, plane_sums);               \
+  }                                                                                                                  \
+  DA2EXT_CPU_CLONES void masked_rows(const scalar_t* grad_output, const uint32_t* mask, int64_t first_row,           \
+                                     int64_t end_row, int64_t C, scalar_t* grad_input, acc_t* sums) {                \
+    masked_rows_body<scalar_t, acc_t>(grad_output, mask, first_row, end_row, C, grad_input, sums);                   \
   }
 
 DA2EXT_DEFINE_FUSED_LOOPS(float, float)
@@ -205,6 +253,8 @@ at::Tensor packed_bias_activation_inplace_cpu(at::Tensor& self, const at::Tensor
   const char* op = "packed_bias_activation_";
   check_activation_tensor(self, op, "self");
   check_channel_layout(self, op, "self");
+  TORCH_CHECK(self.is_contiguous(), op, ": self must be contiguous (N x C x ...), got strides ", self.strides(),
+              " for shape ", self.sizes());
   check_activation_upper(upper, op);
   TORCH_CHECK(bias.defined() && bias.dim() == 1 && bias.numel() == self.size(1), op,
               ": bias must be 1-D with one value per channel (", self.size(1), "), got shape ",
@@ -215,6 +265,7 @@ at::Tensor packed_bias_activation_inplace_cpu(at::Tensor& self, const at::Tensor
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
     check_activation_tensor(*residual, op, "residual");
+    TORCH_CHECK(residual->is_contiguous(), op, ": residual must be contiguous like self");
     TORCH_CHECK(residual->sizes() == self.sizes() && residual->scalar_type() == self.scalar_type() &&
                     residual->device() == self.device(),
                 op, ": residual must be a ", self.scalar_type(), " tensor of shape ", self.sizes(), " on ",
@@ -247,8 +298,28 @@ std::tuple<at::Tensor, at::Tensor> packed_activation_backward_channel_sums_cpu(c
   check_channel_layout(grad_output, op, "grad_output");
   check_activation_mask(mask, grad_output, op);
   const at::ScalarType sum_type = grad_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options(), at::MemoryFormat::Contiguous);
+  at::Tensor grad_input = empty_in_memory_order(grad_output);
   const BiasShape shape = bias_shape(grad_output);
+  if (is_channels_last(grad_output)) {
+    const int64_t C = shape.channels, rows = shape.numel / C;
+    const int64_t rows_per_block = std::max<int64_t>(1, kBackwardElementGrain / C);
+    const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+    at::Tensor partial_sums = at::empty({blocks, C}, grad_output.options().dtype(sum_type));
+    AT_DISPATCH_FLOATING_TYPES_AND_HALF(grad_output.scalar_type(), "packed_activation_backward_channel_sums_cpu", [&] {
+      typedef typename math::AccumulateType<scalar_t>::type acc_t;
+      const scalar_t* grad = grad_output.data_ptr<scalar_t>();
+      scalar_t* out = grad_input.data_ptr<scalar_t>();
+      acc_t* partial = partial_sums.data_ptr<acc_t>();
+      const uint32_t* words = mask_words_ptr(mask);
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          masked_rows(grad, words, b * rows_per_block, std::min(rows, (b + 1) * rows_per_block), C, out,
+                      partial + b * C);
+        }
+      });
+    });
+    return std::make_tuple(grad_input, partial_sums.sum(0));
+  }
   const int64_t planes = grad_output.size(0) * shape.channels;
   at::Tensor plane_sums = at::zeros({planes}, grad_output.options().dtype(sum_type));
   if (shape.numel > 0) {

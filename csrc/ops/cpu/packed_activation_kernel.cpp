@@ -186,7 +186,7 @@ at::Tensor packed_activation_backward_cpu(const at::Tensor& grad_output, const a
   const char* op = "packed_activation_backward";
   check_activation_tensor(grad_output, op, "grad_output");
   check_activation_mask(mask, grad_output, op);
-  at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options(), at::MemoryFormat::Contiguous);
+  at::Tensor grad_input = empty_in_memory_order(grad_output);
   const int64_t numel = grad_output.numel();
   if (numel == 0) {
     return grad_input;

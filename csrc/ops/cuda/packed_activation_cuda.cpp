@@ -60,7 +60,7 @@ at::Tensor packed_activation_backward_cuda(const at::Tensor& grad_output, const 
   check_cuda(grad_output, op, "grad_output");
   check_activation_mask(mask, grad_output, op);
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options(), at::MemoryFormat::Contiguous);
+  at::Tensor grad_input = empty_in_memory_order(grad_output);
   if (grad_output.numel() == 0) {
     return grad_input;
   }
