@@ -17,6 +17,11 @@ kernels walk 32-element mask words, so the planes (H*W) that are not whole
 words (28x28 and smaller) take their slower per-element paths at the plane
 edges. da2ext/frozen_conv.py uses each fused kernel only on the maps where this
 benchmark found it faster. float32, one thread count (torch's default).
+
+The backward also runs channels_last (the lean backbone's CPU order): there the
+kernel walks rows of C channels, whole words when C is a multiple of 32
+(ResNet-50's widths), element by element otherwise (MobileNetV2's 24 and 144
+below), where frozen_conv.py keeps the separate passes.
 """
 import pytest
 import torch
@@ -30,10 +35,14 @@ RELU = float("inf")
 pytestmark = pytest.mark.skipif(da2ext.backend("cpu") != "cpu", reason="the fused kernels are CPU kernels")
 
 
-def _info(benchmark, pass_name, implementation, shape):
+CHANNELS_LAST_SHAPES = SHAPES + [(8, 24, 56, 56), (8, 144, 28, 28)]
+
+
+def _info(benchmark, pass_name, implementation, shape, memory_format="nchw"):
     benchmark.extra_info.update(pass_name=pass_name, implementation=implementation, shape=list(shape),
-                                device_name=device_name("cpu"), torch_threads=torch.get_num_threads())
-    benchmark.group = "cpu-float32-{}-{}".format(pass_name, shape_id(shape))
+                                memory_format=memory_format, device_name=device_name("cpu"),
+                                torch_threads=torch.get_num_threads())
+    benchmark.group = "cpu-float32-{}-{}-{}".format(pass_name, memory_format, shape_id(shape))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -60,12 +69,16 @@ def test_forward_bias_residual_activation(benchmark, implementation, shape):
     assert torch.allclose(y, expected, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("memory_format,shape", [("nchw", s) for s in SHAPES]
+                         + [("channels_last", s) for s in CHANNELS_LAST_SHAPES],
+                         ids=lambda v: shape_id(v) if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("implementation", ["separate", "fused"])
-def test_backward_mask_and_channel_sums(benchmark, implementation, shape):
+def test_backward_mask_and_channel_sums(benchmark, implementation, memory_format, shape):
+    order = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     generator = torch.Generator().manual_seed(1)
-    _, mask = torch.ops.da2ext.packed_activation(torch.randn(shape, generator=generator), RELU)
-    grad = torch.randn(shape, generator=generator)
+    x = torch.randn(shape, generator=generator).contiguous(memory_format=order)
+    _, mask = torch.ops.da2ext.packed_activation(x, RELU)  # bits in x's memory order
+    grad = torch.randn(shape, generator=generator).contiguous(memory_format=order)
 
     def separate():
         masked = torch.ops.da2ext.packed_activation_backward(grad, mask)
@@ -74,7 +87,7 @@ def test_backward_mask_and_channel_sums(benchmark, implementation, shape):
     def fused():
         return torch.ops.da2ext.packed_activation_backward_channel_sums(grad, mask)
 
-    _info(benchmark, "backward", implementation, shape)
+    _info(benchmark, "backward", implementation, shape, memory_format)
     masked, sums = benchmark.pedantic(separate if implementation == "separate" else fused,
                                       **pedantic_settings("cpu"))
     assert torch.equal(masked, torch.ops.da2ext.packed_activation_backward(grad, mask))

@@ -239,8 +239,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     cpu_channels_last: with `lean`, run the backbone in channels_last on the
         CPU (a forward pre-hook converts the model's input; every lean module
         keeps its input's memory order). oneDNN's frozen convolutions need no
-        layout reorders there: ResNet-50's step at batch 8 took 1.1 against
-        1.4 s in NCHW (see the README). Same values either way; CUDA runs NCHW.
+        layout reorders there, which makes the CPU step faster (README, "What a
+        training step keeps"). Same values either way; CUDA runs NCHW.
 
     A block it cannot rewrite runs unchanged (frozen, eval mode, plain autograd)
     and a warning names it. Trainable afterwards: exactly the adaptors, the shifts

@@ -78,6 +78,23 @@ def test_adaptor_ops_match_nchw(shape, dtype):
         assert gi_cl.is_contiguous(memory_format=CL) and torch.equal(gi_cl, gi)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 64])
+def test_channel_max_keeps_the_first_max_and_the_first_nan(channels):
+    """The channels_last max is found in any order, then its channel by a blocked
+    scan; the answer must be the NCHW loop's: the first of equal maxima (+0 and -0
+    tie, the value kept is that channel's), the first NaN."""
+    generator = torch.Generator().manual_seed(channels)
+    x = torch.randint(-2, 3, (4, channels, 6, 5), generator=generator).double()  # many ties
+    flat = x.view(-1)
+    flat[torch.randperm(flat.numel(), generator=generator)[:flat.numel() // 10]] = float("nan")
+    flat[torch.randperm(flat.numel(), generator=generator)[:flat.numel() // 5]] = -0.0
+    _, spatial, argmax = torch.ops.da2ext.descriptor_pool(x)
+    _, spatial_cl, argmax_cl = torch.ops.da2ext.descriptor_pool(x.contiguous(memory_format=CL))
+    assert torch.equal(argmax_cl, argmax)
+    torch.testing.assert_close(spatial_cl[:, 1], spatial[:, 1], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(spatial_cl[:, 1]), torch.signbit(spatial[:, 1]))
+
+
 @pytest.mark.parametrize("mode", ["add", "mul"])
 def test_adaptor_gradcheck_in_channels_last(mode):
     fused, _ = adaptor_pair(16, mode=mode)

@@ -5,6 +5,7 @@
 #include "vectorization.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace da2ext {
 namespace ops {
@@ -89,10 +90,33 @@ DA2EXT_ALWAYS_INLINE void input_grad_plane_body(const scalar_t* grad_output, acc
   }
 }
 
-// channels_last bodies. Per pixel the C channels are one contiguous run: the
-// row sums (one per channel) and the pixel's own sum vectorise along it; the
-// running max keeps the ascending-channel order of the NCHW loop, so the argmax
-// (first of equal maxima, first NaN) is the same.
+// channels_last bodies. Per pixel the C channels are one contiguous run, and
+// one vectorised pass over it adds to the row sums (one per channel), sums the
+// pixel and finds its largest value and whether it holds a NaN (a max is exact in
+// any order). The argmax is then the NCHW loop's: the first NaN if there is one,
+// else the first channel equal to the max (+0 and -0 are equal; the value kept is
+// that channel's own, so the sign of a zero max matches too), found by a scan
+// that stops there, a block of channels at a time.
+constexpr int64_t kScanBlock = 16;
+
+template <typename scalar_t, typename acc_t, typename Match>
+DA2EXT_ALWAYS_INLINE int64_t first_channel(const scalar_t* p, int64_t C, const Match& match) {
+  int64_t c0 = 0;
+  for (; c0 + kScanBlock <= C; c0 += kScanBlock) {
+    int hit = 0;
+    for (int64_t j = 0; j < kScanBlock; ++j) {
+      hit |= static_cast<int>(match(static_cast<acc_t>(p[c0 + j])));
+    }
+    if (hit) {
+      break;
+    }
+  }
+  while (c0 < C - 1 && !match(static_cast<acc_t>(p[c0]))) {
+    ++c0;
+  }
+  return c0;
+}
+
 template <typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void pool_pixels_body(const scalar_t* pixels, int64_t C, int64_t len, acc_t* row_sums,
                                            scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {
@@ -100,23 +124,21 @@ DA2EXT_ALWAYS_INLINE void pool_pixels_body(const scalar_t* pixels, int64_t C, in
   for (int64_t i = 0; i < len; ++i) {
     const scalar_t* p = pixels + i * C;
     acc_t sum = 0;
-    DA2EXT_VECTORIZE_SUM(sum)
+    acc_t top = -std::numeric_limits<acc_t>::infinity();
+    int has_nan = 0;
+    DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, has_nan)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(p[c]);
       row_sums[c] += v;
       sum += v;
+      top = v > top ? v : top;
+      has_nan |= static_cast<int>(math::is_nan(v));
     }
-    acc_t max = static_cast<acc_t>(p[0]);
-    int32_t index = 0;
-    for (int64_t c = 1; c < C; ++c) {
-      const acc_t v = static_cast<acc_t>(p[c]);
-      const bool take = math::replaces_running_max(v, max);
-      max = take ? v : max;
-      index = take ? static_cast<int32_t>(c) : index;
-    }
+    const int64_t index = has_nan ? first_channel<scalar_t, acc_t>(p, C, [](acc_t v) { return math::is_nan(v); })
+                                  : first_channel<scalar_t, acc_t>(p, C, [top](acc_t v) { return v == top; });
     mean_out[i] = static_cast<scalar_t>(sum / static_cast<acc_t>(C));
-    max_out[i] = static_cast<scalar_t>(max);
-    argmax_out[i] = index;
+    max_out[i] = p[index];
+    argmax_out[i] = static_cast<int32_t>(index);
   }
 }
 

@@ -12,6 +12,8 @@
 // not vectorise without permission to reassociate; '#pragma omp simd reduction'
 // gives it for the loop that follows only. The summation order is then fixed by
 // the binary, so results stay deterministic run to run.
+// DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, flag): the same for a loop that also keeps
+// a running max (exact, whatever the order) and an or-ed int flag.
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -25,6 +27,9 @@
 #define DA2EXT_PRAGMA(x) _Pragma(#x)
 #if defined(_OPENMP) || defined(DA2EXT_OPENMP_SIMD)
 #define DA2EXT_VECTORIZE_SUM(var) DA2EXT_PRAGMA(omp simd reduction(+ : var))
+#define DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, flag) \
+  DA2EXT_PRAGMA(omp simd reduction(+ : sum) reduction(max : top) reduction(| : flag))
 #else
 #define DA2EXT_VECTORIZE_SUM(var)
+#define DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, flag)
 #endif
