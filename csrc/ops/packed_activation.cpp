@@ -21,14 +21,6 @@ void check_activation_tensor(const at::Tensor& t, const char* op, const char* na
               t.strides(), " for shape ", t.sizes());
 }
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::Tensor empty_in_memory_order(const at::Tensor& like) {
-  return at::empty(like.sizes(), like.options(),
-                   is_channels_last(like) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
 
 void check_activation_upper(double upper, const char* op) {
   TORCH_CHECK(upper > 0, op, ": upper must be > 0 (+inf for ReLU, 6 for ReLU6), got ", upper);

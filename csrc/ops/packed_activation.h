@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "memory_order.h"
+
 namespace da2ext {
 namespace ops {
 
@@ -17,12 +19,6 @@ namespace ops {
 // mask's bit i is memory element i whichever it is.
 void check_activation_tensor(const at::Tensor& t, const char* op, const char* name);
 
-// Whether `t` is channels_last and not also contiguous (C == 1 or H == W == 1
-// make both orders one).
-bool is_channels_last(const at::Tensor& t);
-
-// A new uninitialised tensor of `like`'s sizes and options in its memory order.
-at::Tensor empty_in_memory_order(const at::Tensor& like);
 
 // upper must be > 0 (+inf allowed, NaN not).
 void check_activation_upper(double upper, const char* op);

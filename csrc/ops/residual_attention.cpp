@@ -3,6 +3,8 @@
 // torch.ops.da2ext.* dispatches on the input's device like any ATen op.
 #include "residual_attention.h"
 
+#include "memory_order.h"
+
 #include <torch/library.h>
 
 #include <limits>
@@ -34,7 +36,7 @@ FeatureShape check_feature_map(const at::Tensor& t, const char* op, const char* 
                 " for shape ", t.sizes());
   }
   FeatureShape s;
-  s.channels_last = !nchw;
+  s.channels_last = is_channels_last(t);
   s.N = t.size(0);
   s.C = t.size(1);
   s.H = t.size(2);

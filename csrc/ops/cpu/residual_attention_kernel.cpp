@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../memory_order.h"
 #include "../residual_attention.h"
 #include "../residual_attention_math.h"
 #include "residual_attention_loops.h"
@@ -43,11 +44,6 @@ struct Tiling {
 // Elementwise passes: enough planes per task to amortise scheduling on small maps.
 int64_t plane_grain(int64_t HW) {
   return std::max<int64_t>(1, 32768 / HW);
-}
-
-// The outputs the size of the feature map keep its memory order.
-at::MemoryFormat memory_format_of(const FeatureShape& s) {
-  return s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 Mode mode_of(bool multiplicative) {
@@ -202,7 +198,7 @@ at::Tensor attention_apply_cpu(const at::Tensor& input, const at::Tensor& gate_c
                                const at::Tensor& gate_spatial, bool multiplicative) {
   const FeatureShape s = check_feature_map(input, "attention_apply", "input", /*allow_channels_last=*/true);
   check_gates(input, s, gate_channel, gate_spatial, "attention_apply");
-  at::Tensor output = at::empty_like(input, input.options(), memory_format_of(s));
+  at::Tensor output = empty_in_memory_order(input);  // keeps the feature map's order
   if (s.N == 0) {
     return output;
   }
@@ -250,7 +246,7 @@ at::Tensor attention_input_grad_cpu(const at::Tensor& grad_output, const at::Ten
   const FeatureShape s = check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
   check_gates(grad_output, s, gate_channel, gate_spatial, op);
   check_descriptor_grads(grad_output, s, grad_channel_mean, grad_spatial, argmax, op);
-  at::Tensor grad_input = at::empty_like(grad_output, grad_output.options(), memory_format_of(s));
+  at::Tensor grad_input = empty_in_memory_order(grad_output);
   if (s.N == 0) {
     return grad_input;
   }
