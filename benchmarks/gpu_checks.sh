@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything da2ext checks on a CUDA GPU, in one go, for a short lease of a GPU machine:
-# build, the kernels against the reference, the CUDA tests, the two GPU benchmark
-# tables, and compute-sanitizer (most important first).
+# build, the kernels against the reference, the CUDA tests, the GPU benchmark
+# tables, compute-sanitizer, the CUDA graph table (most important first).
 #
 #   OUT=/some/dir TAG=h100 ARCH=9.0 bash benchmarks/gpu_checks.sh
 #
@@ -70,10 +70,6 @@ timeout 120 $PY -m pytest benchmarks/test_packed_activation_benchmark.py --bench
   -p no:cacheprovider --benchmark-columns min,median,max,rounds --benchmark-json "$OUT/packed_activation_$TAG.json"
 check
 
-step "step time eager and as one CUDA graph (CUDAGraphStep)"
-timeout 240 $PY benchmarks/cuda_graph_table.py --tag "$TAG" --out-dir "$OUT"
-check
-
 step "compute-sanitizer memcheck"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/exercise_cuda_kernels.py \
   > "$OUT/memcheck.log" 2>&1
@@ -85,6 +81,10 @@ timeout 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/exerc
   > "$OUT/racecheck.log" 2>&1
 check
 grep -E "RACECHECK SUMMARY|ERROR SUMMARY|mismatches" "$OUT/racecheck.log"
+
+step "step time eager and as one CUDA graph (CUDAGraphStep)"
+timeout 240 $PY benchmarks/cuda_graph_table.py --tag "$TAG" --out-dir "$OUT"
+check
 
 step "compute-sanitizer initcheck (uninitialised reads; informational)"
 timeout 90 compute-sanitizer --tool initcheck $PY tools/exercise_cuda_kernels.py --kernels-only \

@@ -7,6 +7,7 @@ Trainable: the adaptors, the frozen BNs' shifts and the head, each switchable.
 The model keeps its own class and forward, so everything that worked on it
 (torch.save of its state_dict, hooks, timm's forward_features) still does.
 """
+import functools
 import warnings
 
 import torch
@@ -56,12 +57,22 @@ class AdaptedBlock(nn.Module):
         return self.adaptor(y.to(dtype)).to(y.dtype)  # casts keep nothing for backward
 
 
-def _cpu_input_channels_last(module, inputs):
-    """Forward pre-hook of a lean model: a CPU image batch goes in channels_last,
-    the memory order the lean backbone keeps from there on (memory_order.py)."""
-    if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() == 4 and inputs[0].device.type == "cpu":
-        return (inputs[0].contiguous(memory_format=torch.channels_last),) + tuple(inputs[1:])
-    return None
+def _input_in_backbone_order(cpu_channels_last, module, inputs):
+    """Forward pre-hook of a lean model: puts a 4-D image batch in the memory order
+    the lean backbone keeps from there on (memory_order.py). On the CPU that is
+    channels_last where `cpu_channels_last` (oneDNN's frozen convs then need no
+    reorders; NCHW inputs are fine too otherwise). On CUDA it is NCHW: cuDNN would
+    carry a channels_last batch through, and the CUDA adaptor kernels take NCHW."""
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() != 4:
+        return None
+    x = inputs[0]
+    if x.device.type == "cpu":
+        if not cpu_channels_last:
+            return None
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = x.contiguous()
+    return (x,) + tuple(inputs[1:])
 
 
 def supported_family(model):
@@ -240,7 +251,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         CPU (a forward pre-hook converts the model's input; every lean module
         keeps its input's memory order). oneDNN's frozen convolutions need no
         layout reorders there, which makes the CPU step faster (README, "What a
-        training step keeps"). Same values either way; CUDA runs NCHW.
+        training step keeps"). Same values either way. CUDA runs NCHW (a
+        channels_last batch is made NCHW there).
 
     A block it cannot rewrite runs unchanged (frozen, eval mode, plain autograd)
     and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
@@ -278,8 +290,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     _set_head(model, family, Head(in_features, num_classes))
     model.to(device)
     model._da2ext_adapted = True
-    if lean and cpu_channels_last:
-        model.register_forward_pre_hook(_cpu_input_channels_last)
+    if lean:
+        model.register_forward_pre_hook(functools.partial(_input_in_backbone_order, cpu_channels_last))
     if rewriter.unchanged:
         warnings.warn("da2ext.adapt: {} module(s) run unchanged (frozen, eval mode, plain autograd: they keep "
                       "their activations for backward): {}".format(

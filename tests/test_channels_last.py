@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import da2ext
-from conftest import adaptor_pair, relative_error
+from conftest import adaptor_pair, all_devices, relative_error
 from da2ext.adapt import AdaptedBlock
 from da2ext.conv_passes import conv2d_forward, conv2d_input_grad
 from da2ext.frozen_conv import FrozenConvBNAct
@@ -249,3 +249,21 @@ def test_cpu_channels_last_must_be_a_bool():
     original, _ = make_original("resnet18")
     with pytest.raises(TypeError, match="cpu_channels_last must be True or False"):
         da2ext.adapt(original, 10, cpu_channels_last="yes")
+
+
+@pytest.mark.parametrize("device", [d for d in all_devices() if d != "cpu"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cuda_model_takes_a_channels_last_batch(family, device):
+    """The CUDA adaptor kernels take NCHW only; the model's pre-hook makes a
+    channels_last CUDA batch NCHW, so it gives what the NCHW batch gives."""
+    original, shape = make_original(family)
+    model = adapt_quietly(copy.deepcopy(original), 10).to(device).eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(device)
+    results = []
+    for batch in (x, x.contiguous(memory_format=CL)):
+        xi = batch.clone().requires_grad_()
+        y = model(xi)
+        y.sum().backward()
+        results.append((y, xi.grad))
+    assert relative_error(results[1][0], results[0][0]) < 1e-5
+    assert relative_error(results[1][1], results[0][1]) < 1e-5

@@ -75,9 +75,10 @@ def exercise_adaptor(shape, dtype, mode, failures):
         check(tag + " grad " + name, p.grad, p_ref.grad, dtype, failures)
 
 
-def exercise_packed_activation(shape, dtype, upper, failures):
+def exercise_packed_activation(shape, dtype, upper, memory_format, failures):
     torch.manual_seed(1)
-    x = (torch.randn(shape, device=DEVICE) * 4).to(dtype).detach().requires_grad_()
+    x = (torch.randn(shape, device=DEVICE) * 4).to(dtype).contiguous(memory_format=memory_format)
+    x = x.detach().requires_grad_()
     y = da2ext.packed_activation(x, upper)
     x_ref = x.detach().double().requires_grad_()
     y_ref = x_ref.clamp(0, upper) if upper != float("inf") else x_ref.clamp(min=0)
@@ -85,7 +86,10 @@ def exercise_packed_activation(shape, dtype, upper, failures):
     y.backward(grad.to(dtype))
     y_ref.backward(grad)
     synchronize(torch.device(DEVICE))
-    tag = "packed_activation upper={} {} {}".format(upper, tuple(shape), str(dtype).replace("torch.", ""))
+    tag = "packed_activation upper={} {} {} {}".format(upper, tuple(shape), str(dtype).replace("torch.", ""),
+                                                       str(memory_format).replace("torch.", ""))
+    if not y.is_contiguous(memory_format=memory_format):
+        failures.append(tag + ": the output lost the input's memory order")
     check(tag + " forward", y, y_ref, dtype, failures)
     check(tag + " grad input", x.grad, x_ref.grad, dtype, failures)
     in_place = x.detach().clone()
@@ -149,7 +153,8 @@ def main(argv):
             for mode in ("add", "mul"):
                 exercise_adaptor(shape, dtype, mode, failures)
             for upper in (float("inf"), 6.0):
-                exercise_packed_activation(shape, dtype, upper, failures)
+                for memory_format in (torch.contiguous_format, torch.channels_last):
+                    exercise_packed_activation(shape, dtype, upper, memory_format, failures)
     if "--kernels-only" not in argv:
         exercise_adapted_model(failures)
     print("{} mismatches".format(len(failures)))
