@@ -16,6 +16,7 @@ from torch import nn
 
 from .adaptor import ResidualAttentionAdaptor
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
+from .frozen_conv import FrozenConvBNAct
 from .lean_max_pool import LeanMaxPool2d
 from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 
@@ -292,6 +293,10 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     model._da2ext_adapted = True
     if lean:
         model.register_forward_pre_hook(functools.partial(_input_in_backbone_order, cpu_channels_last))
+        if cpu_channels_last and device.type == "cpu":
+            for module in model.modules():
+                if isinstance(module, FrozenConvBNAct):
+                    module.hold_weight_in(torch.channels_last)
     if rewriter.unchanged:
         warnings.warn("da2ext.adapt: {} module(s) run unchanged (frozen, eval mode, plain autograd: they keep "
                       "their activations for backward): {}".format(

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
 from .conv_passes import conv2d_forward, conv2d_input_grad
-from .memory_order import CONTIGUOUS, dense, in_memory_order, memory_order
+from .memory_order import CHANNELS_LAST, CONTIGUOUS, dense, in_memory_order, memory_order
 from .packed_activation import packed_activation_backward
 
 __all__ = ["FrozenConvBNAct", "activate_inplace", "activation_upper", "same_padding"]
@@ -269,11 +269,32 @@ class FrozenConvBNAct(nn.Module):
         return cls(weight.to(dtype).contiguous(), frozen_bias.to(bias_dtype), shift.to(bias_dtype), conv.stride,
                    (0, 0) if tf_same else conv.padding, conv.dilation, conv.groups, tf_same, upper, train_shift)
 
+    def _weight_for(self, x):
+        """The folded weight, held in the memory order that suits `x` (dense): channels_last
+        for a channels_last CPU input, else contiguous. oneDNN reorders a contiguous
+        k x k weight to channels_last in every forward and input-gradient pass of a
+        channels_last input, and a channels_last weight would turn an NCHW input's
+        result channels_last (on cuDNN too). The buffer itself is converted, once,
+        when the order it needs changes; 1x1 weights are in both orders already, and
+        an input in both (1 x 1 maps, one channel) takes the weight as it is."""
+        if x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return self.weight
+        self.hold_weight_in(torch.channels_last if x.device.type == "cpu" and memory_order(x) == CHANNELS_LAST
+                            else torch.contiguous_format)
+        return self.weight
+
+    def hold_weight_in(self, memory_format):
+        """Store the folded weight in `memory_format` (adapt() does it for the CPU's
+        channels_last up front, so that no forward converts it)."""
+        if not self.weight.is_contiguous(memory_format=memory_format):
+            self.weight = self.weight.contiguous(memory_format=memory_format)
+
     def forward(self, x):
-        x = x.to(self.weight.dtype)
+        x = dense(x.to(self.weight.dtype))
+        weight = self._weight_for(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.shift.requires_grad):
             if kernels_available(x.device.type) or self.upper is None:
-                return FrozenConvBNActFunction.apply(dense(x), None, self.weight, self.frozen_bias, self.shift,
+                return FrozenConvBNActFunction.apply(x, None, weight, self.frozen_bias, self.shift,
                                                      self.stride, self.padding, self.dilation, self.groups,
                                                      self.tf_same, self.upper)
             warn_fallback(x.device.type)
@@ -290,15 +311,16 @@ class FrozenConvBNAct(nn.Module):
         if self.upper is not None or self.tf_same:
             raise ValueError("forward_add_activation is for a conv without activation or TF padding "
                              "(this one: activation upper={}, tf_same={})".format(self.upper, self.tf_same))
-        x = x.to(self.weight.dtype)
-        return FrozenConvBNActFunction.apply(dense(x), residual.to(self.weight.dtype), self.weight,
+        x = dense(x.to(self.weight.dtype))
+        return FrozenConvBNActFunction.apply(x, residual.to(self.weight.dtype), self._weight_for(x),
                                              self.frozen_bias, self.shift, self.stride, self.padding, self.dilation,
                                              self.groups, False, upper)
 
     def _conv(self, x, bias):
         if self.tf_same:
             x, _ = _pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
-        return conv2d_forward(dense(x), self.weight, bias, self.stride, self.padding, self.dilation,
+        x = dense(x)
+        return conv2d_forward(x, self._weight_for(x), bias, self.stride, self.padding, self.dilation,
                               self.groups)
 
     def _plain_autograd(self, x):

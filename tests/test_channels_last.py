@@ -175,6 +175,39 @@ def test_frozen_conv_channels_last_matches_nchw(conv_args, activation):
     assert saved_cl == saved
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "autograd"])
+def test_frozen_weight_follows_the_input_order(requires_grad):
+    """A k x k folded weight is held channels_last while channels_last CPU inputs come
+    (oneDNN would reorder it in every pass), and contiguous again for an NCHW input,
+    whose result then stays NCHW."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False).double()
+    layer = FrozenConvBNAct.fold(conv, _random_conv_bn(conv).double(), nn.ReLU(), dtype=torch.float64)
+    x = torch.randn(2, 16, 12, 10, dtype=torch.float64)
+    expected = layer(x).detach()
+    for memory_format in (CL, torch.contiguous_format, CL):
+        y = layer(x.contiguous(memory_format=memory_format).requires_grad_(requires_grad))
+        assert y.is_contiguous(memory_format=memory_format)
+        assert layer.weight.is_contiguous(memory_format=memory_format)
+        assert relative_error(y.detach(), expected) < 1e-12
+    # An input in both orders (1 x 1 maps) takes the weight as it is: no conversion
+    # inside a forward, where a counter would see the converted copy as kept.
+    layer(torch.randn(2, 16, 1, 1, dtype=torch.float64).requires_grad_(requires_grad))
+    assert layer.weight.is_contiguous(memory_format=CL) and not layer.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("cpu_channels_last", [True, False])
+def test_adapt_holds_frozen_weights_in_the_cpu_order(cpu_channels_last):
+    """adapt() stores the k x k frozen weights channels_last up front (so no forward
+    converts them, and no converted copy is counted as kept for backward)."""
+    original, _ = make_original("mobilenet_v2")
+    model = adapt_quietly(original, 10, cpu_channels_last=cpu_channels_last)
+    layers = [m for m in model.modules() if isinstance(m, FrozenConvBNAct) and m.weight.shape[-1] > 1]
+    assert layers
+    memory_format = CL if cpu_channels_last else torch.contiguous_format
+    assert all(m.weight.is_contiguous(memory_format=memory_format) for m in layers)
+
+
 def test_timm_same_padding_keeps_channels_last():
     pytest.importorskip("timm")
     from timm.layers import create_conv2d
