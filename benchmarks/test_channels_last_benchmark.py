@@ -9,7 +9,10 @@ NCHW against channels_last, the order adapt() runs the CPU backbone in
   x in each order, and the eager reference on the channels_last x;
 - frozen conv: one frozen conv-BN-ReLU layer's forward and backward (the
   input gradient and the BN shift's; never a weight gradient) with x in each
-  order, at ResNet-50's 1x1 and 3x3 shapes at batch 8.
+  order, at ResNet-50's 1x1 and 3x3 shapes at batch 8;
+- max pool: ResNet-50's stem pool (3x3, stride 2, at batch 8) forward and
+  input gradient, LeanMaxPool2d (a uint8 window offset kept) against torch's
+  max_pool2d (int64 indices kept), in each order.
 
 Each benchmark group holds one shape's variants, so pytest-benchmark prints
 them side by side. float32, torch's default thread count.
@@ -22,6 +25,7 @@ import da2ext
 from bench_settings import device_name, pedantic_settings, shape_id
 from da2ext import reference
 from da2ext.frozen_conv import FrozenConvBNAct
+from da2ext.lean_max_pool import LeanMaxPool2d
 
 pytestmark = pytest.mark.skipif(da2ext.backend("cpu") != "cpu", reason="the channels_last loops are CPU kernels")
 
@@ -87,3 +91,22 @@ def test_frozen_conv_layer(benchmark, order, conv):
     _info(benchmark, "frozen_conv", order, shape + (c_out, kernel, stride))
     y = benchmark.pedantic(step, **pedantic_settings("cpu"))
     assert y.is_contiguous(memory_format=ORDERS[order]) and x.grad.is_contiguous(memory_format=ORDERS[order])
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+@pytest.mark.parametrize("pool", ["lean", "torch"])
+def test_stem_max_pool(benchmark, pool, order):
+    shape = (8, 64, 112, 112)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).contiguous(memory_format=ORDERS[order]).requires_grad_()
+    g = torch.randn(8, 64, 56, 56, generator=generator).contiguous(memory_format=ORDERS[order])
+    module = LeanMaxPool2d(3, 2, 1) if pool == "lean" else nn.MaxPool2d(3, 2, 1)
+
+    def step():
+        y = module(x)
+        grad, = torch.autograd.grad(y, x, g)
+        return grad
+
+    _info(benchmark, "max_pool", "{}-{}".format(pool, order), shape)
+    grad = benchmark.pedantic(step, **pedantic_settings("cpu"))
+    assert grad.is_contiguous(memory_format=ORDERS[order])
