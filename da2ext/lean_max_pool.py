@@ -51,7 +51,10 @@ def _offsets(plane_index, kernel_size, stride, padding, dilation, width):
     if (kernel_size[1] - 1) * dilation[1] < width:
         # A window's columns are fewer than a row's, so each step belongs to one window
         # position: a lookup table from step to position, one gather.
-        table = torch.zeros(int(steps[-1]) + 1, dtype=torch.uint8, device=plane_index.device)
+        # Sized from the Python ints, not from `steps` (reading a CUDA tensor on the host
+        # would synchronise, and CUDAGraphStep cannot capture that).
+        farthest = (kernel_size[0] - 1) * dilation[0] * width + (kernel_size[1] - 1) * dilation[1]
+        table = torch.zeros(farthest + 1, dtype=torch.uint8, device=plane_index.device)
         table[steps] = torch.arange(steps.numel(), device=plane_index.device).to(torch.uint8)
         order = memory_order(plane_index)
         return from_memory_view(table.take(memory_view(step, order)), order)

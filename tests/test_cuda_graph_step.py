@@ -167,3 +167,35 @@ def test_batches_of_another_shape_and_changed_learning_rates_are_refused():
     optimizer.param_groups[0]["lr"] *= 0.5
     with pytest.raises(ValueError, match="learning rates changed since capture"):
         step(inputs, targets)
+
+
+@pytest.mark.parametrize("family", ["resnet18", "mobilenet_v2", "tf_efficientnet_lite0"])
+def test_lean_step_never_reads_a_tensor_on_the_host(family):
+    """A CUDA graph cannot capture a device-to-host read (.item(), int(t), a
+    data-dependent shape): aten::_local_scalar_dense, whatever the device. The
+    lean model's whole training step is run here on the CPU under a dispatch mode
+    that records every op, so CI without a GPU sees such a read too (the stem
+    pool's table size once came from one and broke CUDAGraphStep on the H100)."""
+    dispatch = pytest.importorskip("torch.utils._python_dispatch")
+    from test_adapt import adapt_quietly, make_original
+
+    class HostReads(dispatch.TorchDispatchMode):
+        def __init__(self):
+            super(HostReads, self).__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    original, shape = make_original(family)
+    model = adapt_quietly(original, 10)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    inputs, targets = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    for _ in range(2):  # the second step has momentum buffers to update
+        with HostReads() as mode:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+        assert mode.reads == [], "{} host reads in one training step".format(len(mode.reads))
