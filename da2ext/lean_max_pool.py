@@ -46,13 +46,13 @@ def _window_steps(kernel_size, dilation, width, device):
 def _offsets(plane_index, kernel_size, stride, padding, dilation, width):
     """The window position (uint8) of each max, from its plane index."""
     out_h, out_w = plane_index.shape[-2:]
-    steps = _window_steps(kernel_size, dilation, width, plane_index.device)
     step = plane_index - _window_starts(out_h, out_w, stride, padding, width, plane_index.device)
     if (kernel_size[1] - 1) * dilation[1] < width:
         # A window's columns are fewer than a row's, so each step belongs to one window
-        # position: a lookup table from step to position, one gather.
-        # Sized from the Python ints, not from `steps` (reading a CUDA tensor on the host
-        # would synchronise, and CUDAGraphStep cannot capture that).
+        # position: a lookup table from step to position, one gather. Sized from Python
+        # ints, not from `steps` (reading a CUDA tensor on the host would synchronise,
+        # and CUDAGraphStep cannot capture that).
+        steps = _window_steps(kernel_size, dilation, width, plane_index.device)
         farthest = (kernel_size[0] - 1) * dilation[0] * width + (kernel_size[1] - 1) * dilation[1]
         table = torch.zeros(farthest + 1, dtype=torch.uint8, device=plane_index.device)
         table[steps] = torch.arange(steps.numel(), device=plane_index.device).to(torch.uint8)
@@ -97,7 +97,7 @@ class LeanMaxPool2dFunction(torch.autograd.Function):
         grad_output = in_memory_order(grad_output, ctx.order)
         grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
             grad_output, like_input, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode,
-            in_memory_order(plane_index, ctx.order))
+            plane_index)
         return grad_input, None, None, None, None, None
 
 

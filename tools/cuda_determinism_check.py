@@ -48,9 +48,9 @@ def worst_differences(a, b, count=3):
 
 
 def _leave_junk_in_cache(value, device):
-    """Fill free blocks of the CUDA caching allocator (or of the CPU's malloc) with `value`: tensors of every
-    power-of-two size from 4 KiB to 256 MiB, written and freed. Later torch.empty
-    calls get these blocks back as they were left."""
+    """Fill free blocks of the CUDA caching allocator (or of the CPU's malloc) with
+    `value`: tensors of every power-of-two size from 4 KiB to 256 MiB, written and
+    freed. Later torch.empty calls get these blocks back as they were left."""
     blocks = [torch.full((2 ** k,), value, device=device) for k in range(10, 27)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
