@@ -58,6 +58,25 @@ def pedantic_settings(device):
     )
 
 
+def training_step(module, x, grad_output):
+    """A closure for benchmark.pedantic: one training step of `module` on `x` (forward,
+    then backward of `grad_output`) that returns the output. Gradients start fresh each
+    call, so no step pays for accumulating into old ones; on CUDA it waits for the GPU."""
+    cuda = x.device.type == "cuda"
+
+    def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        y = module(x)
+        y.backward(grad_output)
+        if cuda:
+            torch.cuda.synchronize()
+        return y
+
+    return step
+
+
 def _cpu_name():
     name = platform.processor()
     if name:

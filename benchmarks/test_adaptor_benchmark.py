@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import da2ext
-from bench_settings import DEVICE_DTYPES, device_name, pedantic_settings, shape_id
+from bench_settings import DEVICE_DTYPES, device_name, pedantic_settings, shape_id, training_step
 from da2ext import reference
 
 # ResNet-50 stage outputs (conv2_x .. conv5_x) at batch 8.
@@ -77,15 +77,7 @@ def test_adaptor_forward_backward(benchmark, implementation, mode, shape, device
     saved = da2ext.saved_bytes(module, x)
     input_bytes = x.numel() * x.element_size()
 
-    def step():
-        # Fresh gradients each call, so no step pays for accumulating into old ones.
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        y = module(x)
-        y.backward(g)
-        if cuda:
-            torch.cuda.synchronize()
+    step = training_step(module, x, g)
 
     benchmark.group = "{}-{}-{}-{}".format(device, dtype, mode, shape_id(shape))
     info = benchmark.extra_info

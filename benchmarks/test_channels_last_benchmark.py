@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import da2ext
-from bench_settings import device_name, pedantic_settings, shape_id
+from bench_settings import device_name, pedantic_settings, shape_id, training_step
 from da2ext import reference
 from da2ext.frozen_conv import FrozenConvBNAct
 from da2ext.lean_max_pool import LeanMaxPool2d
@@ -54,16 +54,8 @@ def test_adaptor_step(benchmark, variant, shape):
     x = torch.randn(shape, generator=generator).contiguous(memory_format=ORDERS[order]).requires_grad_()
     g = torch.randn(shape, generator=generator).contiguous(memory_format=ORDERS[order])
 
-    def step():
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        y = module(x)
-        y.backward(g)
-        return y
-
     _info(benchmark, "adaptor", variant, shape)
-    y = benchmark.pedantic(step, **pedantic_settings("cpu"))
+    y = benchmark.pedantic(training_step(module, x, g), **pedantic_settings("cpu"))
     assert y.is_contiguous(memory_format=ORDERS[order])
 
 
@@ -81,15 +73,8 @@ def test_frozen_conv_layer(benchmark, order, conv):
         out_shape = layer(x).shape
     g = torch.randn(out_shape, generator=generator).contiguous(memory_format=ORDERS[order])
 
-    def step():
-        x.grad = None
-        layer.shift.grad = None
-        y = layer(x)
-        y.backward(g)
-        return y
-
     _info(benchmark, "frozen_conv", order, shape + (c_out, kernel, stride))
-    y = benchmark.pedantic(step, **pedantic_settings("cpu"))
+    y = benchmark.pedantic(training_step(layer, x, g), **pedantic_settings("cpu"))
     assert y.is_contiguous(memory_format=ORDERS[order]) and x.grad.is_contiguous(memory_format=ORDERS[order])
 
 
