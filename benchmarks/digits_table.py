@@ -292,12 +292,16 @@ def markdown(summary, domains, meta):
     targets = check_targets(summary)
     if targets:
         lines += [""] + ["- " + line for line in targets]
+    if meta.get("sweep_seconds"):
+        jobs = meta.get("sweep_jobs", 1)
+        sweep = "{:.0f} min for the sweep{}".format(meta["sweep_seconds"] / 60.0, "" if jobs == 1 else (
+            " ({} runs at a time share the CPU there, so its sum exceeds its wall time)".format(jobs)))
+    else:
+        sweep = "no learning-rate sweep"
     lines += ["", "Measured on {} with torch {}, {}. Training and evaluation, summed over the runs (each run's "
-              "process start, a few seconds, not counted): {:.0f} min for the table, {:.0f} min for the sweep (2 "
-              "runs at a time share the CPU there, so its sum exceeds its wall time); this invocation {:.0f} min "
-              "(finished runs are reused).".format(meta["machine"], meta["torch"], meta["date"],
-                                                   meta["run_seconds"] / 60.0, meta["sweep_seconds"] / 60.0,
-                                                   meta["seconds"] / 60.0)]
+              "process start, a few seconds, not counted): {:.0f} min for the table, {}; this invocation {:.0f} "
+              "min (finished runs are reused).".format(meta["machine"], meta["torch"], meta["date"],
+                                                      meta["run_seconds"] / 60.0, sweep, meta["seconds"] / 60.0)]
     return "\n".join(lines) + "\n"
 
 
@@ -441,7 +445,7 @@ def main(argv=None):
                                                                                      os.cpu_count()),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seconds": int(time.time() - start),
             "run_seconds": int(math.fsum(r["total_time"] for r in records)),
-            "sweep_seconds": int(math.fsum(r["total_time"] for r in sweep))}
+            "sweep_seconds": int(math.fsum(r["total_time"] for r in sweep)), "sweep_jobs": args.sweep_jobs}
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)
     stem = os.path.join(args.out_dir, args.tag)
