@@ -17,6 +17,7 @@ import sys
 from . import backbones
 from . import methods as methods_registry
 from .digits import DOMAINS as DOMAIN_NAMES
+from .trainable import PARAMETER_GROUPS
 
 __all__ = ["build_parser", "main"]
 
@@ -50,6 +51,16 @@ def _number_type(cast, expected, accept):
 _positive_int = _number_type(int, "a positive integer", lambda value: value >= 1)
 _non_negative_int = _number_type(int, "an integer >= 0", lambda value: value >= 0)
 _positive_float = _number_type(float, "a positive number", lambda value: value > 0)  # also refuses NaN
+_rate = _number_type(float, "a finite number >= 0", lambda value: 0 <= value < float("inf"))  # NaN fails too
+
+
+def _group_rate(text):
+    """GROUP=RATE, e.g. adaptors=0 -> ("adaptors", 0.0)."""
+    group, sep, rate = text.partition("=")
+    if not sep or group not in PARAMETER_GROUPS:
+        raise argparse.ArgumentTypeError("expected GROUP=RATE with GROUP one of {}, got {!r}".format(
+            ", ".join(PARAMETER_GROUPS), text))
+    return group, _rate(rate)
 
 
 def _method(text):
@@ -140,6 +151,10 @@ def build_parser():
     p.add_argument("--workdir", default="runs", metavar="RUNS", help="work directory (default: runs)")
     _add_model_arguments(p)
     _add_training_arguments(p)
+    p.add_argument("--lr", type=_group_rate, action="append", metavar="GROUP=RATE",
+                   help="Adam rate for one parameter group ({}) in place of the method's, before --lr-scale; "
+                        "repeatable. adaptors=0 keeps da2's adaptors as they start (an ablation)".format(
+                            ", ".join(PARAMETER_GROUPS)))
     p.set_defaults(run=_train)
 
     p = commands.add_parser(
@@ -241,13 +256,22 @@ def _train(args):
         raise CommandError(str(error))
     work = WorkDir(args.workdir)
     model = _build(args)
+    learning_rates = dict(args.lr or ())
+    if len(learning_rates) != len(args.lr or ()):
+        raise CommandError("--lr names a group twice: {}".format(
+            ", ".join("{}={:g}".format(group, rate) for group, rate in args.lr)))
+    try:
+        model.method.param_groups(model.model, args.lr_scale, learning_rates)  # groups it trains, before the data
+    except ValueError as error:
+        raise CommandError("--lr: {}".format(error))
     try:
         earlier = load_saved_domains(model, work, skip=(name,))
         if earlier:
             print("domains learned earlier in {} (kept unchanged): {}".format(work.root, ", ".join(earlier)))
         metrics = learn_domain(model, work, name, args.data, epochs=args.epochs, batch_size=args.batch_size,
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
-                               seed=args.seed, backbone=args.backbone, progress=not args.no_progress)
+                               seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
+                               learning_rates=learning_rates)
     except (DataError, DomainFileError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "

@@ -204,11 +204,12 @@ class MultiDomainModel(nn.Module):
             raise RuntimeError("no active domain: call set_domain(name) first")
         return [t for slot, t in self._domain_tensors(self._active).items() if self._slots[slot][0] == "parameter"]
 
-    def param_groups(self, lr_scale=1.0):
-        """The active domain's parameters grouped with the method's learning rates."""
+    def param_groups(self, lr_scale=1.0, learning_rates=None):
+        """The active domain's parameters grouped with the method's learning rates
+        (learning_rates: {group: rate} in place of the method's for those groups)."""
         if self._active is None:
             raise RuntimeError("no active domain: call set_domain(name) first")
-        return self.method.param_groups(self.model, lr_scale)
+        return self.method.param_groups(self.model, lr_scale, learning_rates)
 
     def forward(self, x):
         if self._active is None:

@@ -111,16 +111,21 @@ def _reusable(workdir, model, name, expected):
 
 
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
-                 subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False):
+                 subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
+                 learning_rates=None):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
-    instead when one was learned with the same settings. Returns the metrics."""
+    instead when one was learned with the same settings. learning_rates:
+    {group: rate} in place of the method's rates (training.train_domain).
+    Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
                 "data": os.path.abspath(os.fspath(data_dir))}
     expected = dict(settings, method=method, epochs=int(epochs), batch_size=int(batch_size),
-                    lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint)
+                    lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint,
+                    learning_rates=dict((str(k), float(v)) for k, v in learning_rates.items())
+                    if learning_rates else None)
     if reuse and _reusable(workdir, model, name, expected):
         model.load_domain(workdir.domain_path(method, name), name=name)
         metrics = workdir.read_metrics(method, name)
@@ -133,6 +138,7 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
                            checkpoint_path=workdir.checkpoint_path(method, name),
                            metrics_path=workdir.metrics_path(method, name), progress=progress, seed=seed,
-                           domain_path=workdir.domain_path(method, name), settings=settings)
+                           domain_path=workdir.domain_path(method, name), settings=settings,
+                           learning_rates=learning_rates)
     metrics["reused"] = False
     return metrics

@@ -6,9 +6,10 @@ from .adapt import Head
 from .attention_branch import AttentionBranch
 from .frozen_conv import FrozenConvBNAct
 
-__all__ = ["parameter_groups", "print_trainable_parameters", "trainable_parameters"]
+__all__ = ["PARAMETER_GROUPS", "parameter_groups", "print_trainable_parameters", "trainable_parameters"]
 
 _GROUPS = ("adaptors", "shifts", "head", "other")
+PARAMETER_GROUPS = _GROUPS  # the names learning rates are given for
 
 
 def _group_of_parameters(model):

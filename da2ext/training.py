@@ -112,12 +112,12 @@ def _median(values):
 class _Run(object):
     """The state of one training run that a checkpoint carries."""
 
-    def __init__(self, model, domain, train_loader, epochs, lr_scale, settings):
+    def __init__(self, model, domain, train_loader, epochs, lr_scale, settings, learning_rates=None):
         self.model = model
         self.domain = domain
         self.train_loader = train_loader
         self.settings = settings
-        self.optimizer = torch.optim.Adam(model.param_groups(lr_scale))
+        self.optimizer = torch.optim.Adam(model.param_groups(lr_scale, learning_rates))
         # Decayed per step (not per epoch) along one cosine over the whole run.
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=max(1, int(epochs) * len(train_loader)))
@@ -226,12 +226,14 @@ def _write_json(path, record):
 
 
 def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, checkpoint_path=None,
-                 metrics_path=None, progress=True, seed=0, domain_path=None, settings=None):
+                 metrics_path=None, progress=True, seed=0, domain_path=None, settings=None, learning_rates=None):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
     train_loader: shuffles with its own seeded generator (data.domain_loaders)
         so that a resumed run sees the batches an uninterrupted one would.
     epochs, lr_scale: the run's length; lr_scale multiplies the method's learning rates.
+    learning_rates: {group: rate} in place of the method's rates for those
+        groups (before lr_scale); recorded in the settings when given.
     checkpoint_path: written after every epoch; resumed from when it exists with
         the same settings. Removed once the domain file is written.
     metrics_path: the metrics as JSON, written at the end.
@@ -251,8 +253,11 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     device = device_of(model)
     model.set_domain(domain)
     torch.manual_seed(seed)
+    extra = dict(settings or {})
+    if learning_rates:  # absent otherwise, so that earlier checkpoints still resume
+        extra["learning_rates"] = dict((str(k), float(v)) for k, v in learning_rates.items())
     run = _Run(model, domain, train_loader, epochs, lr_scale,
-               _run_settings(model, domain, train_loader, epochs, lr_scale, seed, settings))
+               _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates)
     if checkpoint_path is not None:
         _resume(run, checkpoint_path, progress)
         directory = os.path.dirname(os.path.abspath(checkpoint_path))

@@ -107,3 +107,53 @@ def test_digits_demo_end_to_end(tmp_path):
     assert [row["domain"] for row in results["domains"]] == ["mnist", "digits", "mnist_m"]
     assert results["earlier_domains_unchanged"] is True
     assert os.path.isfile(os.path.join(workdir, "results.md"))
+
+
+def _adaptor_tensors(domain_file):
+    from safetensors.torch import load_file
+    return dict((k, v) for k, v in load_file(domain_file).items() if ".adaptor." in k)
+
+
+def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, capsys):
+    # --lr adaptors=0 is the ablation "da2 with its adaptors frozen": the step is
+    # then bias_lean's exactly, in the same model (same random start of the head).
+    pytest.importorskip("safetensors")
+    data = tmp_path / "shapes"
+    write_image_folder(str(data), train_per_class=4, val_per_class=3, seed=0)
+    files = {}
+    for tag, extra in (("default", []), ("frozen", ["--lr", "adaptors=0", "--lr", "head=0.05"])):
+        runs = str(tmp_path / tag)
+        status, out, err = run_main(["train", "--data", str(data), "--workdir", runs, "--epochs", "1"] + TINY + extra,
+                                    capsys)
+        assert status == 0, err
+        files[tag] = os.path.join(runs, "domains", "da2", "shapes.safetensors")
+        with open(os.path.join(runs, "metrics", "shapes-da2.json")) as f:
+            metrics = json.load(f)
+        if tag == "frozen":
+            assert metrics["learning_rates"] == {"adaptors": 0.0, "head": 0.05, "shifts": 0.01}
+            assert metrics["settings"]["learning_rates"] == {"adaptors": 0.0, "head": 0.05}
+        else:
+            assert metrics["learning_rates"] == {"adaptors": 0.003, "head": 0.01, "shifts": 0.01}
+            assert "learning_rates" not in metrics["settings"]
+    trained, frozen = _adaptor_tensors(files["default"]), _adaptor_tensors(files["frozen"])
+    gammas = [k for k in frozen if k.endswith(".gamma")]
+    assert gammas and all(float(frozen[k].abs().max()) == 0.0 for k in gammas)
+    assert any(float(trained[k].abs().max()) > 0.0 for k in gammas)  # so the check above can fail
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "adaptor=0"], "GROUP=RATE with GROUP one of adaptors, shifts, head, other"),
+    (["--lr", "head"], "GROUP=RATE"),
+    (["--lr", "head=-1"], "a finite number >= 0, got -1.0"),
+    (["--lr", "head=nan"], "a finite number >= 0"),
+    (["--lr", "head=1", "--lr", "head=2"], "--lr names a group twice: head=1, head=2"),
+    (["--method", "bias_lean", "--lr", "adaptors=0"],
+     "--lr: learning_rates: method bias_lean trains no parameters in group(s) adaptors; its groups here: head, shifts"),
+])
+def test_bad_lr_says_what_is_allowed(tmp_path, capsys, argv, message):
+    data = tmp_path / "shapes"
+    write_image_folder(str(data), train_per_class=2, val_per_class=1, seed=0)
+    status, _, err = run_main(["train", "--data", str(data), "--workdir", str(tmp_path / "runs")] + TINY + argv,
+                              capsys)
+    assert status == 2 and message in err, err
+    assert not (tmp_path / "runs" / "domains").exists()

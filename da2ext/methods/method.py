@@ -20,11 +20,26 @@ class Method(object):
     def build(self, backbone, num_classes):
         return self._build(backbone, num_classes)
 
-    def param_groups(self, model, lr_scale=1.0):
-        """Optimizer parameter groups of the trainable parameters, each with its lr."""
+    def param_groups(self, model, lr_scale=1.0, learning_rates=None):
+        """Optimizer parameter groups of the trainable parameters, each with its lr.
+
+        learning_rates: {group: rate} in place of the method's own rates for
+        those groups (an ablation: rate 0 keeps a group as it starts); every
+        group named must have trainable parameters in `model`. lr_scale
+        multiplies every rate, these included."""
+        found = parameter_groups(model)
+        overrides = dict(learning_rates or {})
+        unknown = sorted(set(overrides) - set(found))
+        if unknown:
+            raise ValueError("learning_rates: method {} trains no parameters in group(s) {}; its groups here: "
+                             "{}".format(self.name, ", ".join(unknown), ", ".join(sorted(found))))
+        for group, rate in overrides.items():
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate >= 0 or rate == float("inf"):
+                raise ValueError("learning_rates: the rate of group {} must be a finite number >= 0, got {!r}".format(
+                    group, rate))
         groups = []
-        for group, params in sorted(parameter_groups(model).items()):
-            lr = self.learning_rates.get(group, self.learning_rates.get("default"))
+        for group, params in sorted(found.items()):
+            lr = overrides.get(group, self.learning_rates.get(group, self.learning_rates.get("default")))
             if lr is None:
                 raise ValueError("method {}: no learning rate for parameter group {!r}".format(self.name, group))
             groups.append({"params": params, "lr": lr * lr_scale, "name": group})
