@@ -20,7 +20,7 @@ from . import backbones
 from .data import domain_loaders
 from .domain_file import DomainFileError
 from .multidomain import MultiDomainModel
-from .training import train_domain
+from .training import recorded_learning_rates, train_domain
 
 __all__ = ["WorkDir", "build_model", "learn_domain", "load_saved_domains"]
 
@@ -124,8 +124,7 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                 "data": os.path.abspath(os.fspath(data_dir))}
     expected = dict(settings, method=method, epochs=int(epochs), batch_size=int(batch_size),
                     lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint,
-                    learning_rates=dict((str(k), float(v)) for k, v in learning_rates.items())
-                    if learning_rates else None)
+                    learning_rates=recorded_learning_rates(learning_rates))
     if reuse and _reusable(workdir, model, name, expected):
         model.load_domain(workdir.domain_path(method, name), name=name)
         metrics = workdir.read_metrics(method, name)

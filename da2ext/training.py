@@ -95,6 +95,14 @@ def _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra):
     return settings
 
 
+def recorded_learning_rates(learning_rates):
+    """How a run's settings record the rates given in place of the method's
+    ({group: float}), or None when none were given."""
+    if not learning_rates:
+        return None
+    return dict((str(group), float(rate)) for group, rate in learning_rates.items())
+
+
 def _settings_difference(recorded, settings):
     keys = sorted(set(recorded) | set(settings))
     return ["{}: {!r} in the checkpoint, {!r} now".format(k, recorded.get(k), settings.get(k))
@@ -255,7 +263,7 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     torch.manual_seed(seed)
     extra = dict(settings or {})
     if learning_rates:  # absent otherwise, so that earlier checkpoints still resume
-        extra["learning_rates"] = dict((str(k), float(v)) for k, v in learning_rates.items())
+        extra["learning_rates"] = recorded_learning_rates(learning_rates)
     run = _Run(model, domain, train_loader, epochs, lr_scale,
                _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates)
     if checkpoint_path is not None:

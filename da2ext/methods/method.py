@@ -34,7 +34,7 @@ class Method(object):
             raise ValueError("learning_rates: method {} trains no parameters in group(s) {}; its groups here: "
                              "{}".format(self.name, ", ".join(unknown), ", ".join(sorted(found))))
         for group, rate in overrides.items():
-            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate >= 0 or rate == float("inf"):
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < float("inf"):
                 raise ValueError("learning_rates: the rate of group {} must be a finite number >= 0, got {!r}".format(
                     group, rate))
         groups = []
