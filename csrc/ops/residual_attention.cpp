@@ -4,6 +4,7 @@
 #include "residual_attention.h"
 
 #include "memory_order.h"
+#include "residual_attention_math.h"
 
 #include <torch/library.h>
 
@@ -79,11 +80,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_pool_outputs(const at::T
                          at::empty({s.N, s.H, s.W}, input.options().dtype(at::kInt)));
 }
 
-void check_gates(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& gate_channel,
-                 const at::Tensor& gate_spatial, const char* op) {
+GateRank check_gates(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& gate_channel,
+                     const at::Tensor& gate_spatial, const char* op) {
+  TORCH_CHECK(gate_channel.defined(), op, ": gate_channel is undefined");
+  TORCH_CHECK(gate_spatial.defined(), op, ": gate_spatial is undefined");
   const at::ScalarType acc = accumulate_dtype(feature.scalar_type());
-  check_companion(gate_channel, feature, acc, s.N * s.C, op, "gate_channel", "[N, C]");
-  check_companion(gate_spatial, feature, acc, s.N * s.HW, op, "gate_spatial", "[N, H, W]");
+  const bool channel_stacked = gate_channel.dim() == 3, spatial_stacked = gate_spatial.dim() == 4;
+  if (!channel_stacked && !spatial_stacked) {  // the rank-1 form, checked as it always was
+    check_companion(gate_channel, feature, acc, s.N * s.C, op, "gate_channel", "[N, C]");
+    check_companion(gate_spatial, feature, acc, s.N * s.HW, op, "gate_spatial", "[N, H, W]");
+    return GateRank{1, false};
+  }
+  TORCH_CHECK(channel_stacked, op, ": gate_spatial is 4-D ([N, k, H, W], rank k), so gate_channel must be 3-D "
+              "[N, k, C] with the same k (a 2-D gate_channel [N, C] goes with a 3-D gate_spatial [N, H, W]); "
+              "got gate_channel of shape ", gate_channel.sizes(), " and gate_spatial of shape ", gate_spatial.sizes());
+  TORCH_CHECK(spatial_stacked, op, ": gate_channel is 3-D ([N, k, C], rank k), so gate_spatial must be 4-D "
+              "[N, k, H, W] with the same k (a 2-D gate_channel [N, C] goes with a 3-D gate_spatial [N, H, W]); "
+              "got gate_channel of shape ", gate_channel.sizes(), " and gate_spatial of shape ", gate_spatial.sizes());
+  const int64_t k = gate_channel.size(1);
+  TORCH_CHECK(k >= 1 && k <= math::kMaxRank, op, ": gate_channel [N, k, C] must have a rank k between 1 and ",
+              math::kMaxRank, ", got k = ", k, " (shape ", gate_channel.sizes(), ")");
+  TORCH_CHECK(gate_spatial.size(1) == k, op, ": gate_spatial [N, k, H, W] must have the same rank k as gate_channel ",
+              "(k = ", k, "), got k = ", gate_spatial.size(1), " (gate_spatial of shape ", gate_spatial.sizes(),
+              ", gate_channel of shape ", gate_channel.sizes(), ")");
+  check_companion(gate_channel, feature, acc, s.N * k * s.C, op, "gate_channel", "[N, k, C]");
+  check_companion(gate_spatial, feature, acc, s.N * k * s.HW, op, "gate_spatial", "[N, k, H, W]");
+  TORCH_CHECK(gate_channel.sizes() == at::IntArrayRef({s.N, k, s.C}), op, ": gate_channel must have shape [N, k, C] ",
+              at::IntArrayRef({s.N, k, s.C}), ", got ", gate_channel.sizes());
+  TORCH_CHECK(gate_spatial.sizes() == at::IntArrayRef({s.N, k, s.H, s.W}), op,
+              ": gate_spatial must have shape [N, k, H, W] ", at::IntArrayRef({s.N, k, s.H, s.W}), ", got ",
+              gate_spatial.sizes());
+  return GateRank{k, true};
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_reduce_outputs(const at::Tensor& feature, const FeatureShape& s,
+                                                           const GateRank& rank) {
+  const at::TensorOptions options = feature.options().dtype(accumulate_dtype(feature.scalar_type()));
+  if (!rank.stacked) {
+    return std::make_tuple(at::empty({s.N, s.C}, options), at::empty({s.N, s.H, s.W}, options));
+  }
+  return std::make_tuple(at::empty({s.N, rank.k, s.C}, options), at::empty({s.N, rank.k, s.H, s.W}, options));
 }
 
 void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& grad_channel_mean,
@@ -103,14 +139,17 @@ void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, co
 TORCH_LIBRARY(da2ext, m) {
   // (channel_mean [N, C], spatial [N, 2, H, W] = (mean, max over C), argmax [N, H, W] int32)
   m.def("descriptor_pool(Tensor input) -> (Tensor, Tensor, Tensor)");
-  // y = F + gate_channel*gate_spatial (add) or F * (1 + gate_channel*gate_spatial) (mul)
+  // y = F + gate_channel*gate_spatial (add) or F * (1 + gate_channel*gate_spatial) (mul); gates [N, C] and
+  // [N, H, W], or for rank k [N, k, C] and [N, k, H, W] with the sum over j of gate_channel*gate_spatial
   m.def("attention_apply(Tensor input, Tensor gate_channel, Tensor gate_spatial, bool multiplicative) -> Tensor");
   // (channel_sum [N, C] = sum_hw t*gate_spatial, spatial_sum [N, H, W] = sum_c t*gate_channel),
-  // t = grad_output (add) or grad_output*input (mul; input is required then and ignored otherwise)
+  // t = grad_output (add) or grad_output*input (mul; input is required then and ignored otherwise);
+  // rank k: channel_sum [N, k, C], spatial_sum [N, k, H, W], one per term j (outputs shaped like the gates)
   m.def(
       "attention_backward_reduce(Tensor grad_output, Tensor? input, Tensor gate_channel, Tensor gate_spatial, "
       "bool multiplicative) -> (Tensor, Tensor)");
-  // dF: the direct term plus the descriptor paths (grad_spatial holds dL/d mean and dL/d max)
+  // dF: the direct term (scale 1, or 1 + sum_j gate_channel*gate_spatial in mode mul) plus the descriptor
+  // paths (grad_spatial holds dL/d mean and dL/d max)
   m.def(
       "attention_input_grad(Tensor grad_output, Tensor gate_channel, Tensor gate_spatial, Tensor grad_channel_mean, "
       "Tensor grad_spatial, Tensor argmax, bool multiplicative) -> Tensor");

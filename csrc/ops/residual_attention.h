@@ -44,9 +44,24 @@ void check_companion(const at::Tensor& t, const at::Tensor& reference, at::Scala
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_pool_outputs(const at::Tensor& input,
                                                                      const FeatureShape& s);
 
-// Checks of the attention ops' small operands against the feature map.
-void check_gates(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& gate_channel,
-                 const at::Tensor& gate_spatial, const char* op);
+// The rank of the attention the gates describe: k terms, given either in the
+// rank-1 form (gate_channel [N, C], gate_spatial [N, H, W]; k == 1) or stacked
+// (gate_channel [N, k, C], gate_spatial [N, k, H, W]; 1 <= k <= kMaxRank).
+// Memory is [n][j][c] and [n][j][hw] either way.
+struct GateRank {
+  int64_t k;
+  bool stacked;
+};
+
+// Checks of the attention ops' small operands against the feature map; returns their rank.
+GateRank check_gates(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& gate_channel,
+                     const at::Tensor& gate_spatial, const char* op);
+
+// attention_backward_reduce: (channel_sum, spatial_sum) shaped like the gates,
+// [N, C] and [N, H, W] in the rank-1 form, [N, k, C] and [N, k, H, W] stacked;
+// in the accumulation dtype, uninitialised.
+std::tuple<at::Tensor, at::Tensor> allocate_reduce_outputs(const at::Tensor& feature, const FeatureShape& s,
+                                                           const GateRank& rank);
 void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& grad_channel_mean,
                             const at::Tensor& grad_spatial, const at::Tensor& argmax, const char* op);
 

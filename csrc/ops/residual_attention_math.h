@@ -21,11 +21,43 @@ namespace math {
 // The two ways the attention is combined with the block output.
 enum class Mode : int { Add = 0, Mul = 1 };
 
+// Rank k (1 <= k <= kMaxRank): the attention is a sum of k products,
+//   gamma*A[n, c, hw] = sum_j gate_channel[n, j, c] * gate_spatial[n, j, hw]
+// (gate_channel N x k x C, gate_spatial N x k x HW); rank 1 is the case above.
+// The kernels keep today's rank-1 loops for k == 1 and take the rank loop inside
+// their element loop otherwise.
+constexpr int kMaxRank = 16;
+
+// The attention at one element for rank k: sum_j channel[j * channel_stride] *
+// spatial[j * spatial_stride], summed in increasing j (so every kernel, CPU or
+// CUDA, NCHW or channels_last, gets the same bits). For k == 1 it is the rank-1
+// product gate_channel * gate_spatial.
+template <typename acc_t, typename stride_t>
+DA2_HOST_DEVICE acc_t rank_attention(const acc_t* channel, stride_t channel_stride, const acc_t* spatial,
+                                     stride_t spatial_stride, int k) {
+  acc_t attention = channel[0] * spatial[0];
+  for (int j = 1; j < k; ++j) {
+    attention += channel[j * channel_stride] * spatial[j * spatial_stride];
+  }
+  return attention;
+}
+
+// y = F + attention (add) or y = F * (1 + attention) (mul), for an attention of any rank.
+template <typename acc_t>
+DA2_HOST_DEVICE acc_t combine_attention(Mode mode, acc_t input, acc_t attention) {
+  return mode == Mode::Add ? input + attention : input * (acc_t(1) + attention);
+}
+
 // y = F + gamma*A (add) or y = F * (1 + gamma*A) (mul).
 template <typename acc_t>
 DA2_HOST_DEVICE acc_t apply_attention(Mode mode, acc_t input, acc_t gate_channel, acc_t gate_spatial) {
-  const acc_t attention = gate_channel * gate_spatial;
-  return mode == Mode::Add ? input + attention : input * (acc_t(1) + attention);
+  return combine_attention(mode, input, gate_channel * gate_spatial);
+}
+
+// dy/dF holding the attention fixed: 1 (add) or 1 + attention (mul), any rank.
+template <typename acc_t>
+DA2_HOST_DEVICE acc_t direct_scale_of_attention(Mode mode, acc_t attention) {
+  return mode == Mode::Add ? acc_t(1) : acc_t(1) + attention;
 }
 
 // dy/dF holding the attention fixed: 1 (add) or 1 + gamma*A (mul).
@@ -56,6 +88,15 @@ DA2_HOST_DEVICE acc_t input_grad(Mode mode, acc_t grad_output, acc_t gate_channe
   const acc_t max_share = is_argmax ? grad_spatial_max : acc_t(0);
   return grad_output * direct_input_scale(mode, gate_channel, gate_spatial) + grad_channel_mean +
          grad_spatial_mean + max_share;
+}
+
+// The same for rank k, given the element's attention (rank_attention; unused in mode add).
+template <typename acc_t>
+DA2_HOST_DEVICE acc_t input_grad_of_attention(Mode mode, acc_t grad_output, acc_t attention, acc_t grad_channel_mean,
+                                              acc_t grad_spatial_mean, bool is_argmax, acc_t grad_spatial_max) {
+  const acc_t max_share = is_argmax ? grad_spatial_max : acc_t(0);
+  return grad_output * direct_scale_of_attention(mode, attention) + grad_channel_mean + grad_spatial_mean +
+         max_share;
 }
 
 template <typename acc_t>

@@ -69,17 +69,23 @@ void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tile
 // positions [hw0, hw0 + len) of image n and writes that tile's partial row sum
 // of every channel to row_sums[0..C); the partials are then summed in a fixed
 // order into row_out (divided by mean_count when it is > 0).
+// `rows` row sums per image (C, or k*C for the rank-k backward reduction).
 template <typename acc_t, typename out_t, typename Body>
-void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, const Body& body) {
+void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, const Body& body, int64_t rows) {
   const Tiling tiling(s.HW);
-  std::vector<acc_t> row_partial(s.N * tiling.tiles * s.C);
+  std::vector<acc_t> row_partial(s.N * tiling.tiles * rows);
   at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
-      body(n, hw0, std::min(tiling.tile, s.HW - hw0), &row_partial[task * s.C]);
+      body(n, hw0, std::min(tiling.tile, s.HW - hw0), &row_partial[task * rows]);
     }
   });
-  sum_row_partials(row_partial, s.N, tiling.tiles, s.C, mean_count, row_out);
+  sum_row_partials(row_partial, s.N, tiling.tiles, rows, mean_count, row_out);
+}
+
+template <typename acc_t, typename out_t, typename Body>
+void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, const Body& body) {
+  dual_reduction<acc_t>(s, mean_count, row_out, body, s.C);
 }
 
 // channels_last elementwise passes: body(n, pixel, len) for runs of pixels
@@ -112,9 +118,34 @@ void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar
   });
 }
 
+// Rank k > 1: the same split of the work, the rank loops of residual_attention_loops.h.
+template <typename scalar_t, typename acc_t>
+void attention_apply_rank_kernel(Mode mode, const scalar_t* input, const acc_t* gate_channel,
+                                 const acc_t* gate_spatial, int k, const FeatureShape& s, scalar_t* output) {
+  const int64_t C = s.C, HW = s.HW;
+  if (s.channels_last) {
+    for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
+      cpu::apply_pixels_rank(mode, input + pixel * C, gate_channel + n * k * C,
+                             gate_spatial + n * k * HW + (pixel - n * HW), k, C, HW, len, output + pixel * C);
+    });
+    return;
+  }
+  at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      cpu::apply_plane_rank(mode, input + plane * HW, gate_channel + n * k * C + c, gate_spatial + n * k * HW, k, C,
+                            HW, output + plane * HW);
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void attention_apply_kernel(Mode mode, const scalar_t* input, const acc_t* gate_channel, const acc_t* gate_spatial,
-                            const FeatureShape& s, scalar_t* output) {
+                            int k, const FeatureShape& s, scalar_t* output) {
+  if (k > 1) {
+    attention_apply_rank_kernel(mode, input, gate_channel, gate_spatial, k, s, output);
+    return;
+  }
   const int64_t C = s.C, HW = s.HW;
   if (s.channels_last) {
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
@@ -131,10 +162,44 @@ void attention_apply_kernel(Mode mode, const scalar_t* input, const acc_t* gate_
   });
 }
 
+// Rank k > 1: each task writes k*C partial row sums ([j][c]) and the k spatial
+// sums of its positions; the NCHW tiles read the rows through a per-task heap
+// buffer of k+1 rows of the tile (off the stack, whatever k).
+template <typename scalar_t, typename acc_t>
+void attention_backward_reduce_rank_kernel(Mode mode, const scalar_t* grad_output, const scalar_t* input,
+                                           const acc_t* gate_channel, const acc_t* gate_spatial, int k,
+                                           const FeatureShape& s, acc_t* channel_sum, acc_t* spatial_sum) {
+  const int64_t C = s.C, HW = s.HW;
+  const int64_t scratch_size = (k + 1) * Tiling(HW).tile;
+  dual_reduction<acc_t>(
+      s, /*mean_count=*/0, channel_sum,
+      [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
+        const acc_t* gc = gate_channel + n * k * C;
+        const acc_t* gs = gate_spatial + n * k * HW + hw0;
+        acc_t* ss = spatial_sum + n * k * HW + hw0;
+        if (s.channels_last) {
+          const int64_t offset = (n * HW + hw0) * C;
+          cpu::reduce_pixels_rank(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gc, gs, k,
+                                  C, HW, len, rows, ss);
+          return;
+        }
+        std::vector<acc_t> scratch(scratch_size);
+        const int64_t offset = n * C * HW + hw0;
+        cpu::reduce_tile_rank(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gc, gs, k, C,
+                              HW, len, scratch.data(), rows, ss);
+      },
+      k * C);
+}
+
 template <typename scalar_t, typename acc_t>
 void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, const scalar_t* input,
-                                      const acc_t* gate_channel, const acc_t* gate_spatial, const FeatureShape& s,
-                                      acc_t* channel_sum, acc_t* spatial_sum) {
+                                      const acc_t* gate_channel, const acc_t* gate_spatial, int k,
+                                      const FeatureShape& s, acc_t* channel_sum, acc_t* spatial_sum) {
+  if (k > 1) {
+    attention_backward_reduce_rank_kernel(mode, grad_output, input, gate_channel, gate_spatial, k, s, channel_sum,
+                                          spatial_sum);
+    return;
+  }
   const int64_t C = s.C, HW = s.HW;
   dual_reduction<acc_t>(s, /*mean_count=*/0, channel_sum, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
     if (s.channels_last) {
@@ -150,9 +215,47 @@ void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, co
 }
 
 template <typename scalar_t, typename acc_t>
+void attention_input_grad_rank_kernel(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,
+                                      const acc_t* gate_spatial, const acc_t* grad_channel_mean,
+                                      const acc_t* grad_spatial, const int32_t* argmax, int k, const FeatureShape& s,
+                                      scalar_t* grad_input) {
+  const int64_t C = s.C, HW = s.HW;
+  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
+  if (s.channels_last) {
+    std::vector<acc_t> channel_share(s.N * C);
+    for (int64_t i = 0; i < s.N * C; ++i) {
+      channel_share[i] = grad_channel_mean[i] * inv_hw;  // the NCHW loop's product, per plane
+    }
+    for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
+      const int64_t position = pixel - n * HW;
+      const acc_t* grad_mean = grad_spatial + n * 2 * HW + position;
+      cpu::input_grad_pixels_rank(mode, grad_output + pixel * C, gate_channel + n * k * C, &channel_share[n * C],
+                                  gate_spatial + n * k * HW + position, grad_mean, grad_mean + HW, argmax + pixel,
+                                  inv_c, k, C, HW, len, grad_input + pixel * C);
+    });
+    return;
+  }
+  at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const acc_t* grad_mean = grad_spatial + n * 2 * HW;
+      cpu::input_grad_plane_rank(mode, grad_output + plane * HW, gate_channel + n * k * C + c,
+                                 grad_channel_mean[plane] * inv_hw, gate_spatial + n * k * HW, grad_mean,
+                                 grad_mean + HW, argmax + n * HW, static_cast<int32_t>(c), inv_c, k, C, HW,
+                                 grad_input + plane * HW);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
 void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,
                                  const acc_t* gate_spatial, const acc_t* grad_channel_mean, const acc_t* grad_spatial,
-                                 const int32_t* argmax, const FeatureShape& s, scalar_t* grad_input) {
+                                 const int32_t* argmax, int k, const FeatureShape& s, scalar_t* grad_input) {
+  if (k > 1) {
+    attention_input_grad_rank_kernel(mode, grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial,
+                                     argmax, k, s, grad_input);
+    return;
+  }
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
   if (s.channels_last) {
@@ -197,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> descriptor_pool_cpu(const at::Ten
 at::Tensor attention_apply_cpu(const at::Tensor& input, const at::Tensor& gate_channel,
                                const at::Tensor& gate_spatial, bool multiplicative) {
   const FeatureShape s = check_feature_map(input, "attention_apply", "input", /*allow_channels_last=*/true);
-  check_gates(input, s, gate_channel, gate_spatial, "attention_apply");
+  const GateRank rank = check_gates(input, s, gate_channel, gate_spatial, "attention_apply");
   at::Tensor output = empty_in_memory_order(input);  // keeps the feature map's order
   if (s.N == 0) {
     return output;
@@ -205,7 +308,8 @@ at::Tensor attention_apply_cpu(const at::Tensor& input, const at::Tensor& gate_c
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "attention_apply_cpu", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
     attention_apply_kernel(mode_of(multiplicative), input.data_ptr<scalar_t>(), gate_channel.data_ptr<acc_t>(),
-                           gate_spatial.data_ptr<acc_t>(), s, output.data_ptr<scalar_t>());
+                           gate_spatial.data_ptr<acc_t>(), static_cast<int>(rank.k), s,
+                           output.data_ptr<scalar_t>());
   });
   return output;
 }
@@ -217,15 +321,14 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_reduce_cpu(const at::Tenso
                                                                  bool multiplicative) {
   const char* op = "attention_backward_reduce";
   const FeatureShape s = check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
-  check_gates(grad_output, s, gate_channel, gate_spatial, op);
+  const GateRank rank = check_gates(grad_output, s, gate_channel, gate_spatial, op);
   if (multiplicative) {
     TORCH_CHECK(input.has_value() && input->defined(), op, ": input is required in mode \"mul\"");
     check_companion(*input, grad_output, grad_output.scalar_type(), grad_output.numel(), op, "input",
                     "[N, C, H, W] like grad_output", &s);
   }
-  const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
-  at::Tensor channel_sum = at::empty({s.N, s.C}, grad_output.options().dtype(acc));
-  at::Tensor spatial_sum = at::empty({s.N, s.H, s.W}, grad_output.options().dtype(acc));
+  at::Tensor channel_sum, spatial_sum;
+  std::tie(channel_sum, spatial_sum) = allocate_reduce_outputs(grad_output, s, rank);
   if (s.N == 0) {
     return std::make_tuple(channel_sum, spatial_sum);
   }
@@ -233,8 +336,9 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_reduce_cpu(const at::Tenso
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
     const scalar_t* in = multiplicative ? input->data_ptr<scalar_t>() : nullptr;
     attention_backward_reduce_kernel(mode_of(multiplicative), grad_output.data_ptr<scalar_t>(), in,
-                                     gate_channel.data_ptr<acc_t>(), gate_spatial.data_ptr<acc_t>(), s,
-                                     channel_sum.data_ptr<acc_t>(), spatial_sum.data_ptr<acc_t>());
+                                     gate_channel.data_ptr<acc_t>(), gate_spatial.data_ptr<acc_t>(),
+                                     static_cast<int>(rank.k), s, channel_sum.data_ptr<acc_t>(),
+                                     spatial_sum.data_ptr<acc_t>());
   });
   return std::make_tuple(channel_sum, spatial_sum);
 }
@@ -244,7 +348,7 @@ at::Tensor attention_input_grad_cpu(const at::Tensor& grad_output, const at::Ten
                                     const at::Tensor& grad_spatial, const at::Tensor& argmax, bool multiplicative) {
   const char* op = "attention_input_grad";
   const FeatureShape s = check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
-  check_gates(grad_output, s, gate_channel, gate_spatial, op);
+  const GateRank rank = check_gates(grad_output, s, gate_channel, gate_spatial, op);
   check_descriptor_grads(grad_output, s, grad_channel_mean, grad_spatial, argmax, op);
   at::Tensor grad_input = empty_in_memory_order(grad_output);
   if (s.N == 0) {
@@ -255,7 +359,8 @@ at::Tensor attention_input_grad_cpu(const at::Tensor& grad_output, const at::Ten
     attention_input_grad_kernel(mode_of(multiplicative), grad_output.data_ptr<scalar_t>(),
                                 gate_channel.data_ptr<acc_t>(), gate_spatial.data_ptr<acc_t>(),
                                 grad_channel_mean.data_ptr<acc_t>(), grad_spatial.data_ptr<acc_t>(),
-                                argmax.data_ptr<int32_t>(), s, grad_input.data_ptr<scalar_t>());
+                                argmax.data_ptr<int32_t>(), static_cast<int>(rank.k), s,
+                                grad_input.data_ptr<scalar_t>());
   });
   return grad_input;
 }

@@ -194,7 +194,205 @@ DA2EXT_ALWAYS_INLINE void input_grad_pixels_body(const scalar_t* grad_pixels, co
   }
 }
 
+// Rank k > 1 bodies. The gates of one channel (plane loops) or one pixel
+// (channels_last) are gathered into a small local array first, so that the
+// per-element rank sum (math::rank_attention) reads one strided operand only.
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void apply_plane_rank_body(const scalar_t* input, const acc_t* gate_channel,
+                                                const acc_t* gate_spatial, int k, int64_t C, int64_t HW,
+                                                scalar_t* output) {
+  acc_t channel[math::kMaxRank];
+  for (int j = 0; j < k; ++j) {
+    channel[j] = gate_channel[j * C];
+  }
+  for (int64_t i = 0; i < HW; ++i) {
+    const acc_t attention = math::rank_attention(channel, int64_t(1), gate_spatial + i, HW, k);
+    output[i] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(input[i]), attention));
+  }
+}
+
+// One pass over the tile's rows: each channel's row segment is read once into
+// term[] (t per position), then each rank term j adds its row sum and its
+// column contributions from that cache-resident copy.
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const scalar_t* input_tile,
+                                                const acc_t* gate_channel, const acc_t* gate_spatial, int k,
+                                                int64_t C, int64_t HW, int64_t len, acc_t* scratch, acc_t* row_sums,
+                                                acc_t* spatial_sum) {
+  acc_t* column = scratch;  // k rows of len
+  acc_t* term = scratch + k * len;
+  std::fill(column, column + k * len, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* g = grad_tile + c * HW;
+    // mode Add never reads the input (it may be null): f aliases g, unused
+    const scalar_t* f = mode == Mode::Mul ? input_tile + c * HW : g;
+    for (int64_t i = 0; i < len; ++i) {
+      term[i] = math::attention_grad_term(mode, static_cast<acc_t>(g[i]), static_cast<acc_t>(f[i]));
+    }
+    for (int j = 0; j < k; ++j) {
+      const acc_t gc = gate_channel[j * C + c];
+      const acc_t* gs = gate_spatial + j * HW;
+      acc_t* col = column + j * len;
+      acc_t row_sum = 0;
+      DA2EXT_VECTORIZE_SUM(row_sum)
+      for (int64_t i = 0; i < len; ++i) {
+        row_sum += term[i] * gs[i];
+        col[i] += term[i] * gc;
+      }
+      row_sums[j * C + c] = row_sum;
+    }
+  }
+  for (int j = 0; j < k; ++j) {
+    std::copy(column + j * len, column + (j + 1) * len, spatial_sum + j * HW);
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void input_grad_plane_rank_body(const scalar_t* grad_output, const acc_t* gate_channel,
+                                                     acc_t channel_share, const acc_t* gate_spatial,
+                                                     const acc_t* grad_mean, const acc_t* grad_max,
+                                                     const int32_t* argmax, int32_t channel_index, acc_t inv_c, int k,
+                                                     int64_t C, int64_t HW, scalar_t* grad_input) {
+  acc_t channel[math::kMaxRank];
+  for (int j = 0; j < k; ++j) {
+    channel[j] = gate_channel[j * C];
+  }
+  for (int64_t i = 0; i < HW; ++i) {
+    // mode Add's direct scale is 1: the gates are not read
+    const acc_t attention =
+        mode == Mode::Mul ? math::rank_attention(channel, int64_t(1), gate_spatial + i, HW, k) : acc_t(0);
+    grad_input[i] = static_cast<scalar_t>(
+        math::input_grad_of_attention(mode, static_cast<acc_t>(grad_output[i]), attention, channel_share,
+                                      grad_mean[i] * inv_c, argmax[i] == channel_index, grad_max[i]));
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void apply_pixels_rank_body(const scalar_t* pixels, const acc_t* gate_channel,
+                                                 const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t len,
+                                                 scalar_t* output) {
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* in = pixels + i * C;
+    scalar_t* out = output + i * C;
+    acc_t spatial[math::kMaxRank];
+    for (int j = 0; j < k; ++j) {
+      spatial[j] = gate_spatial[j * HW + i];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t attention = math::rank_attention(gate_channel + c, C, spatial, int64_t(1), k);
+      out[c] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(in[c]), attention));
+    }
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void reduce_pixels_rank_body(const scalar_t* grad_pixels, const scalar_t* input_pixels,
+                                                  const acc_t* gate_channel, const acc_t* gate_spatial, int k,
+                                                  int64_t C, int64_t HW, int64_t len, acc_t* row_sums,
+                                                  acc_t* spatial_sum) {
+  std::fill(row_sums, row_sums + k * C, acc_t(0));
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* g = grad_pixels + i * C;
+    // mode Add never reads the input (it may be null): f aliases g, unused
+    const scalar_t* f = mode == Mode::Mul ? input_pixels + i * C : g;
+    acc_t spatial[math::kMaxRank], column[math::kMaxRank];
+    for (int j = 0; j < k; ++j) {
+      spatial[j] = gate_spatial[j * HW + i];
+      column[j] = 0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t t = math::attention_grad_term(mode, static_cast<acc_t>(g[c]), static_cast<acc_t>(f[c]));
+      for (int j = 0; j < k; ++j) {
+        row_sums[j * C + c] += t * spatial[j];
+        column[j] += t * gate_channel[j * C + c];
+      }
+    }
+    for (int j = 0; j < k; ++j) {
+      spatial_sum[j * HW + i] = column[j];
+    }
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t>
+DA2EXT_ALWAYS_INLINE void input_grad_pixels_rank_body(const scalar_t* grad_pixels, const acc_t* gate_channel,
+                                                      const acc_t* channel_share, const acc_t* gate_spatial,
+                                                      const acc_t* grad_mean, const acc_t* grad_max,
+                                                      const int32_t* argmax, acc_t inv_c, int k, int64_t C,
+                                                      int64_t HW, int64_t len, scalar_t* grad_input) {
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* g = grad_pixels + i * C;
+    scalar_t* out = grad_input + i * C;
+    acc_t spatial[math::kMaxRank];
+    for (int j = 0; j < k; ++j) {
+      spatial[j] = gate_spatial[j * HW + i];
+    }
+    const acc_t mean_share = grad_mean[i] * inv_c, max_share = grad_max[i];
+    const int32_t winner = argmax[i];
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t attention =
+          mode == Mode::Mul ? math::rank_attention(gate_channel + c, C, spatial, int64_t(1), k) : acc_t(0);
+      out[c] = static_cast<scalar_t>(math::input_grad_of_attention(mode, static_cast<acc_t>(g[c]), attention,
+                                                                   channel_share[c], mean_share, winner == c,
+                                                                   max_share));
+    }
+  }
+}
+
 }  // namespace
+
+// Calls body<Mode::Mul> or body<Mode::Add> with the arguments that follow.
+#define DA2EXT_BY_MODE(body, ...)           \
+  if (mode == Mode::Mul) {                  \
+    body<Mode::Mul>(__VA_ARGS__);           \
+  } else {                                  \
+    body<Mode::Add>(__VA_ARGS__);           \
+  }
+
+#define DA2EXT_DEFINE_CPU_RANK_LOOPS(scalar_t, acc_t)                                                              \
+  DA2EXT_CPU_CLONES void apply_plane_rank(Mode mode, const scalar_t* input, const acc_t* gate_channel,             \
+                                          const acc_t* gate_spatial, int k, int64_t C, int64_t HW,                \
+                                          scalar_t* output) {                                                     \
+    DA2EXT_BY_MODE(apply_plane_rank_body, input, gate_channel, gate_spatial, k, C, HW, output)                    \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void reduce_tile_rank(Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,       \
+                                          const acc_t* gate_channel, const acc_t* gate_spatial, int k, int64_t C, \
+                                          int64_t HW, int64_t len, acc_t* scratch, acc_t* row_sums,               \
+                                          acc_t* spatial_sum) {                                                   \
+    DA2EXT_BY_MODE(reduce_tile_rank_body, grad_tile, input_tile, gate_channel, gate_spatial, k, C, HW, len,       \
+                   scratch, row_sums, spatial_sum)                                                                \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void input_grad_plane_rank(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel, \
+                                               acc_t channel_share, const acc_t* gate_spatial,                    \
+                                               const acc_t* grad_mean, const acc_t* grad_max,                     \
+                                               const int32_t* argmax, int32_t channel, acc_t inv_c, int k,        \
+                                               int64_t C, int64_t HW, scalar_t* grad_input) {                     \
+    DA2EXT_BY_MODE(input_grad_plane_rank_body, grad_output, gate_channel, channel_share, gate_spatial, grad_mean, \
+                   grad_max, argmax, channel, inv_c, k, C, HW, grad_input)                                        \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void apply_pixels_rank(Mode mode, const scalar_t* pixels, const acc_t* gate_channel,          \
+                                           const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t len,  \
+                                           scalar_t* output) {                                                    \
+    DA2EXT_BY_MODE(apply_pixels_rank_body, pixels, gate_channel, gate_spatial, k, C, HW, len, output)             \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void reduce_pixels_rank(Mode mode, const scalar_t* grad_pixels, const scalar_t* input_pixels, \
+                                            const acc_t* gate_channel, const acc_t* gate_spatial, int k,          \
+                                            int64_t C, int64_t HW, int64_t len, acc_t* row_sums,                  \
+                                            acc_t* spatial_sum) {                                                 \
+    DA2EXT_BY_MODE(reduce_pixels_rank_body, grad_pixels, input_pixels, gate_channel, gate_spatial, k, C, HW, len, \
+                   row_sums, spatial_sum)                                                                         \
+  }                                                                                                               \
+  DA2EXT_CPU_CLONES void input_grad_pixels_rank(Mode mode, const scalar_t* grad_pixels, const acc_t* gate_channel, \
+                                                const acc_t* channel_share, const acc_t* gate_spatial,            \
+                                                const acc_t* grad_mean, const acc_t* grad_max,                    \
+                                                const int32_t* argmax, acc_t inv_c, int k, int64_t C, int64_t HW, \
+                                                int64_t len, scalar_t* grad_input) {                              \
+    DA2EXT_BY_MODE(input_grad_pixels_rank_body, grad_pixels, gate_channel, channel_share, gate_spatial,           \
+                   grad_mean, grad_max, argmax, inv_c, k, C, HW, len, grad_input)                                 \
+  }
+
+DA2EXT_DEFINE_CPU_RANK_LOOPS(float, float)
+DA2EXT_DEFINE_CPU_RANK_LOOPS(double, double)
+DA2EXT_DEFINE_CPU_RANK_LOOPS(c10::Half, float)
 
 #define DA2EXT_DEFINE_CPU_LOOPS(scalar_t, acc_t)                                                                   \
   DA2EXT_CPU_CLONES void pool_tile(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums,     \
