@@ -12,6 +12,9 @@
 // over runs of pixels whose channels are adjacent: the dual reductions tile
 // positions as above, the elementwise passes split the N*H*W pixels into runs
 // that stay within one image.
+// Rank k > 1 (gates [N, k, C] and [N, k, H, W]) takes the same tasks and the
+// *_rank loops, with the rank loop inside the element loop; k == 1 runs the
+// rank-1 loops unchanged.
 // The loops themselves are in residual_attention_loops.{h,cpp}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

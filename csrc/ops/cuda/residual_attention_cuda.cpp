@@ -15,9 +15,9 @@ namespace da2ext {
 namespace ops {
 namespace {
 
-
-at::Tensor row_partial_workspace(const at::Tensor& feature, const FeatureShape& s) {
-  return at::empty({cuda::row_partial_count(s.N, s.C, s.HW)},
+// `rows` partial row sums per image and tile: C, or k*C for the rank-k backward reduction.
+at::Tensor row_partial_workspace(const at::Tensor& feature, const FeatureShape& s, int64_t rows) {
+  return at::empty({cuda::row_partial_count(s.N, rows, s.HW)},
                    feature.options().dtype(accumulate_dtype(feature.scalar_type())));
 }
 
@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> descriptor_pool_cuda(const at::Te
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor channel_mean, spatial, argmax;
   std::tie(channel_mean, spatial, argmax) = allocate_pool_outputs(input, s);
-  at::Tensor workspace = row_partial_workspace(input, s);
+  at::Tensor workspace = row_partial_workspace(input, s, s.C);
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "descriptor_pool_cuda", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
     check_launch(cuda::descriptor_pool(kernel_ptr<scalar_t>(input), s.N, s.C, s.HW,
@@ -45,13 +45,14 @@ at::Tensor attention_apply_cuda(const at::Tensor& input, const at::Tensor& gate_
   const char* op = "attention_apply";
   check_cuda(input, op, "input");
   const FeatureShape s = check_feature_map(input, op, "input");
-  check_gates(input, s, gate_channel, gate_spatial, op);
+  const GateRank rank = check_gates(input, s, gate_channel, gate_spatial, op);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = at::empty_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(input.scalar_type(), "attention_apply_cuda", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
     check_launch(cuda::attention_apply(kernel_ptr<scalar_t>(input), gate_channel.data_ptr<acc_t>(),
-                                       gate_spatial.data_ptr<acc_t>(), s.N, s.C, s.HW, multiplicative,
+                                       gate_spatial.data_ptr<acc_t>(), s.N, s.C, s.HW, static_cast<int>(rank.k),
+                                       multiplicative,
                                        kernel_mutable_ptr<scalar_t>(output), c10::cuda::getCurrentCUDAStream().stream()),
                  op);
   });
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_reduce_cuda(const at::Tens
   const char* op = "attention_backward_reduce";
   check_cuda(grad_output, op, "grad_output");
   const FeatureShape s = check_feature_map(grad_output, op, "grad_output");
-  check_gates(grad_output, s, gate_channel, gate_spatial, op);
+  const GateRank rank = check_gates(grad_output, s, gate_channel, gate_spatial, op);
   const bool reads_input = multiplicative;
   if (reads_input) {
     TORCH_CHECK(input.has_value() && input->defined(), op, ": input is required in mode \"mul\"");
@@ -74,16 +75,16 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_reduce_cuda(const at::Tens
                     "[N, C, H, W] like grad_output");
   }
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
-  at::Tensor channel_sum = at::empty({s.N, s.C}, grad_output.options().dtype(acc));
-  at::Tensor spatial_sum = at::empty({s.N, s.H, s.W}, grad_output.options().dtype(acc));
-  at::Tensor workspace = row_partial_workspace(grad_output, s);
+  at::Tensor channel_sum, spatial_sum;
+  std::tie(channel_sum, spatial_sum) = allocate_reduce_outputs(grad_output, s, rank);
+  at::Tensor workspace = row_partial_workspace(grad_output, s, rank.k * s.C);
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(grad_output.scalar_type(), "attention_backward_reduce_cuda", [&] {
     typedef typename math::AccumulateType<scalar_t>::type acc_t;
     typedef typename KernelType<scalar_t>::type kernel_t;
     const kernel_t* in = reads_input ? kernel_ptr<scalar_t>(*input) : static_cast<const kernel_t*>(nullptr);
     check_launch(cuda::attention_backward_reduce(kernel_ptr<scalar_t>(grad_output), in, gate_channel.data_ptr<acc_t>(),
-                                                 gate_spatial.data_ptr<acc_t>(), s.N, s.C, s.HW, multiplicative,
+                                                 gate_spatial.data_ptr<acc_t>(), s.N, s.C, s.HW, static_cast<int>(rank.k),
+                                                 multiplicative,
                                                  channel_sum.data_ptr<acc_t>(), spatial_sum.data_ptr<acc_t>(),
                                                  workspace.data_ptr<acc_t>(), c10::cuda::getCurrentCUDAStream().stream()),
                  op);
@@ -97,7 +98,7 @@ at::Tensor attention_input_grad_cuda(const at::Tensor& grad_output, const at::Te
   const char* op = "attention_input_grad";
   check_cuda(grad_output, op, "grad_output");
   const FeatureShape s = check_feature_map(grad_output, op, "grad_output");
-  check_gates(grad_output, s, gate_channel, gate_spatial, op);
+  const GateRank rank = check_gates(grad_output, s, gate_channel, gate_spatial, op);
   check_descriptor_grads(grad_output, s, grad_channel_mean, grad_spatial, argmax, op);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   at::Tensor grad_input = at::empty_like(grad_output);
@@ -106,7 +107,8 @@ at::Tensor attention_input_grad_cuda(const at::Tensor& grad_output, const at::Te
     check_launch(cuda::attention_input_grad(kernel_ptr<scalar_t>(grad_output), gate_channel.data_ptr<acc_t>(),
                                             gate_spatial.data_ptr<acc_t>(), grad_channel_mean.data_ptr<acc_t>(),
                                             grad_spatial.data_ptr<acc_t>(), argmax.data_ptr<int32_t>(), s.N, s.C,
-                                            s.HW, multiplicative, kernel_mutable_ptr<scalar_t>(grad_input),
+                                            s.HW, static_cast<int>(rank.k),
+                                            multiplicative, kernel_mutable_ptr<scalar_t>(grad_input),
                                             c10::cuda::getCurrentCUDAStream().stream()),
                  op);
   });
