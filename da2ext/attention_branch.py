@@ -1,4 +1,4 @@
-"""The learnable part of a residual attention adaptor (DESIGN.md §2), shared by the
+"""The learnable part of a residual attention adaptor (docs/design.md §2), shared by the
 fused module and the pure-PyTorch reference so both have one constructor and the
 same state_dict keys: fc1/fc2 (the channel MLP), spatial (the 2 -> 1 conv) and gamma.
 """
@@ -51,8 +51,9 @@ def spatial_kernel_size(height, width, default=7):
 
 def attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                  spatial_weight, spatial_bias):
-    """The MLP's hidden pre-activation (N x hidden), a_c = MLP(d_c) (N x C) and
-    a_s = conv([d_mean; d_max]) (N x 1 x H x W)."""
+    """The MLP's hidden pre-activation (N x hidden), a_c = MLP(d_c) (N x k*C, the
+    k channel logits of rank k one after the other) and a_s = conv([d_mean; d_max])
+    (N x k x H x W)."""
     hidden_pre = F.linear(channel_mean, fc1_weight, fc1_bias)
     channel_logits = F.linear(F.relu(hidden_pre), fc2_weight, fc2_bias)
     with spatial_conv_backend(spatial):
@@ -62,15 +63,23 @@ def attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc
 
 def attention_logits(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight,
                      spatial_bias):
-    """a_c = MLP(d_c) (N x C) and a_s = conv([d_mean; d_max]) (N x 1 x H x W)."""
+    """a_c = MLP(d_c) (N x k*C) and a_s = conv([d_mean; d_max]) (N x k x H x W)."""
     return attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                         spatial_weight, spatial_bias)[1:]
 
 
-class AttentionBranch(nn.Module):
-    """Parameters and settings of one adaptor; subclasses define forward."""
+MAX_RANK = 16  # the fused kernels' bound on the rank
 
-    def __init__(self, channels, reduction=16, spatial_kernel=7, mode="add"):
+
+class AttentionBranch(nn.Module):
+    """Parameters and settings of one adaptor; subclasses define forward.
+
+    Rank k (docs/design.md §2): the MLP gives k x C channel logits and the
+    spatial conv k maps; the attention is the sum of k products, each with its
+    own gamma row. Rank 1 keeps gamma as a vector of C (the original adaptor);
+    rank k > 1 has gamma of shape (k, C)."""
+
+    def __init__(self, channels, reduction=16, spatial_kernel=7, mode="add", rank=1):
         super(AttentionBranch, self).__init__()
         if int(channels) != channels or channels < 1:
             raise ValueError("channels must be a positive integer, got {!r}".format(channels))
@@ -80,16 +89,20 @@ class AttentionBranch(nn.Module):
             raise ValueError("spatial_kernel must be a positive odd integer, got {!r}".format(spatial_kernel))
         if mode not in MODES:
             raise ValueError("mode must be one of {}, got {!r}".format(MODES, mode))
+        if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= MAX_RANK:
+            raise ValueError("rank must be an integer from 1 to {}, got {!r}".format(MAX_RANK, rank))
+        self.rank = int(rank)
         self.channels = int(channels)
         self.reduction = int(reduction)
         self.spatial_kernel = int(spatial_kernel)
         self.mode = mode
         hidden = hidden_width(self.channels, self.reduction)
         self.fc1 = nn.Linear(self.channels, hidden)
-        self.fc2 = nn.Linear(hidden, self.channels)
-        self.spatial = nn.Conv2d(2, 1, self.spatial_kernel, padding=self.spatial_kernel // 2)
+        self.fc2 = nn.Linear(hidden, self.rank * self.channels)
+        self.spatial = nn.Conv2d(2, self.rank, self.spatial_kernel, padding=self.spatial_kernel // 2)
         # gamma = 0: an adapted network starts out computing exactly the pretrained one.
-        self.gamma = nn.Parameter(torch.zeros(self.channels))
+        self.gamma = nn.Parameter(torch.zeros(self.channels) if self.rank == 1 else
+                                  torch.zeros(self.rank, self.channels))
 
     def branch_parameters(self):
         """The small branch's tensors in the order attention_logits takes them."""
@@ -97,5 +110,5 @@ class AttentionBranch(nn.Module):
                 self.spatial.bias)
 
     def extra_repr(self):
-        return "channels={}, reduction={}, spatial_kernel={}, mode={!r}".format(
-            self.channels, self.reduction, self.spatial_kernel, self.mode)
+        return "channels={}, reduction={}, spatial_kernel={}, mode={!r}, rank={}".format(
+            self.channels, self.reduction, self.spatial_kernel, self.mode, self.rank)

@@ -1,4 +1,4 @@
-"""The fused residual attention op with autograd (DESIGN.md §2).
+"""The fused residual attention op with autograd (docs/design.md §2), any rank k.
 
 Forward: one kernel pools the descriptors from F, the small branch (MLP and
 spatial conv) runs in plain PyTorch, one kernel writes y. What is kept for
@@ -31,11 +31,16 @@ def _accumulate_dtype(dtype):
 
 
 def _gates(channel_logits, spatial_logits, gamma, acc_dtype):
-    """sigmoid(a_c), gate_channel = gamma * sigmoid(a_c) (N x C) and
-    gate_spatial = sigmoid(a_s) (N x H x W), in the accumulation dtype."""
-    channel_sigmoid = torch.sigmoid(channel_logits.to(acc_dtype))
+    """sigmoid(a_c), gate_channel = gamma * sigmoid(a_c) and gate_spatial = sigmoid(a_s),
+    in the accumulation dtype: N x C and N x H x W at rank 1, N x k x C and
+    N x k x H x W at rank k (the kernels' two gate layouts)."""
+    rank = spatial_logits.shape[1]
+    shape = (channel_logits.shape[0], gamma.shape[-1]) if rank == 1 else (
+        channel_logits.shape[0], rank, gamma.shape[-1])
+    channel_sigmoid = torch.sigmoid(channel_logits.to(acc_dtype)).reshape(shape)
     gate_channel = (gamma.to(acc_dtype) * channel_sigmoid).contiguous()
-    gate_spatial = torch.sigmoid(spatial_logits.to(acc_dtype)).squeeze(1).contiguous()
+    gate_spatial = torch.sigmoid(spatial_logits.to(acc_dtype))
+    gate_spatial = (gate_spatial.squeeze(1) if rank == 1 else gate_spatial).contiguous()
     return channel_sigmoid, gate_channel, gate_spatial
 
 
@@ -75,8 +80,10 @@ class ResidualAttentionFunction(torch.autograd.Function):
             grad_output, input_for_reduce, gate_channel, gate_spatial, ctx.multiplicative)
 
         grad_gamma = (channel_sigmoid * channel_sum).sum(0).to(gamma.dtype) if needs[7] else None
-        grad_channel_logits = gamma.to(acc_dtype) * channel_sigmoid * (1 - channel_sigmoid) * channel_sum
-        grad_spatial_logits = (gate_spatial * (1 - gate_spatial) * spatial_sum).unsqueeze(1)
+        # Rank k: the sums come as N x k x C and N x k x H x W; the logits are N x k*C and N x k x H x W.
+        grad_channel_logits = (gamma.to(acc_dtype) * channel_sigmoid * (1 - channel_sigmoid) *
+                               channel_sum).reshape(channel_logits.shape)
+        grad_spatial_logits = (gate_spatial * (1 - gate_spatial) * spatial_sum).reshape(spatial_logits.shape)
         # The small branch's backward runs in the accumulation dtype too (its tensors
         # are O(N*(C + H*W)), the casts cost nothing): its one-element spatial.bias
         # gradient sums N*H*W terms that largely cancel: summed in float16 on an
@@ -102,6 +109,9 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
                        mode="add", saved_input_dtype=None):
     """y = F + gamma*A (mode "add") or F * (1 + gamma*A) (mode "mul") with the fused kernels.
 
+    Rank k (gamma of shape (k, C), fc2 giving k*C logits, the spatial conv k
+    maps): gamma*A is the sum of k such products (docs/design.md §2).
+
     `x` is an (N, C, H, W) tensor with the parameters' dtype and device. On the
     CPU a channels_last `x` is read as it is and y comes out channels_last too;
     elsewhere (CUDA), and for any other strides, `x` is made contiguous first (a copy).
@@ -109,7 +119,7 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
     e.g. torch.float16 to halve what mode "mul" keeps. Where no kernels exist for
     x's device the reference runs instead, with a warning (see da2ext.backend()).
     """
-    check_feature_map(x, gamma.shape[0], gamma, "residual_attention")
+    check_feature_map(x, gamma.shape[-1], gamma, "residual_attention")
     if mode not in ("add", "mul"):
         raise ValueError('mode must be "add" or "mul", got {!r}'.format(mode))
     if saved_input_dtype is not None and not saved_input_dtype.is_floating_point:

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the residual attention adaptor (DESIGN.md §2).
+"""Pure-PyTorch reference of the residual attention adaptor (docs/design.md §2).
 
 Eager maths, exactly as written in the design: the ground truth the fused
 kernels are tested against and the baseline they are benchmarked against. It
@@ -22,8 +22,14 @@ def residual_attention_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, 
     channel_logits, spatial_logits = attention_logits(
         channel_mean, torch.cat([spatial_mean, spatial_max], dim=1), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         spatial_weight, spatial_bias)
-    attention = torch.sigmoid(channel_logits)[:, :, None, None] * torch.sigmoid(spatial_logits)
-    scaled = gamma.view(1, -1, 1, 1) * attention
+    rank = spatial_logits.shape[1]
+    if rank == 1:
+        attention = torch.sigmoid(channel_logits)[:, :, None, None] * torch.sigmoid(spatial_logits)
+        scaled = gamma.view(1, -1, 1, 1) * attention
+    else:  # gamma (k, C), the logits N x k*C and N x k x H x W: the sum of k rank-1 terms
+        n, c = x.shape[0], x.shape[1]
+        channel_gate = gamma.reshape(1, rank, c) * torch.sigmoid(channel_logits).reshape(n, rank, c)
+        scaled = (channel_gate[:, :, :, None, None] * torch.sigmoid(spatial_logits)[:, :, None]).sum(1)
     return x + scaled if mode == "add" else x * (1 + scaled)
 
 

@@ -1,4 +1,4 @@
-"""The lean adapted model's gradients equal plain PyTorch autograd's (DESIGN.md §3, §3a).
+"""The lean adapted model's gradients equal plain PyTorch autograd's (docs/design.md §3, §3a).
 
 float64 on the CPU: adapt(..., backbone_dtype=torch.float64) (folded convs, packed
 masks, fused adaptors, uint8 max-pool offsets) against adapt(..., lean=False) (the
@@ -71,10 +71,10 @@ def test_gradients_match_plain_autograd(family, cpu_channels_last):
     check_gradients_agree(lean, eager, common, x, {})
 
 
-SETTINGS = [dict(shifts=False), dict(adaptors=False), dict(mode="mul")]
+SETTINGS = [dict(shifts=False), dict(adaptors=False), dict(mode="mul"), dict(rank=4), dict(rank=3, mode="mul")]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=["no_shifts", "no_adaptors", "mul"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["no_shifts", "no_adaptors", "mul", "rank4", "rank3_mul"])
 @pytest.mark.parametrize("family", ["resnet18", "tf_efficientnet_lite0"])
 def test_gradients_match_plain_autograd_ablations(family, settings):
     lean, eager, common, x = lean_and_eager(family, **settings)
