@@ -1,4 +1,4 @@
-"""adapt(): turn a pretrained CNN into a DA2 model (DESIGN.md §3, §3a).
+"""adapt(): turn a pretrained CNN into a DA2 model (docs/design.md §3, §3a).
 
 The backbone is frozen and rewritten in place so that backward through it keeps
 only packed activation bits (frozen_conv.py, frozen_blocks.py); a residual
@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adaptor import ResidualAttentionAdaptor
+from .attention_branch import MAX_RANK
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
+from .trainable_tail import TrainableTail, largest_tail_within_budget
 from .lean_max_pool import LeanMaxPool2d
 from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 
@@ -93,9 +95,13 @@ def supported_family(model):
 class _Rewriter(object):
     """Carries adapt()'s settings through one model's rewrite."""
 
-    def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean):
+    def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank=1, tail_start=None):
         self.mode = mode
+        # Blocks from index tail_start on (counted in forward order) train in full; None: no tail.
+        self.tail_start = tail_start
+        self.blocks_seen = 0
         self.reduction = reduction
+        self.rank = rank
         self.adaptors = adaptors
         self.shifts = shifts
         self.dtype = backbone_dtype
@@ -131,13 +137,20 @@ class _Rewriter(object):
         except NotImplementedError as error:
             return self._unchanged(name, seq, str(error))
 
+    def in_tail(self):
+        """Whether the final conv (after every block) is part of a trainable tail."""
+        return self.tail_start is not None
+
     def block(self, name, block):
         channels = None
         try:
             channels = block_out_channels(block)
         except NotImplementedError:
             pass
-        if not self.lean:
+        index, self.blocks_seen = self.blocks_seen, self.blocks_seen + 1
+        if self.tail_start is not None and index >= self.tail_start:
+            frozen = TrainableTail(block)
+        elif not self.lean:
             frozen = self._unchanged(name, block)
         else:
             try:
@@ -147,10 +160,20 @@ class _Rewriter(object):
         adaptor = None
         if self.adaptors and channels is not None:
             adaptor_class = ResidualAttentionAdaptor if self.lean else ReferenceResidualAttentionAdaptor
-            adaptor = adaptor_class(channels, reduction=self.reduction, mode=self.mode)
+            adaptor = adaptor_class(channels, reduction=self.reduction, mode=self.mode, rank=self.rank)
         elif self.adaptors:
             self.unchanged.append((name, "no adaptor after it: its output channels are unknown"))
         return AdaptedBlock(frozen, adaptor)
+
+
+def _count_blocks(model, family):
+    """How many blocks get an adaptor, in forward order (what train_last counts)."""
+    if family == "resnet":
+        return sum(len(getattr(model, name)) for name in ("layer1", "layer2", "layer3", "layer4"))
+    if family == "mobilenet_v2":
+        from torchvision.models.mobilenetv2 import InvertedResidual
+        return sum(isinstance(unit, InvertedResidual) for unit in model.features)
+    return sum(len(stage) for stage in model.blocks)
 
 
 def _adapt_resnet(model, rewriter):
@@ -177,6 +200,8 @@ def _adapt_torchvision_mobilenet_v2(model, rewriter):
         name = "features.{}".format(i)
         if isinstance(unit, InvertedResidual):
             model.features[i] = rewriter.block(name, unit)
+        elif i == len(model.features) - 1 and rewriter.in_tail():  # the final 1x1 conv
+            model.features[i] = TrainableTail(unit)
         else:
             model.features[i] = rewriter.conv_norm_activation(name, unit)
     return model.classifier[-1].in_features
@@ -185,6 +210,9 @@ def _adapt_torchvision_mobilenet_v2(model, rewriter):
 def _adapt_timm_efficientnet(model, rewriter):
     for conv_name, bn_name in (("conv_stem", "bn1"), ("conv_head", "bn2")):
         conv, bn = getattr(model, conv_name), getattr(model, bn_name)
+        if conv_name == "conv_head" and rewriter.in_tail():
+            model.conv_head, model.bn2 = TrainableTail(nn.Sequential(conv, bn)), nn.Identity()
+            continue
         lean = None
         if rewriter.lean:
             lean = rewriter.conv_bn_act(conv_name, conv, bn, getattr(bn, "act", None))
@@ -231,7 +259,8 @@ def _set_head(model, family, head):
 
 
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
-          lean=True, cpu_channels_last=True):
+          lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
+          budget_input_shape=(8, 3, 224, 224)):
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
@@ -239,7 +268,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         whatever weights the user has. Its BN layers' running statistics are used
         (eval mode), folded into the convs once, here.
     num_classes: the new head's size.
-    mode, reduction: the adaptors' (see ResidualAttentionAdaptor).
+    mode, reduction, rank: the adaptors' (see ResidualAttentionAdaptor); rank k
+        sums k channel-gate x spatial-map products (DA2's method uses 4).
     adaptors: put an adaptor after every block (False: none, for ablations).
     shifts: train the frozen BNs' shifts (beta), the §3a recipe.
     backbone_dtype: float32, or float16 to hold the frozen backbone in half
@@ -255,6 +285,16 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         training step keeps"). Same values either way. CUDA runs NCHW (a
         channels_last batch is made NCHW there).
 
+    train_last: k > 0 trains the last k blocks (and the final 1x1 conv of
+        MobileNetV2 and EfficientNet) in full: convs, BN scales and shifts, in
+        plain autograd with the BN statistics frozen (parameter group "tail").
+        Everything before stays lean. Their activations are small (deep maps);
+        their gradients and Adam state are what they cost.
+    memory_budget_mib: instead of train_last, the largest tail whose training
+        memory (kept for backward + gradients + Adam state, measured by one
+        profile_step on random data of `budget_input_shape`, (N, C, H, W))
+        fits in this many MiB; the choice is in model.da2ext_tail.
+
     A block it cannot rewrite runs unchanged (frozen, eval mode, plain autograd)
     and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
     (if `shifts`) and the head; see da2ext.trainable_parameters.
@@ -269,6 +309,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         raise ValueError('adapt: mode must be "add" or "mul", got {!r}'.format(mode))
     if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
         raise ValueError("adapt: reduction must be a positive int, got {!r}".format(reduction))
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
+        raise ValueError("adapt: rank must be an int from 1 to {}, got {!r}".format(MAX_RANK, rank))
     for switch, value in (("adaptors", adaptors), ("shifts", shifts), ("lean", lean),
                           ("cpu_channels_last", cpu_channels_last)):
         if not isinstance(value, bool):
@@ -279,18 +321,49 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         raise ValueError("adapt: backbone_dtype {} needs lean=True".format(backbone_dtype))
     if getattr(model, "_da2ext_adapted", False):
         raise ValueError("adapt: this model was adapted already")
+    if not isinstance(train_last, int) or isinstance(train_last, bool) or train_last < 0:
+        raise ValueError("adapt: train_last must be an int >= 0, got {!r}".format(train_last))
+    blocks = _count_blocks(model, family)
+    if train_last > blocks:
+        raise ValueError("adapt: train_last={} but the model has {} blocks".format(train_last, blocks))
+    if (train_last or memory_budget_mib is not None) and backbone_dtype == torch.float16:
+        # Adam on float16 weights loses its small updates; the tail trains in the model's own dtype
+        raise ValueError("adapt: a trainable tail needs backbone_dtype float32 (or float64), got {}".format(
+            backbone_dtype))
+    if memory_budget_mib is not None:
+        if train_last:
+            raise ValueError("adapt: give train_last or memory_budget_mib, not both")
+        if isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, (int, float)) or \
+                not 0 < memory_budget_mib < float("inf"):
+            raise ValueError("adapt: memory_budget_mib must be a positive number, got {!r}".format(memory_budget_mib))
+        shape = tuple(budget_input_shape)
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise ValueError("adapt: budget_input_shape must be 4 positive ints (N, C, H, W), got {!r}".format(
+                budget_input_shape))
+        settings = dict(num_classes=num_classes, mode=mode, reduction=reduction, adaptors=adaptors, shifts=shifts,
+                        lean=lean, cpu_channels_last=cpu_channels_last, rank=rank)
+        train_last, measured = largest_tail_within_budget(
+            model, lambda m, k: adapt(m, train_last=k, **settings), blocks, memory_budget_mib, shape)
+        model = adapt(model, train_last=train_last, **settings)
+        model.da2ext_tail = {"train_last": train_last, "memory_budget_mib": memory_budget_mib,
+                             "budget_input_shape": list(shape), "training_bytes": measured[train_last],
+                             "fits": measured[train_last] <= memory_budget_mib * 2.0 ** 20,
+                             "measured": dict((str(k), v) for k, v in sorted(measured.items()))}
+        return model
 
     device = next(model.parameters()).device
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    rewriter = _Rewriter(mode, reduction, adaptors, shifts, backbone_dtype, lean)
+    rewriter = _Rewriter(mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
+                         tail_start=blocks - train_last if train_last else None)
     with torch.no_grad():
         in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
                        "timm_efficientnet": _adapt_timm_efficientnet}[family](model, rewriter)
     _set_head(model, family, Head(in_features, num_classes))
     model.to(device)
     model._da2ext_adapted = True
+    model.da2ext_tail = {"train_last": train_last}
     if lean:
         model.register_forward_pre_hook(functools.partial(_input_in_backbone_order, cpu_channels_last))
         if cpu_channels_last and device.type == "cpu":

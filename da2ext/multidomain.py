@@ -1,4 +1,4 @@
-"""One frozen backbone, many domains (DESIGN.md §3a): each domain has its own
+"""One frozen backbone, many domains (docs/design.md §3a): each domain has its own
 adaptors, BN shifts and head (whatever its method trains), swapped in by name.
 
     model = MultiDomainModel(timm.create_model("tf_efficientnet_lite0"))
@@ -170,14 +170,17 @@ class MultiDomainModel(nn.Module):
                                    "class_names": list(class_names) if class_names is not None else None}
         self._domain_store[self._store_key(name)] = holder
 
-    def _domain_tensors(self, name):
+    def domain_tensors(self, name):
+        """{slot name: tensor} of everything domain `name` owns (the live tensors:
+        writing into them changes the domain), in a fixed order."""
+        self._check_known(name)
         holder = self._domain_store[self._store_key(name)]
         return OrderedDict((slot, getattr(holder, "t{}".format(i))) for i, slot in enumerate(self._slots))
 
     def set_domain(self, name):
         """Make `name` the active domain: its tensors go into the model's modules."""
         self._check_known(name)
-        for slot, t in self._domain_tensors(name).items():
+        for slot, t in self.domain_tensors(name).items():
             owner, attr = _owner(self.model, slot)
             if self._slots[slot][0] == "parameter":
                 owner._parameters[attr] = t
@@ -202,7 +205,7 @@ class MultiDomainModel(nn.Module):
         """The active domain's parameters (what an optimizer for it takes)."""
         if self._active is None:
             raise RuntimeError("no active domain: call set_domain(name) first")
-        return [t for slot, t in self._domain_tensors(self._active).items() if self._slots[slot][0] == "parameter"]
+        return [t for slot, t in self.domain_tensors(self._active).items() if self._slots[slot][0] == "parameter"]
 
     def param_groups(self, lr_scale=1.0, learning_rates=None):
         """The active domain's parameters grouped with the method's learning rates
@@ -228,7 +231,7 @@ class MultiDomainModel(nn.Module):
     def save_domain(self, name, path, use_safetensors=None):
         """Write domain `name` to `path` atomically (safetensors, or .npz without it)."""
         self._check_known(name)
-        write_domain_file(path, self._domain_tensors(name), self._metadata(name), use_safetensors)
+        write_domain_file(path, self.domain_tensors(name), self._metadata(name), use_safetensors)
 
     def load_domain(self, path, name=None):
         """Add the domain stored in `path` (under `name`, default: the stored name)

@@ -1,21 +1,24 @@
 """What a model trains, in the spirit of PEFT's print_trainable_parameters, with
-DA2's groups: adaptors, BN shifts, head, and anything else that trains."""
+DA2's groups: adaptors, BN shifts, head, a trainable tail, and anything else that trains."""
 from torch import nn
 
 from .adapt import Head
 from .attention_branch import AttentionBranch
 from .frozen_conv import FrozenConvBNAct
+from .trainable_tail import TrainableTail
 
 __all__ = ["PARAMETER_GROUPS", "parameter_groups", "print_trainable_parameters", "trainable_parameters"]
 
-_GROUPS = ("adaptors", "shifts", "head", "other")
+_GROUPS = ("adaptors", "shifts", "head", "tail", "other")
 PARAMETER_GROUPS = _GROUPS  # the names learning rates are given for
 
 
 def _group_of_parameters(model):
     group = {}
-    for module in model.modules():
-        if isinstance(module, AttentionBranch):
+    for module in model.modules():  # parents come before their children: a tail claims its BN shifts
+        if isinstance(module, TrainableTail):
+            kind = "tail"
+        elif isinstance(module, AttentionBranch):
             kind = "adaptors"
         elif isinstance(module, FrozenConvBNAct):
             group[id(module.shift)] = "shifts"
@@ -35,7 +38,7 @@ def _group_of_parameters(model):
 
 def parameter_groups(model):
     """The trainable parameters by group: {"adaptors": [...], "shifts": [...],
-    "head": [...], "other": [...]}, empty groups left out."""
+    "head": [...], "tail": [...], "other": [...]}, empty groups left out."""
     group = _group_of_parameters(model)
     groups = {}
     for p in model.parameters():
@@ -67,6 +70,6 @@ def print_trainable_parameters(model):
     """Print, e.g.: trainable params: 391,460 || all params: 23,919,012 || trainable%: 1.6366
     (adaptors 137,632, shifts 53,120, head 204,900)."""
     c = trainable_parameters(model)
-    detail = ", ".join("{} {:,}".format(name, c[name]) for name in _GROUPS if c[name] or name != "other")
+    detail = ", ".join("{} {:,}".format(name, c[name]) for name in _GROUPS if c[name] or name not in ("tail", "other"))
     print("trainable params: {:,} || all params: {:,} || trainable%: {:.4f} ({})".format(
         c["trainable"], c["total"], c["percent"], detail))

@@ -1,4 +1,4 @@
-"""One training loop for every method (DESIGN.md §3a, §4, §5): a method only says
+"""One training loop for every method (docs/design.md §3a, §4, §5): a method only says
 what trains and at which learning rate (da2ext.methods); the loop is the same.
 
     metrics = train_domain(model, "mnist", train_loader, val_loader, epochs=4,
@@ -8,7 +8,7 @@ what trains and at which learning rate (da2ext.methods); the loop is the same.
 
 Adam over the method's parameter groups (model.param_groups()), the learning
 rate decayed along a cosine over all steps, cross-entropy. What the run keeps
-for backward (DESIGN.md §4's saved_bytes) is counted once, on its first batch.
+for backward (docs/design.md §4's saved_bytes) is counted once, on its first batch.
 
 Resuming: after every epoch a checkpoint holds everything the rest of the run
 depends on - the domain's tensors, the optimizer's and scheduler's state, the
@@ -142,7 +142,7 @@ class _Run(object):
             "settings": self.settings,
             "epochs_done": self.epochs_done,
             "domain_tensors": dict((slot, t.detach().cpu()) for slot, t in
-                                   self.model._domain_tensors(self.domain).items()),
+                                   self.model.domain_tensors(self.domain).items()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -154,7 +154,7 @@ class _Run(object):
 
     def restore(self, state):
         with torch.no_grad():
-            for slot, t in self.model._domain_tensors(self.domain).items():
+            for slot, t in self.model.domain_tensors(self.domain).items():
                 t.copy_(state["domain_tensors"][slot])  # in place: the optimizer holds these tensors
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

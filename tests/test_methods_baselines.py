@@ -1,4 +1,4 @@
-"""The baseline methods of DESIGN.md §5 built here (bn_train, tinytl,
+"""The baseline methods of docs/design.md §5 built here (bn_train, tinytl,
 series_adapter, parallel_adapter): each starts from the pretrained network,
 trains exactly its own parameter set, and its domains save and load like da2's."""
 import copy
@@ -111,16 +111,16 @@ def test_a_training_step_moves_only_the_active_domain_and_files_round_trip(metho
     model.add_domain("a", 10)
     model.add_domain("b", 4)
     model.set_domain("b")
-    before_a = [t.clone() for t in model._domain_tensors("a").values()]
-    before_b = [t.clone() for t in model._domain_tensors("b").values()]
+    before_a = [t.clone() for t in model.domain_tensors("a").values()]
+    before_b = [t.clone() for t in model.domain_tensors("b").values()]
     model.train()
     optimizer = torch.optim.Adam(model.param_groups())
     for _ in range(2):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(inputs), torch.tensor([0, 3])).backward()
         optimizer.step()
-    assert all(torch.equal(x, y) for x, y in zip(before_a, model._domain_tensors("a").values()))
-    moved = [not torch.equal(x, y) for x, y in zip(before_b, model._domain_tensors("b").values())]
+    assert all(torch.equal(x, y) for x, y in zip(before_a, model.domain_tensors("a").values()))
+    moved = [not torch.equal(x, y) for x, y in zip(before_b, model.domain_tensors("b").values())]
     assert all(moved[:-2]) or sum(moved) > len(moved) // 2  # nearly every slot moves (a zero grad may not)
 
     path = str(tmp_path / "b.safetensors")

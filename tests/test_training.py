@@ -75,7 +75,7 @@ def _trained(model, name, shapes_dir, epochs, **kwargs):
 
 
 def _weights(model, name):
-    return dict((slot, t.detach().clone()) for slot, t in model._domain_tensors(name).items())
+    return dict((slot, t.detach().clone()) for slot, t in model.domain_tensors(name).items())
 
 
 def test_train_domain_end_to_end(shapes_dir, tmp_path):
