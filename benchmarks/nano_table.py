@@ -1,4 +1,4 @@
-"""The "nano" table of DESIGN.md §4: what a training step keeps for backward and
+"""The "nano" table of docs/design.md §4: what a training step keeps for backward and
 costs, per method, on ResNet-50, MobileNetV2 and EfficientNet-Lite0.
 
 Setting: random weights (memory and time do not depend on them), batch 8 and 32,
@@ -73,7 +73,7 @@ def available_models(models_arg):
 
 def packed_bit_floor(name, batch_size, image_size):
     """Bytes of every ReLU/ReLU6 output of the original model kept as packed bits,
-    4 * ceil(numel / 32) per activation call (DESIGN.md §1's floor)."""
+    4 * ceil(numel / 32) per activation call (docs/design.md §1's floor)."""
     model = build_backbone(name).eval()
     words = []
 
@@ -102,7 +102,7 @@ class MethodSetup(object):
         self.loss_fn = nn.CrossEntropyLoss()
 
     def memory_figures(self):
-        """DESIGN §4's figures of one step after a warm-up step (profile_step, untimed)."""
+        """docs/design.md §4's figures of one step after a warm-up step (profile_step, untimed)."""
         figures = profile_step(self.model, self.inputs, self.targets, self.loss_fn, self.optimizer, warmup=1, steps=0)
         figures["trainable_params"] = sum(p.numel() for p in self.trainable)
         return figures

@@ -1,4 +1,4 @@
-"""The nano setting (DESIGN.md §4) as a pytest-benchmark suite: a training step of
+"""The nano setting (docs/design.md §4) as a pytest-benchmark suite: a training step of
 ResNet-50, MobileNetV2 and EfficientNet-Lite0 at batch 8, 3x224x224, SGD with
 momentum, with the da2 recipe on the lean backbone against full fine-tuning and
 the same recipe in plain PyTorch (da2_eager).

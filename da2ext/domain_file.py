@@ -2,7 +2,7 @@
 
 The format is safetensors (tensors + a string-to-string metadata map, whose
 "da2ext" entry holds the JSON record). Where safetensors cannot be installed
-(DESIGN.md §7: Python 3.6 on a Jetson), numpy's .npz is the fallback, loaded
+(docs/design.md §7: Python 3.6 on a Jetson), numpy's .npz is the fallback, loaded
 with allow_pickle=False, the JSON record stored as a uint8 array. Either way,
 loading never runs code from the file. Writes are atomic (atomic_file.py).
 Which format a file is in is read from its first bytes, not its name.

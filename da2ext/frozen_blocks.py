@@ -1,5 +1,5 @@
 """Frozen, lean versions of the residual blocks of torchvision's ResNets and
-MobileNetV2 and of timm's EfficientNet family (DESIGN.md §3).
+MobileNetV2 and of timm's EfficientNet family (docs/design.md §3).
 
 Every one of these blocks has the same shape: a chain of conv-BN-activation
 layers, an optional shortcut (identity or a conv-BN), an add, an optional final

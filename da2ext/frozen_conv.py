@@ -1,5 +1,5 @@
 """A frozen conv + eval-mode BN + activation that keeps one bit per element for
-backward (DESIGN.md §1, §3, §3a).
+backward (docs/design.md §1, §3, §3a).
 
 At freeze time the BN is folded into the conv once:
 

@@ -1,5 +1,5 @@
 """Counting what autograd keeps for backward and what a training step costs
-(DESIGN.md §4: saved_bytes, param_bytes, grad_bytes, optimizer_bytes,
+(docs/design.md §4: saved_bytes, param_bytes, grad_bytes, optimizer_bytes,
 peak_cuda_bytes, step_time).
 
 Convention for saved_bytes: every distinct storage autograd holds, except the
@@ -7,7 +7,7 @@ storages of `exclude`. profile_step excludes the model's own state (its
 parameters and buffers, frozen or trainable): they are in memory whether or not
 a step runs and are reported as param_bytes, so a conv that keeps its weight
 for backward is not charged for it twice. What is left is what exists only
-because a forward ran: activations, masks, indices, descriptors. DESIGN.md §1's
+because a forward ran: activations, masks, indices, descriptors. docs/design.md §1's
 rows for frozen models are measured this way (656 MiB for ResNet-50 here); its
 full fine-tuning row (753 MiB) also counts the trainable weights, which this
 convention reports as param_bytes instead (656 MiB of activations here).
@@ -111,7 +111,7 @@ def device_of(model):
 
 
 def profile_step(model, inputs, targets, loss_fn, optimizer, warmup=1, steps=3):
-    """Run training steps of `model` on one batch and measure DESIGN.md §4's figures.
+    """Run training steps of `model` on one batch and measure docs/design.md §4's figures.
 
     A step is: zero_grad, forward, loss_fn(output, targets), backward,
     optimizer.step(). `warmup` steps run first (allocator, optimizer state), then

@@ -1,4 +1,4 @@
-"""ReLU and ReLU6 that keep one bit per element for backward (DESIGN.md §1 and §3).
+"""ReLU and ReLU6 that keep one bit per element for backward (docs/design.md §1 and §3).
 
 A frozen layer's activation needs, for the input gradient, only where it was
 active. The fused op writes the output and that mask, packed 32 elements to an

@@ -1,7 +1,7 @@
 """adapt(): the adapted model computes the original function, runs the layers before
 the first trainable parameter without autograd, handles what it cannot rewrite,
 holds a float16 backbone, validates its arguments, reports its trainable
-parameters; and profile_step's figures (DESIGN.md §3, §3a, §4).
+parameters; and profile_step's figures (docs/design.md §3, §3a, §4).
 
 The helpers at the top are shared with test_adapt_gradients.py and
 test_adapt_memory.py."""

@@ -1,4 +1,4 @@
-"""What the lean frozen backbone keeps for backward (DESIGN.md §1, §3, §4): a frozen
+"""What the lean frozen backbone keeps for backward (docs/design.md §1, §3, §4): a frozen
 block keeps exactly one packed bit per ReLU/ReLU6 element of the original block, and
 the adapted model keeps exactly its masks, the max pool's uint8 offsets, the adaptors'
 small tensors and the head's input."""

@@ -8,7 +8,7 @@ import torch
 
 from da2ext import backbones
 
-# ImageNet classes of scikit-learn's two sample photos (DESIGN.md §6).
+# ImageNet classes of scikit-learn's two sample photos (docs/design.md §6).
 BELL_COTE, STUPA, MONASTERY, DAISY = 442, 832, 663, 985
 
 

@@ -1,4 +1,4 @@
-"""The piggyback and lora_conv methods (DESIGN.md §5): right after the build the
+"""The piggyback and lora_conv methods (docs/design.md §5): right after the build the
 features are the pretrained backbone's, only the masks' scores / the LoRA
 matrices and the head train, the mask's gradient is the straight-through one,
 a step moves what trains and nothing else, BN statistics stay the pretrained

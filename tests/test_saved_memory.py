@@ -1,4 +1,4 @@
-"""What the fused op keeps for backward (DESIGN.md §2 and §4)."""
+"""What the fused op keeps for backward (docs/design.md §2 and §4)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-// Schema of the packed activation ops (DESIGN.md §3: "activation fused with a
+// Schema of the packed activation ops (docs/design.md §3: "activation fused with a
 // bit-packing of its mask in the forward") and the checks both backends share.
 // The residual attention ops own TORCH_LIBRARY(da2ext); these are added to the
 // same namespace with a fragment. Implementations: cpu/, cuda/.

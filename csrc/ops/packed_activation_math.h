@@ -1,4 +1,4 @@
-// The per-element arithmetic of the packed activation (DESIGN.md §1 and §3:
+// The per-element arithmetic of the packed activation (docs/design.md §1 and §3:
 // a ReLU/ReLU6 keeps one bit per element for backward), shared by the CPU and
 // CUDA kernels so that both compute exactly the same thing. No torch header, so
 // the CUDA translation unit stays free of torch (C++14, sm_53 and up).

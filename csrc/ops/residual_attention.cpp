@@ -133,7 +133,7 @@ void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, co
 }  // namespace ops
 }  // namespace da2ext
 
-// The three heavy passes of DESIGN.md §2. `multiplicative` selects mode "mul".
+// The three heavy passes of docs/design.md §2. `multiplicative` selects mode "mul".
 // Gates and gradients of the small branch are in the accumulation dtype
 // (float32 for float16/float32 feature maps, float64 for float64).
 TORCH_LIBRARY(da2ext, m) {

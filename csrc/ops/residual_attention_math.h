@@ -1,4 +1,4 @@
-// The per-element arithmetic of the residual attention adaptor (DESIGN.md §2),
+// The per-element arithmetic of the residual attention adaptor (docs/design.md §2),
 // shared by the CPU kernels and the CUDA kernels so that both compute exactly the
 // same formulas. Everything here works on the accumulation type (float for
 // float/half storage, double for double) and includes no torch header, so the

@@ -1,4 +1,4 @@
-// CPU implementation of the residual attention adaptor ops (DESIGN.md §2):
+// CPU implementation of the residual attention adaptor ops (docs/design.md §2):
 // argument checks, allocation and the split of the work over threads with
 // at::parallel_for. Each op reads the big tensor once:
 //  - the two "dual" reductions (descriptor pooling, backward reduction) need a

@@ -1,4 +1,4 @@
-// CUDA kernels of the packed activation (DESIGN.md §3). No torch header: raw
+// CUDA kernels of the packed activation (docs/design.md §3). No torch header: raw
 // pointers in, launch status out (see packed_activation_kernel.h). C++14, for
 // every architecture from sm_53 on: no atomics, warp votes in _sync form,
 // float arithmetic for half storage.

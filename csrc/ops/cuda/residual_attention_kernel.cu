@@ -1,4 +1,4 @@
-// CUDA kernels of the residual attention adaptor (DESIGN.md §2). No torch
+// CUDA kernels of the residual attention adaptor (docs/design.md §2). No torch
 // header: raw pointers in, launch status out (see residual_attention_kernel.h).
 // Written for every architecture from sm_53 (Jetson Nano) on: C++14, no atomics
 // at all (so no double/half atomicAdd question), warp shuffles in _sync form,
