@@ -56,9 +56,15 @@ def attention_logits_with_hidden(channel_mean, spatial, fc1_weight, fc1_bias, fc
     (N x k x H x W)."""
     hidden_pre = F.linear(channel_mean, fc1_weight, fc1_bias)
     channel_logits = F.linear(F.relu(hidden_pre), fc2_weight, fc2_bias)
+    return hidden_pre, channel_logits, spatial_attention_logits(spatial, spatial_weight, spatial_bias)
+
+
+def spatial_attention_logits(spatial, spatial_weight, spatial_bias):
+    """a_s = conv([d_mean; d_max]) (N x k x H x W). The fused op's backward calls it
+    again rather than keeping a_s: k maps of N x H x W cost more to keep than to
+    recompute from the two descriptor maps (a 2 -> k conv)."""
     with spatial_conv_backend(spatial):
-        spatial_logits = F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
-    return hidden_pre, channel_logits, spatial_logits
+        return F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
 
 
 def attention_logits(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight,

@@ -3,8 +3,9 @@
 Forward: one kernel pools the descriptors from F, the small branch (MLP and
 spatial conv) runs in plain PyTorch, one kernel writes y. What is kept for
 backward, all through ctx.save_for_backward: the descriptors, the argmax
-channel per position, the MLP's hidden layer, the two logits and the
-parameters - O(N * (C + H*W)) numbers - plus F itself in mode "mul"
+channel per position, the MLP's hidden layer, the channel logits and the
+parameters - O(N * (k*C + H*W)) numbers; the k spatial logit maps are
+recomputed from the descriptors - plus F itself in mode "mul"
 (optionally as a float16 copy). The attention map is never stored: every
 kernel rebuilds it from the two gates.
 
@@ -18,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
 from ._validation import check_feature_map
-from .attention_branch import attention_logits_with_hidden
+from .attention_branch import attention_logits_with_hidden, spatial_attention_logits
 from .attention_branch_backward import attention_logits_backward
 from .memory_order import dense, in_memory_order, memory_order
 from .reference import residual_attention_reference
@@ -58,16 +59,18 @@ class ResidualAttentionFunction(torch.autograd.Function):
             kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
         ctx.multiplicative = multiplicative
         ctx.order = memory_order(x)  # the kernels read the gradient in the input's memory order
-        # All small: descriptors, argmax, the MLP's hidden layer, the logits, parameters.
-        ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, spatial_logits, gamma,
-                              kept_input, fc1_weight, fc2_weight, spatial_weight)
+        # All small: descriptors, argmax, the MLP's hidden layer, the channel logits, parameters.
+        # The spatial logits (k maps of N x H x W) are recomputed in backward from the descriptors.
+        ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input,
+                              fc1_weight, fc2_weight, spatial_weight, spatial_bias)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (channel_mean, spatial, argmax, hidden_pre, channel_logits, spatial_logits, gamma, kept_input, fc1_weight,
-         fc2_weight, spatial_weight) = ctx.saved_tensors
+        (channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input, fc1_weight, fc2_weight,
+         spatial_weight, spatial_bias) = ctx.saved_tensors
+        spatial_logits = spatial_attention_logits(spatial, spatial_weight, spatial_bias)
         needs = ctx.needs_input_grad
         grad_output = in_memory_order(grad_output, ctx.order)
         acc_dtype = _accumulate_dtype(grad_output.dtype)

@@ -21,11 +21,12 @@ def test_add_mode_keeps_under_5_percent_of_input(device):
     input_bytes = x.numel() * x.element_size()
     fused_bytes = kept_bytes(fused, x)
     # descriptors (N*C + 2*N*H*W floats), argmax (N*H*W int32), the MLP's hidden
-    # layer (N*16), the logits (N*C + N*H*W) and the weights the backward multiplies by
+    # layer (N*16), the channel logits (N*C; the spatial ones are recomputed) and the
+    # weights the backward multiplies by
     N, C, HW, hidden = 8, 256, 56 * 56, 16
-    activations = (N * C + 2 * N * HW) * 4 + N * HW * 4 + N * hidden * 4 + (N * C + N * HW) * 4
+    activations = (N * C + 2 * N * HW) * 4 + N * HW * 4 + N * hidden * 4 + N * C * 4
     weights = sum(p.numel() * p.element_size() for p in (fused.fc1.weight, fused.fc2.weight, fused.spatial.weight,
-                                                         fused.gamma))
+                                                         fused.spatial.bias, fused.gamma))
     expected = activations + weights
     assert fused_bytes == expected
     assert fused_bytes < 0.05 * input_bytes
