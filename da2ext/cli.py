@@ -64,10 +64,10 @@ def _group_rate(text):
 
 
 def _method(text):
-    if text not in methods_registry.METHODS:
-        raise argparse.ArgumentTypeError("unknown method {!r}; methods: {}".format(
-            text, ", ".join(methods_registry.METHODS)))
-    return text
+    try:
+        return methods_registry.get(text).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
 
 
 def _backbone(text):
@@ -78,7 +78,24 @@ def _backbone(text):
 
 
 def _methods_help():
-    return "; ".join("{}: {}".format(m.name, m.description) for m in methods_registry.METHODS.values())
+    return "; ".join("{}: {}".format(m.name, m.description) for m in methods_registry.METHODS.values()) + (
+        "; da2_tail<k>: da2 + the last k blocks trained; da2_budget<MiB>: da2 + the largest tail within a "
+        "training-memory budget")
+
+
+def _resolve_tail(args):
+    """--train-last K / --memory-budget-mib M are spellings of da2_tail<K> / da2_budget<M>."""
+    train_last, budget = getattr(args, "train_last", None), getattr(args, "memory_budget_mib", None)
+    if train_last is None and budget is None:
+        return
+    if train_last is not None and budget is not None:
+        raise CommandError("--train-last and --memory-budget-mib contradict each other: give one")
+    if args.method != "da2":
+        raise CommandError("--train-last and --memory-budget-mib apply to --method da2, got --method {}".format(
+            args.method))
+    args.method = "da2_tail{}".format(train_last) if train_last is not None else "da2_budget{}".format(budget)
+    if train_last == 0:
+        args.method = "da2"
 
 
 def _add_model_arguments(parser):
@@ -92,6 +109,11 @@ def _add_model_arguments(parser):
                              "default: the ImageNet weights shipped for efficientnet_lite0")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="random backbone weights (seeded with --seed): for tests and timing")
+    parser.add_argument("--train-last", type=_non_negative_int, metavar="K",
+                        help="with da2: also train the last K blocks and the final conv in full (method da2_tail<K>)")
+    parser.add_argument("--memory-budget-mib", type=_positive_int, metavar="M",
+                        help="with da2: the largest trainable tail whose training memory (kept for backward + "
+                             "gradients + Adam state, at batch 8, 224x224) fits M MiB (method da2_budget<M>)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, subsamples and shuffling "
                         "(default: 0)")
@@ -190,7 +212,7 @@ def build_parser():
 
     # Its arguments (--help included) go to benchmarks/nano_table.py unparsed: see main().
     commands.add_parser(
-        "nano-table", help="the memory/time table of DESIGN.md §4: runs benchmarks/nano_table.py of a checkout "
+        "nano-table", help="the memory/time table of docs/design.md §4: runs benchmarks/nano_table.py of a checkout "
                            "with the arguments that follow (nano-table --help lists them)")
     return parser
 
@@ -256,6 +278,12 @@ def _train(args):
         raise CommandError(str(error))
     work = WorkDir(args.workdir)
     model = _build(args)
+    tail = getattr(model.model, "da2ext_tail", {})
+    if "memory_budget_mib" in tail:
+        print("memory budget {} MiB: training the last {} block(s), {:.1f} MiB at batch {}, {}x{} ({})".format(
+            tail["memory_budget_mib"], tail["train_last"], tail["training_bytes"] / MIB, tail["budget_input_shape"][0],
+            tail["budget_input_shape"][2], tail["budget_input_shape"][3],
+            "fits" if tail["fits"] else "the lean model alone does not fit"))
     learning_rates = dict(args.lr or ())
     if len(learning_rates) != len(args.lr or ()):
         raise CommandError("--lr names a group twice: {}".format(
@@ -368,6 +396,7 @@ def main(argv=None):
             parser.exit(2, "{} nano-table: error: {}\n".format(parser.prog, error))
     args = parser.parse_args(argv)
     try:
+        _resolve_tail(args)
         return args.run(args)
     except CommandError as error:
         parser.exit(2, "{} {}: error: {}\n".format(parser.prog, args.command, error))

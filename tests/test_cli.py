@@ -12,6 +12,8 @@ import da2ext
 from da2ext.cli import main
 from test_training import write_image_folder
 
+DA2_RATES = da2ext.methods.get("da2").learning_rates
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS = ("prepare-digits", "train", "eval", "digits-demo", "nano-table")
 TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
@@ -130,10 +132,10 @@ def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, cap
         with open(os.path.join(runs, "metrics", "shapes-da2.json")) as f:
             metrics = json.load(f)
         if tag == "frozen":
-            assert metrics["learning_rates"] == {"adaptors": 0.0, "head": 0.05, "shifts": 0.01}
+            assert metrics["learning_rates"] == {"adaptors": 0.0, "head": 0.05, "shifts": DA2_RATES["shifts"]}
             assert metrics["settings"]["learning_rates"] == {"adaptors": 0.0, "head": 0.05}
         else:
-            assert metrics["learning_rates"] == {"adaptors": 0.003, "head": 0.01, "shifts": 0.01}
+            assert metrics["learning_rates"] == dict((g, DA2_RATES[g]) for g in ("adaptors", "head", "shifts"))
             assert "learning_rates" not in metrics["settings"]
     trained, frozen = _adaptor_tensors(files["default"]), _adaptor_tensors(files["frozen"])
     gammas = [k for k in frozen if k.endswith(".gamma")]
@@ -142,7 +144,7 @@ def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lr", "adaptor=0"], "GROUP=RATE with GROUP one of adaptors, shifts, head, other"),
+    (["--lr", "adaptor=0"], "GROUP=RATE with GROUP one of adaptors, shifts, head, tail, other"),
     (["--lr", "head"], "GROUP=RATE"),
     (["--lr", "head=-1"], "a finite number >= 0, got -1.0"),
     (["--lr", "head=nan"], "a finite number >= 0"),

@@ -1,7 +1,7 @@
 """Methods that train the backbone's BatchNorm layers as ordinary train-mode BN
 (ft, bn_train, and the residual adapters, whose papers make every BN
 domain-specific): scales, shifts and batch statistics. They keep each BN's input
-for backward, which is what DA2's recipe avoids (DESIGN.md §3a)."""
+for backward, which is what DA2's recipe avoids (docs/design.md §3a)."""
 from torch import nn
 
 from ..adapt import replace_head
@@ -11,7 +11,7 @@ __all__ = ["BN_TRAIN", "freeze_except_batchnorm", "train_batchnorm"]
 
 # PyTorch's default decay. EfficientNet-Lite0's weights come from TF, whose 0.99
 # decay (momentum 0.01) would keep the ImageNet statistics for most of a short
-# run (DESIGN.md §6); timm builds the layers with 0.1, set here so it holds for any backbone.
+# run (docs/design.md §6); timm builds the layers with 0.1, set here so it holds for any backbone.
 BN_MOMENTUM = 0.1
 
 
@@ -37,4 +37,4 @@ def freeze_except_batchnorm(model, num_classes):
 # BN scales at a lower rate than shifts and head: a scale multiplies a whole
 # channel, and Adam moves every parameter by about lr per step.
 BN_TRAIN = Method("bn_train", "BN scales, shifts and batch statistics + head (FT-Norm+Last)",
-                  freeze_except_batchnorm, {"other": 3e-3, "default": 1e-2})
+                  freeze_except_batchnorm, {"other": 3e-2, "default": 1e-1})

@@ -12,5 +12,5 @@ def _build(backbone, num_classes):
     return train_batchnorm(backbone).train()
 
 
-# Adam 3e-4 for everything (DESIGN.md §3a's ft row).
-FT = Method("ft", "full fine-tuning, train-mode BN", _build, {"default": 3e-4})
+# Adam 3e-4 for everything (docs/design.md §3a's ft row).
+FT = Method("ft", "full fine-tuning, train-mode BN", _build, {"default": 3e-3})

@@ -24,7 +24,7 @@ def _bias_lean(backbone, num_classes):
     return adapt(backbone, num_classes, adaptors=False, shifts=True)
 
 
-LAST = Method("last", "the new head only", _last, {"default": 1e-2})
-BIAS = Method("bias", "BN shifts, biases and head, plain PyTorch (TinyTL-B)", _bias, {"default": 1e-2})
+LAST = Method("last", "the new head only", _last, {"default": 3e-3})
+BIAS = Method("bias", "BN shifts, biases and head, plain PyTorch (TinyTL-B)", _bias, {"default": 3e-3})
 BIAS_LEAN = Method("bias_lean", "BN shifts and head on the lean backbone (masks only)", _bias_lean,
-                   {"default": 1e-2})
+                   {"default": 3e-3})

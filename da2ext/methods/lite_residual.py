@@ -1,5 +1,5 @@
 """tinytl: TinyTL's lite residual branches on top of the bias recipe (Cai et al.,
-NeurIPS 2020; DESIGN.md §5). Beside every block of the frozen backbone runs a
+NeurIPS 2020; docs/design.md §5). Beside every block of the frozen backbone runs a
 small trainable branch on the block's input:
 
     avg-pool by 2 -> k x k group conv (2 groups, the block's stride) -> ReLU
@@ -93,6 +93,6 @@ def _build(backbone, num_classes):
     return add_lite_residuals(adapt(backbone, num_classes, adaptors=False, shifts=True))
 
 
-# Lite branches at the adaptors' rate, shifts and head at 1e-2 (DESIGN.md §3a's rates).
+# Lite branches at the adaptors' rate, shifts and head at 1e-2 (docs/design.md §3a's rates).
 TINYTL = Method("tinytl", "lite residual branches + BN shifts + head (TinyTL-L+B), lean backbone", _build,
-                {"other": 3e-3, "default": 1e-2})
+                {"other": 9e-4, "default": 3e-3})

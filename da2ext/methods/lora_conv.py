@@ -1,5 +1,5 @@
 """lora_conv: LoRA on the backbone's convs through the `peft` library, as a user
-would set it up today (DESIGN.md §5): a LoraConfig naming the conv modules and
+would set it up today (docs/design.md §5): a LoraConfig naming the conv modules and
 peft.inject_adapter_in_model, after a new head.
 
 Each targeted conv W gets a parallel low-rank path, conv(x, W) + s * B(A(x)),
@@ -48,7 +48,7 @@ def lora_targets(model):
 def _build(backbone, num_classes):
     try:
         import peft
-    except ImportError as error:  # optional (DESIGN.md §7): the Jetson may lack it
+    except ImportError as error:  # optional (docs/design.md §7): the Jetson may lack it
         raise ImportError("the lora_conv method needs peft: pip install peft (import failed: {})".format(error))
     model = freeze_backbone(backbone, num_classes, "lora_conv")
     targets = lora_targets(model)
@@ -74,4 +74,4 @@ def _build(backbone, num_classes):
 # and the low-rank path overwhelms the pretrained features). The head at 1e-2 like
 # every other method here, so comparisons differ only in the backbone side.
 LORA_CONV = Method("lora_conv", "LoRA (r=8) on the groups=1 convs through peft + head", _build,
-                   {"other": 1e-3, "head": 1e-2, "default": 1e-3})
+                   {"other": 3e-4, "head": 3e-3, "default": 3e-4})

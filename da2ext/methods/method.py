@@ -5,6 +5,12 @@ from ..trainable import parameter_groups
 __all__ = ["Method"]
 
 
+# The baselines' default rates are centred on the scale their 0.1-10 sweep chose in the
+# digits table at 8b9e864 (benchmarks/results/digits.md there: ft and bn_train x10, the
+# residual adapters x3, the others x0.3), so that the table's sweep of 0.3, 1 and 3 around
+# them covers those choices with a point on each side. DA2's come from its own probe.
+
+
 class Method(object):
     """name: as the CLI spells it; description: one line for --help and tables;
     build(backbone, num_classes) -> the model to train (rewritten in place);

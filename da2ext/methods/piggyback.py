@@ -1,6 +1,6 @@
 """piggyback: a learned binary mask on every frozen conv weight (Mallya et al. 2018,
 "Piggyback: Adapting a Single Network to Multiple Tasks by Learning to Mask
-Weights"; DESIGN.md §5).
+Weights"; docs/design.md §5).
 
 Each conv of the backbone (depthwise ones and timm's TF-"same" Conv2dSame
 included) becomes a PiggybackConv2d that computes the conv with
@@ -151,4 +151,4 @@ def _build(backbone, num_classes):
 # still tries 1e-4. The head at 1e-2 like every other method here (last, bias,
 # da2), so comparisons differ only in what trains in the backbone.
 PIGGYBACK = Method("piggyback", "learned binary masks on the frozen conv weights + head (Piggyback)", _build,
-                   {"other": 1e-3, "head": 1e-2, "default": 1e-3})
+                   {"other": 3e-4, "head": 3e-3, "default": 3e-4})

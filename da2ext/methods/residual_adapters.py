@@ -1,4 +1,4 @@
-"""Rebuffi et al.'s residual adapters on a frozen backbone (DESIGN.md §5):
+"""Rebuffi et al.'s residual adapters on a frozen backbone (docs/design.md §5):
 
   series_adapter   (NeurIPS 2017)  y = BN(c + A c),      c = conv(x)
   parallel_adapter (CVPR 2018)     y = BN(conv(x) + A x)
@@ -98,8 +98,8 @@ def _with_adapters(wrapper):
 
 
 # Adapters and BN scales at 3e-3, BN shifts and head at 1e-2: the rates of the
-# other frozen-backbone methods here (DESIGN.md §3a).
-_LEARNING_RATES = {"other": 3e-3, "default": 1e-2}
+# other frozen-backbone methods here (docs/design.md §3a).
+_LEARNING_RATES = {"other": 9e-3, "default": 3e-2}
 
 SERIES_ADAPTER = Method("series_adapter", "1x1 residual adapters in series + every BN + head (Rebuffi 2017)",
                         _with_adapters(SeriesAdapterConv), _LEARNING_RATES)
