@@ -1,13 +1,18 @@
-"""The baselines benchmark (DESIGN.md §3a, §5, §6): every method on the same loop,
-backbone and data, one table and one plot of accuracy against memory.
+"""The baselines benchmark (docs/design.md §3a, §5, §6): every method on the same loop,
+backbone and data, one table and one plot of accuracy against training memory.
 
 Each method learns each domain once per seed, in a fresh process
 (`python -m da2ext train`), so that its peak resident memory can be read from
 outside (os.wait4's rusage); the run's own metrics give the validation accuracy,
 saved_bytes (what one training step keeps for backward), the median step time,
-the trainable parameter count and the domain file's size. A nano column adds
-what each method keeps for backward in DESIGN.md §4's setting (ResNet-50, random
-weights, batch 8, 3x224x224, float32).
+the trainable parameter count and the domain file's size. The nano columns add,
+in docs/design.md §4's setting (random weights, batch 8, 3x224x224, float32), what
+each method keeps for backward on ResNet-50 and its training memory (kept for
+backward + gradients + Adam state) on ResNet-50 and EfficientNet-Lite0.
+
+Before the table, each method's learning rates are scaled by the factor of
+--sweep-scales that does best on --sweep-domain with seed 0 (every group of the
+method scaled alike, so their ratios stay the method's own).
 
     python benchmarks/digits_table.py --subsample 720 --sweep-jobs 2   # the committed table: ~1.5 h on 2 cores
     python benchmarks/digits_table.py --methods da2,bias --seeds 1 --subsample 480
@@ -17,8 +22,8 @@ weights, batch 8, 3x224x224, float32).
 (default: the digits domains, written into the work directory first). Finished
 runs are kept in the work directory, so an interrupted benchmark resumes.
 Writes benchmarks/results/<tag>.json (one record per method, domain and seed),
-<tag>.md (mean and spread over seeds) and <tag>.png (accuracy against memory
-kept for backward, log scale).
+<tag>.md (mean and spread over seeds, the commit and command) and <tag>.png
+(accuracy against training memory, log scale, the DA2 family as a line).
 """
 import argparse
 import json
@@ -41,8 +46,9 @@ from da2ext.atomic_file import atomic_write  # noqa: E402
 MIB = float(2 ** 20)
 RECORD_KEYS = ("method", "domain", "seed", "val_accuracy", "saved_bytes", "peak_rss_bytes", "step_time",
                "trainable_params", "file_bytes")
-# The targets of the baselines issue: da2 against ft and bias.
-FT_MARGIN, BIAS_MARGIN, MEMORY_RATIO = 2.0, 0.5, 20.0
+# DA2 with a trainable tail: the last block, the last two stages of EfficientNet-Lite0 (5 blocks), and the
+# largest tail within a training-memory budget (at batch 8, 224 x 224).
+TAIL_ROWS = ("da2_tail1", "da2_tail5", "da2_budget64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,30 +171,51 @@ def sweep_learning_rates(args, bar=None):
 # The nano memory column
 
 
-def nano_saved_bytes(method_names, batch_size=8, image_size=224):
-    """{method: bytes kept for backward} on ResNet-50 (random weights), DESIGN.md §4."""
-    import torchvision
-    from da2ext.memory import SavedTensorCounter, model_state
+NANO_BACKBONES = ("resnet50", "efficientnet_lite0")
+
+
+def _nano_backbone(name):
+    if name == "resnet50":
+        import torchvision
+        return torchvision.models.resnet50()
+    import timm
+    return timm.create_model("tf_efficientnet_lite0")
+
+
+def nano_bytes(method_names, batch_size=8, image_size=224):
+    """{method: {"saved_bytes": kept for backward on ResNet-50, and per backbone of
+    NANO_BACKBONES "<backbone>_training_bytes": kept for backward + gradients + Adam
+    state}}, docs/design.md §4's nano setting (random weights, batch 8, 3x224x224,
+    float32, a 100-class head), each measured by one da2ext.profile_step."""
+    import torch.nn.functional as F
+    from da2ext.memory import profile_step
     result = {}
     inputs = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(batch_size) % 100
     for name in method_names:
-        torch.manual_seed(0)
-        try:
-            model = methods.get(name).build(torchvision.models.resnet50(), 100).train()
-        except ImportError as error:  # an optional dependency (peft) is missing
-            sys.stderr.write("nano column: {} skipped: {}\n".format(name, error))
-            continue
-        with SavedTensorCounter(exclude=model_state(model)) as counter:
-            loss = model(inputs).logsumexp(1).sum()
-        result[name] = counter.saved_bytes
-        del loss, model
+        row = {}
+        for backbone in NANO_BACKBONES:
+            torch.manual_seed(0)
+            try:
+                model = methods.get(name).build(_nano_backbone(backbone), 100).train()
+            except ImportError as error:  # an optional dependency (peft, timm) is missing
+                sys.stderr.write("nano column: {} on {} skipped: {}\n".format(name, backbone, error))
+                continue
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.0)
+            profile = profile_step(model, inputs, targets, F.cross_entropy, optimizer, warmup=0, steps=0)
+            if backbone == "resnet50":
+                row["saved_bytes"] = profile["saved_bytes"]
+            row[backbone + "_training_bytes"] = (profile["saved_bytes"] + profile["grad_bytes"] +
+                                                 profile["optimizer_bytes"])
+            del model, optimizer
+        result[name] = row
     return result
 
 
 def nano_column(args):
-    """nano_saved_bytes for args.methods, computed in a child process (the models it
-    builds would otherwise stay in this process's memory) and cached in the work directory."""
-    path = os.path.join(args.workdir, "nano_saved_bytes.json")
+    """nano_bytes for args.methods, computed in a child process (the models it builds
+    would otherwise stay in this process's memory) and cached in the work directory."""
+    path = os.path.join(args.workdir, "nano_bytes.json")
     cached = {}
     if os.path.isfile(path):
         with open(path) as f:
@@ -196,7 +223,7 @@ def nano_column(args):
     missing = [m for m in args.methods if m not in cached]
     if missing:
         code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import digits_table; "
-                "print(json.dumps(digits_table.nano_saved_bytes(sys.argv[2].split(','))))")
+                "print(json.dumps(digits_table.nano_bytes(sys.argv[2].split(','))))")
         output = subprocess.check_output([sys.executable, "-c", code, HERE, ",".join(missing)])
         cached.update(json.loads(output.decode("utf-8").strip().splitlines()[-1]))
         if not os.path.isdir(args.workdir):
@@ -241,31 +268,76 @@ def summarise(records, method_names, domains):
             "trainable_params": max(r["trainable_params"] for r in rows),
             "file_bytes": max(r["file_bytes"] for r in rows),
             "nano_saved_bytes": rows[0].get("nano_saved_bytes"),
+            "nano_training_bytes": dict((b, rows[0].get("nano_{}_training_bytes".format(b))) for b in NANO_BACKBONES),
             "lr_scale": rows[0].get("lr_scale", 1.0),
             "seeds": sorted(per_seed),
         }
     return summary
 
 
-def check_targets(summary):
-    """The issue's three targets for da2 against ft and bias, as lines of text."""
+def _family(method):
+    """da2 and its tail/budget variants: the DA2 family the plot joins with a line."""
+    return method == "da2" or method.startswith("da2_tail") or method.startswith("da2_budget")
+
+
+def check_targets(summary, sweep_domain="mnist_m"):
+    """The accuracy issue's targets (da2 against bias_lean; the DA2 family against
+    parallel_adapter and ft at a fraction of their nano training bytes), as lines of text."""
     lines = []
-    da2, ft, bias = summary.get("da2"), summary.get("ft"), summary.get("bias")
-    if da2 is None:
-        return lines
-    if ft is not None:
-        gap = da2["mean_accuracy"] - ft["mean_accuracy"]
-        lines.append("da2 mean accuracy {:.2f} vs ft {:.2f}: {:+.2f} points (target >= -{:.1f}): {}".format(
-            da2["mean_accuracy"], ft["mean_accuracy"], gap, FT_MARGIN, "met" if gap >= -FT_MARGIN else "MISSED"))
-        ratio = ft["saved_bytes"] / float(da2["saved_bytes"])
-        lines.append("da2 keeps {:.1f}x less for backward than ft (target >= {:.0f}x): {}".format(
-            ratio, MEMORY_RATIO, "met" if ratio >= MEMORY_RATIO else "MISSED"))
-    if bias is not None:
+    da2, bias, pa, ft = (summary.get(m) for m in ("da2", "bias_lean", "parallel_adapter", "ft"))
+
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+
+    if da2 is not None and bias is not None:
         gap = da2["mean_accuracy"] - bias["mean_accuracy"]
-        lines.append("da2 mean accuracy {:.2f} vs bias {:.2f}: {:+.2f} points (target >= -{:.1f}): {}".format(
-            da2["mean_accuracy"], bias["mean_accuracy"], gap, BIAS_MARGIN, "met" if gap >= -BIAS_MARGIN else
-            "MISSED"))
+        lines.append("da2 mean {:.2f} vs bias_lean {:.2f}: {:+.2f} points (target >= +2.5): {}".format(
+            da2["mean_accuracy"], bias["mean_accuracy"], gap, verdict(gap >= 2.5)))
+        if sweep_domain in da2["accuracy"] and sweep_domain in bias["accuracy"]:
+            gap = da2["accuracy"][sweep_domain][0] - bias["accuracy"][sweep_domain][0]
+            lines.append("da2 on {} {:+.2f} points over bias_lean (target >= +6): {}".format(
+                sweep_domain, gap, verdict(gap >= 6.0)))
+    if da2 is not None and da2.get("nano_saved_bytes"):
+        kept = da2["nano_saved_bytes"] / MIB
+        lines.append("da2 nano kept {:.1f} MiB on ResNet-50 (target <= 16): {}".format(kept, verdict(kept <= 16.0)))
+    family = [m for m in summary if _family(m) and m != "da2"]
+
+    def training(method, backbone):
+        return (summary[method].get("nano_training_bytes") or {}).get(backbone)
+
+    for reference, fraction, margin, label in ((pa and "parallel_adapter", 5, 0.0, "parallel_adapter's mean"),
+                                               (ft and "ft", 8, 2.0, "within 2 points of ft (moonshot)")):
+        if reference is None or not family:
+            continue
+        for backbone in NANO_BACKBONES:
+            limit = training(reference, backbone)
+            if limit is None:
+                continue
+            fits = [m for m in family if training(m, backbone) is not None and
+                    training(m, backbone) <= limit / float(fraction)]
+            best = max(fits, key=lambda m: summary[m]["mean_accuracy"]) if fits else None
+            target = summary[reference]["mean_accuracy"] - margin
+            if best is None:
+                lines.append("{}: no DA2 configuration within 1/{} of {}'s nano training bytes on {}: MISSED".format(
+                    label, fraction, reference, backbone))
+                continue
+            lines.append("{}: best DA2 configuration within 1/{} of {}'s nano training bytes on {} ({:.0f} of "
+                         "{:.0f} MiB) is {} at {:.2f} against {:.2f}: {}".format(
+                             label, fraction, reference, backbone, training(best, backbone) / MIB, limit / MIB, best,
+                             summary[best]["mean_accuracy"], target, verdict(summary[best]["mean_accuracy"] >= target)))
     return lines
+
+
+def _commit():
+    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown"."""
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                         stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "da2ext", "csrc", "benchmarks/digits_table.py"],
+                                cwd=HERE, stderr=subprocess.DEVNULL) != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
 
 
 def _fmt_bytes(value, unit=MIB, digits=1):
@@ -276,20 +348,24 @@ def markdown(summary, domains, meta):
     lines = ["Accuracy (%, mean ± half-range over seeds {}), what one step keeps for backward, peak resident "
              "memory of the training process, median step time, trainable parameters and domain file size. "
              "{}".format(", ".join(str(s) for s in meta["seeds"]), meta["setting"]), ""]
-    header = ["method", "lr scale"] + domains + ["mean", "kept (MiB)", "nano kept (MiB)", "peak RSS (MiB)", "step (s)",
-                                     "trainable", "file (KiB)"]
+    header = ["method", "lr scale"] + domains + ["mean", "kept (MiB)", "nano kept (MiB)"] + [
+        "nano training {} (MiB)".format(b) for b in NANO_BACKBONES] + [
+        "peak RSS (MiB)", "step (s)", "trainable", "file (KiB)"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for method, s in summary.items():
-        cells = [method, "{:g}".format(s["lr_scale"])]
+        edge = meta.get("sweep_scales") and s["lr_scale"] in (min(meta["sweep_scales"]), max(meta["sweep_scales"]))
+        cells = [method, "{:g}{}".format(s["lr_scale"], " (edge)" if edge else "")]
         for domain in domains:
             mean, spread = s["accuracy"].get(domain, (float("nan"), 0.0))
             cells.append("{:.1f} ± {:.1f}".format(mean, spread))
         cells += ["{:.1f} ± {:.1f}".format(s["mean_accuracy"], s["mean_accuracy_spread"]),
-                  _fmt_bytes(s["saved_bytes"]), _fmt_bytes(s["nano_saved_bytes"]), _fmt_bytes(s["peak_rss_bytes"], digits=0),
+                  _fmt_bytes(s["saved_bytes"]), _fmt_bytes(s["nano_saved_bytes"])] + [
+                  _fmt_bytes((s.get("nano_training_bytes") or {}).get(b)) for b in NANO_BACKBONES] + [
+                  _fmt_bytes(s["peak_rss_bytes"], digits=0),
                   "{:.3f}".format(s["step_time"]), "{:,}".format(s["trainable_params"]),
                   _fmt_bytes(s["file_bytes"], 1024.0)]
         lines.append("| " + " | ".join(cells) + " |")
-    targets = check_targets(summary)
+    targets = check_targets(summary, meta.get("sweep_domain", "mnist_m"))
     if targets:
         lines += [""] + ["- " + line for line in targets]
     if meta.get("sweep_seconds"):
@@ -298,6 +374,7 @@ def markdown(summary, domains, meta):
             " ({} runs at a time share the CPU there, so its sum exceeds its wall time)".format(jobs)))
     else:
         sweep = "no learning-rate sweep"
+    lines += ["", "Commit {}; command `{}`.".format(meta.get("commit"), meta.get("command"))]
     lines += ["", "Measured on {} with torch {}, {}. Training and evaluation, summed over the runs (each run's "
               "process start, a few seconds, not counted): {:.0f} min for the table, {}; this invocation {:.0f} "
               "min (finished runs are reused).".format(meta["machine"], meta["torch"], meta["date"],
@@ -306,7 +383,9 @@ def markdown(summary, domains, meta):
 
 
 def plot(summary, path, title):
-    """Mean accuracy against bytes kept for backward (log scale), one point per method."""
+    """Mean accuracy against training memory on the table's backbone in the nano
+    setting (kept for backward + gradients + Adam state; log scale), one point per
+    method, the DA2 family (da2 and its tails) joined by a line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -314,24 +393,34 @@ def plot(summary, path, title):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
+
+    def memory(method):
+        training = summary[method].get("nano_training_bytes") or {}
+        value = training.get("efficientnet_lite0") or training.get("resnet50")
+        return (value if value is not None else summary[method]["saved_bytes"]) / MIB
+
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    # Labels of points that sit close together (the plain-PyTorch methods all keep ~400 MiB)
-    # go alternately left and right of their point.
-    by_memory = sorted(summary, key=lambda m: (summary[m]["saved_bytes"], summary[m]["mean_accuracy"]))
+    family = sorted((m for m in summary if _family(m)), key=memory)
+    if len(family) > 1:
+        axes.plot([memory(m) for m in family], [summary[m]["mean_accuracy"] for m in family], "-",
+                  color="tab:red", alpha=0.6, label="DA2 family (da2, trainable tails)")
+    by_memory = sorted(summary, key=lambda m: (memory(m), summary[m]["mean_accuracy"]))
     for i, method in enumerate(by_memory):
         s = summary[method]
-        x = s["saved_bytes"] / MIB
+        x = memory(method)
         highlight = method.startswith("da2")
         axes.errorbar([x], [s["mean_accuracy"]], yerr=[s["mean_accuracy_spread"]], fmt="o" if highlight else "s",
                       color="tab:red" if highlight else "tab:blue", capsize=3)
-        crowded = s["saved_bytes"] > 100 * MIB and i % 2
-        axes.annotate(method, (x, s["mean_accuracy"]), textcoords="offset points", fontsize=8,
-                      xytext=(-6, 3) if crowded else (6, 3), ha="right" if crowded else "left")
+        axes.annotate(method, (x, s["mean_accuracy"]), textcoords="offset points", fontsize=7,
+                      xytext=(-6, 3) if i % 2 else (6, -9), ha="right" if i % 2 else "left")
     axes.set_xscale("log")
-    axes.set_xlabel("kept for backward per training step (MiB, log scale)")
+    axes.set_xlabel("training memory of one step, nano setting on the table's backbone: kept for backward + "
+                    "gradients + Adam state (MiB, log)", fontsize=8)
     axes.set_ylabel("mean validation accuracy over domains (%)")
     axes.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
     axes.grid(True, which="both", alpha=0.3)
+    if len(family) > 1:
+        axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -357,7 +446,8 @@ def _list(text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(methods.METHODS), help="comma-separated (default: all)")
+    parser.add_argument("--methods", default=",".join(list(methods.METHODS) + list(TAIL_ROWS)),
+                        help="comma-separated (default: every method and the tail rows {})".format(", ".join(TAIL_ROWS)))
     parser.add_argument("--domains", help="comma-separated (default: mnist,digits,mnist_m, or every domain "
                                           "directory in --data)")
     parser.add_argument("--seeds", default="1,2", help="training seeds (default: 1,2)")
@@ -372,9 +462,10 @@ def parse_args(argv):
     parser.add_argument("--subsample", type=int, default=None, help="training images per domain (default: all)")
     parser.add_argument("--workdir", default=os.path.join("runs", "digits_table"))
     parser.add_argument("--no-nano", action="store_true", help="skip the ResNet-50 nano memory column")
-    parser.add_argument("--sweep-scales", default="0.1,0.3,1,3,10",
-                        help="learning-rate scales tried per method on --sweep-domain before the benchmark; "
-                             "1 alone: no sweep (default: 0.1,0.3,1,3,10)")
+    parser.add_argument("--sweep-scales", default="0.3,1,3",
+                        help="learning-rate scales tried per method on --sweep-domain before the benchmark, each "
+                             "multiplying all of the method's group rates (their ratios kept); 1 alone: no sweep "
+                             "(default: 0.3,1,3: the methods' rates are centred on an earlier 0.1-10 sweep's choice)")
     parser.add_argument("--sweep-domain", help="the sweep's domain (default: mnist_m if present, else the first)")
     parser.add_argument("--sweep-jobs", type=int, default=1,
                         help="sweep runs at once, the CPU threads shared among them (default: 1)")
@@ -429,7 +520,10 @@ def main(argv=None):
     if bar is not None:
         bar.close()
     for record in records:
-        record["nano_saved_bytes"] = nano.get(record["method"])
+        row = nano.get(record["method"], {})
+        record["nano_saved_bytes"] = row.get("saved_bytes")
+        for backbone in NANO_BACKBONES:
+            record["nano_{}_training_bytes".format(backbone)] = row.get(backbone + "_training_bytes")
 
     summary = summarise(records, args.methods, args.domains)
     setting = ("Backbone {} ({}), {}x{} inputs, batch {}, {} epochs, {} training images per domain, Adam with "
@@ -445,7 +539,10 @@ def main(argv=None):
                                                                                      os.cpu_count()),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seconds": int(time.time() - start),
             "run_seconds": int(math.fsum(r["total_time"] for r in records)),
-            "sweep_seconds": int(math.fsum(r["total_time"] for r in sweep)), "sweep_jobs": args.sweep_jobs}
+            "sweep_seconds": int(math.fsum(r["total_time"] for r in sweep)), "sweep_jobs": args.sweep_jobs,
+            "sweep_scales": args.sweep_scales if sweep else None, "sweep_domain": args.sweep_domain,
+            "commit": _commit(), "command": "python benchmarks/digits_table.py " + " ".join(
+                sys.argv[1:] if argv is None else argv)}
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)
     stem = os.path.join(args.out_dir, args.tag)
