@@ -10,7 +10,6 @@ Each subcommand is a thin layer over the package (digits.py, runs.py,
 training.py, digits_demo.py), so everything it does is also a function call.
 """
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -210,10 +209,10 @@ def build_parser():
     _add_training_arguments(p)
     p.set_defaults(run=_digits_demo)
 
-    # Its arguments (--help included) go to benchmarks/nano_table.py unparsed: see main().
+    # Its arguments (--help included) go to da2ext.nano_table unparsed: see main().
     commands.add_parser(
-        "nano-table", help="the memory/time table of docs/design.md §4: runs benchmarks/nano_table.py of a checkout "
-                           "with the arguments that follow (nano-table --help lists them)")
+        "nano-table", help="the memory/time table of docs/design.md §4 (da2ext.nano_table; nano-table --help "
+                           "lists its arguments)")
     return parser
 
 
@@ -369,18 +368,11 @@ def _digits_demo(args):
 
 
 def _nano_table(forwarded):
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(repo_root, "benchmarks", "nano_table.py")
-    if not os.path.isfile(script):
-        raise CommandError("nano-table runs benchmarks/nano_table.py of a da2ext checkout, and there is none "
-                           "beside this da2ext ({}): run it from a clone of the repository".format(repo_root))
-    spec = importlib.util.spec_from_file_location("da2ext_nano_table", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from . import nano_table
     program = sys.argv[0]
     sys.argv[0] = "python -m da2ext nano-table"  # what its --help and errors call it
     try:
-        result = module.main(forwarded)
+        result = nano_table.main(forwarded)
     finally:
         sys.argv[0] = program
     return result if isinstance(result, int) else 0

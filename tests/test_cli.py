@@ -159,3 +159,15 @@ def test_bad_lr_says_what_is_allowed(tmp_path, capsys, argv, message):
                               capsys)
     assert status == 2 and message in err, err
     assert not (tmp_path / "runs" / "domains").exists()
+
+
+def test_nano_table_runs_the_packages_own_code(tmp_path, monkeypatch, capsys):
+    """nano-table needs no checkout: outside one it writes into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main(["nano-table", "--models", "mobilenet_v2", "--batch-sizes", "2", "--methods",
+                                 "bias_lean", "--image-size", "32", "--steps", "1", "--tag", "tiny"], capsys)
+    assert status == 0, err
+    with open(str(tmp_path / "nano_tiny.json")) as f:
+        records = json.load(f)["records"]
+    assert {r["method"] for r in records} == {"ft", "bias_lean"}
+    assert all(r["saved_bytes"] > 0 for r in records)
