@@ -104,6 +104,11 @@ def test_adaptor_forward_backward(benchmark, implementation, mode, shape, device
     settings = pedantic_settings(device)
     info["warmup_rounds"] = settings["warmup_rounds"]
     benchmark.pedantic(step, **settings)
+    # What the timed step computed: finite gradients, and the fused module's memory claim
+    # (mode add keeps no tensor of F's size: descriptors, logits and the MLP's weights only).
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    if implementation == "fused" and mode == "add":
+        assert saved - info["param_bytes"] < 0.1 * input_bytes
 
     if cuda:
         info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base

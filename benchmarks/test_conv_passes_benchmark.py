@@ -53,7 +53,9 @@ def test_conv_input_grad(benchmark, implementation, conv):
     out_size = (size + 2 * padding - kernel) // stride + 1
     grad = torch.randn(BATCH, c_out, out_size, out_size, generator=generator)
     run = IMPLEMENTATIONS[implementation]
-    expected = IMPLEMENTATIONS["conv_transpose2d"](grad, shape, weight, stride, padding)
+    # The reference: autograd's input gradient of the convolution itself (no implementation above).
+    x = torch.zeros(shape, requires_grad=True)
+    expected = torch.autograd.grad(F.conv2d(x, weight, None, stride, padding), x, grad)[0]
     torch.testing.assert_close(run(grad, shape, weight, stride, padding), expected, rtol=1e-4, atol=1e-3)
     benchmark.group = "input-grad-" + conv
     benchmark.extra_info.update(implementation=implementation, conv=conv, device_name=device_name("cpu"),

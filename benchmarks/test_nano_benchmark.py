@@ -77,6 +77,11 @@ def test_training_step(benchmark, model_name, method_name):
     benchmark.extra_info.update(saved_bytes=counter.saved_bytes,
                                 floor_bytes=packed_bit_floor(model_name, BATCH, IMAGE))
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+    floor = benchmark.extra_info["floor_bytes"]
+    assert counter.saved_bytes >= floor  # every method keeps at least the activation masks
+    if method_name == "da2":
+        assert counter.saved_bytes <= SAVED_TARGET_MIB[model_name] * MIB
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
 def test_profile_nano_step_splits_the_step(capsys):
