@@ -16,7 +16,7 @@ from ..adapt import adapt
 from .method import Method
 
 RANK = 4
-LEARNING_RATES = {"adaptors": 1e-1, "shifts": 3e-3, "head": 3e-3, "tail": 1e-3, "default": 3e-3}
+LEARNING_RATES = {"adaptors": 1e-1, "shifts": 3e-3, "head": 3e-3, "tail": 3e-3, "default": 3e-3}
 # Where da2_budget<MiB> measures its training memory: docs/design.md §4's nano setting (batch 8, 224 x 224).
 BUDGET_INPUT_SHAPE = (8, 3, 224, 224)
 
