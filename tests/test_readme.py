@@ -23,7 +23,7 @@ BLOCK = re.compile(r"(?:<!--\s*no-test:\s*(?P<reason>.*?)\s*-->\s*\n)?```python\
 
 # Checks appended to the block whose code contains the key.
 CHECKS = {
-    "da2ext.adapt(model, num_classes=10)": """
+    "da2ext.adapt(model, num_classes=10, rank=4)": """
 gammas = [p for name, p in model.named_parameters() if name.endswith("adaptor.gamma")]
 # three Adam steps moved the adaptors' gamma off zero: they were trained, not just run
 assert len(gammas) == 16 and all(g.abs().sum().item() > 0 for g in gammas), len(gammas)
@@ -37,6 +37,10 @@ with model.domain("mnist"), other.domain(name), torch.no_grad():
 """,
     "da2ext.ResidualAttentionAdaptor(256)": """
 assert da2ext.saved_bytes(adaptor, x) < 0.05 * x.numel() * 4  # O(N(C+HW)), not a copy of F
+""",
+    "train_last=2": """
+assert model.da2ext_tail == {"train_last": 2} and "tail" in da2ext.trainable.parameter_groups(model)
+assert budgeted.da2ext_tail["fits"] and budgeted.da2ext_tail["training_bytes"] <= 20 * 2 ** 20
 """,
 }
 
