@@ -217,6 +217,17 @@ void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, co
   });
 }
 
+// channels_last input gradient: dL/dd_c / (H*W) for every (n, c), the same product the
+// NCHW loop forms once per plane.
+template <typename acc_t>
+std::vector<acc_t> channel_shares(const acc_t* grad_channel_mean, int64_t count, acc_t inv_hw) {
+  std::vector<acc_t> shares(count);
+  for (int64_t i = 0; i < count; ++i) {
+    shares[i] = grad_channel_mean[i] * inv_hw;
+  }
+  return shares;
+}
+
 template <typename scalar_t, typename acc_t>
 void attention_input_grad_rank_kernel(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,
                                       const acc_t* gate_spatial, const acc_t* grad_channel_mean,
@@ -225,10 +236,7 @@ void attention_input_grad_rank_kernel(Mode mode, const scalar_t* grad_output, co
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
   if (s.channels_last) {
-    std::vector<acc_t> channel_share(s.N * C);
-    for (int64_t i = 0; i < s.N * C; ++i) {
-      channel_share[i] = grad_channel_mean[i] * inv_hw;  // the NCHW loop's product, per plane
-    }
+    const std::vector<acc_t> channel_share = channel_shares(grad_channel_mean, s.N * C, inv_hw);
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
       const int64_t position = pixel - n * HW;
       const acc_t* grad_mean = grad_spatial + n * 2 * HW + position;
@@ -262,10 +270,7 @@ void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const a
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
   if (s.channels_last) {
-    std::vector<acc_t> channel_share(s.N * C);
-    for (int64_t i = 0; i < s.N * C; ++i) {
-      channel_share[i] = grad_channel_mean[i] * inv_hw;  // the NCHW loop's product, per plane
-    }
+    const std::vector<acc_t> channel_share = channel_shares(grad_channel_mean, s.N * C, inv_hw);
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
       const int64_t position = pixel - n * HW;
       const acc_t* grad_mean = grad_spatial + n * 2 * HW + position;
