@@ -267,6 +267,14 @@ DA2EXT_ALWAYS_INLINE void input_grad_plane_rank_body(const scalar_t* grad_output
   }
 }
 
+// The k spatial gates of pixel i (gate_spatial is k planes of HW), for the rank-k pixel bodies.
+template <typename acc_t>
+DA2EXT_ALWAYS_INLINE void pixel_spatial_gates(const acc_t* gate_spatial, int64_t HW, int64_t i, int k, acc_t* out) {
+  for (int j = 0; j < k; ++j) {
+    out[j] = gate_spatial[j * HW + i];
+  }
+}
+
 template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void apply_pixels_rank_body(const scalar_t* pixels, const acc_t* gate_channel,
                                                  const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t len,
@@ -275,9 +283,7 @@ DA2EXT_ALWAYS_INLINE void apply_pixels_rank_body(const scalar_t* pixels, const a
     const scalar_t* in = pixels + i * C;
     scalar_t* out = output + i * C;
     acc_t spatial[math::kMaxRank];
-    for (int j = 0; j < k; ++j) {
-      spatial[j] = gate_spatial[j * HW + i];
-    }
+    pixel_spatial_gates(gate_spatial, HW, i, k, spatial);
     for (int64_t c = 0; c < C; ++c) {
       const acc_t attention = math::rank_attention(gate_channel + c, C, spatial, int64_t(1), k);
       out[c] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(in[c]), attention));
@@ -296,10 +302,8 @@ DA2EXT_ALWAYS_INLINE void reduce_pixels_rank_body(const scalar_t* grad_pixels, c
     // mode Add never reads the input (it may be null): f aliases g, unused
     const scalar_t* f = mode == Mode::Mul ? input_pixels + i * C : g;
     acc_t spatial[math::kMaxRank], column[math::kMaxRank];
-    for (int j = 0; j < k; ++j) {
-      spatial[j] = gate_spatial[j * HW + i];
-      column[j] = 0;
-    }
+    pixel_spatial_gates(gate_spatial, HW, i, k, spatial);
+    std::fill(column, column + k, acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
       const acc_t t = math::attention_grad_term(mode, static_cast<acc_t>(g[c]), static_cast<acc_t>(f[c]));
       for (int j = 0; j < k; ++j) {
@@ -323,9 +327,7 @@ DA2EXT_ALWAYS_INLINE void input_grad_pixels_rank_body(const scalar_t* grad_pixel
     const scalar_t* g = grad_pixels + i * C;
     scalar_t* out = grad_input + i * C;
     acc_t spatial[math::kMaxRank];
-    for (int j = 0; j < k; ++j) {
-      spatial[j] = gate_spatial[j * HW + i];
-    }
+    pixel_spatial_gates(gate_spatial, HW, i, k, spatial);
     const acc_t mean_share = grad_mean[i] * inv_c, max_share = grad_max[i];
     const int32_t winner = argmax[i];
     for (int64_t c = 0; c < C; ++c) {
