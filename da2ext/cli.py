@@ -16,6 +16,7 @@ import sys
 from . import backbones
 from . import methods as methods_registry
 from .digits import DOMAINS as DOMAIN_NAMES
+from .lr_schedule import WARMUP_FRACTION
 from .trainable import PARAMETER_GROUPS
 
 __all__ = ["build_parser", "main"]
@@ -51,6 +52,7 @@ _positive_int = _number_type(int, "a positive integer", lambda value: value >= 1
 _non_negative_int = _number_type(int, "an integer >= 0", lambda value: value >= 0)
 _positive_float = _number_type(float, "a positive number", lambda value: value > 0)  # also refuses NaN
 _rate = _number_type(float, "a finite number >= 0", lambda value: 0 <= value < float("inf"))  # NaN fails too
+_warmup_fraction = _number_type(float, "a number in [0, 1)", lambda value: 0 <= value < 1)
 
 
 def _group_rate(text):
@@ -126,6 +128,9 @@ def _add_training_arguments(parser, epochs=4):
                         help="images are resized to this height and width (default: 64)")
     parser.add_argument("--lr-scale", type=_positive_float, default=1.0,
                         help="multiplies the method's learning rates (default: 1)")
+    parser.add_argument("--warmup", type=_warmup_fraction, default=WARMUP_FRACTION, metavar="FRACTION",
+                        help="share of the steps over which the rates ramp up linearly before their cosine decay "
+                             "(default: {:g}; 0: none)".format(WARMUP_FRACTION))
     parser.add_argument("--subsample", type=_positive_int, metavar="N",
                         help="use at most N images per split, spread over the classes (quick runs, CI)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
@@ -298,7 +303,7 @@ def _train(args):
         metrics = learn_domain(model, work, name, args.data, epochs=args.epochs, batch_size=args.batch_size,
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
-                               learning_rates=learning_rates)
+                               learning_rates=learning_rates, warmup_fraction=args.warmup)
     except (DataError, DomainFileError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
@@ -359,7 +364,7 @@ def _digits_demo(args):
         results = run_digits_demo(
             workdir=args.workdir, epochs=args.epochs, subsample=args.subsample,
             domains=_domain_list(args.domains, DOMAIN_NAMES), method=args.method, image_size=args.image_size,
-            batch_size=args.batch_size, lr_scale=args.lr_scale, seed=args.seed,
+            batch_size=args.batch_size, lr_scale=args.lr_scale, warmup_fraction=args.warmup, seed=args.seed,
             train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain, backbone=args.backbone,
             pretrained=_pretrained(args), weights=args.weights, device=args.device, progress=not args.no_progress)
     except ValueError as error:

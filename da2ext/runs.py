@@ -18,6 +18,7 @@ import torch
 
 from . import backbones
 from .data import domain_loaders
+from .lr_schedule import WARMUP_FRACTION
 from .domain_file import DomainFileError
 from .multidomain import MultiDomainModel
 from .training import recorded_learning_rates, train_domain
@@ -112,19 +113,21 @@ def _reusable(workdir, model, name, expected):
 
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
-                 learning_rates=None):
+                 learning_rates=None, warmup_fraction=WARMUP_FRACTION):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
     instead when one was learned with the same settings. learning_rates:
-    {group: rate} in place of the method's rates (training.train_domain).
+    {group: rate} in place of the method's rates (training.train_domain);
+    warmup_fraction: the share of steps the rates ramp up over (da2ext.lr_schedule).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
                 "data": os.path.abspath(os.fspath(data_dir))}
     expected = dict(settings, method=method, epochs=int(epochs), batch_size=int(batch_size),
                     lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint,
-                    learning_rates=recorded_learning_rates(learning_rates))
+                    learning_rates=recorded_learning_rates(learning_rates),
+                    warmup_fraction=float(warmup_fraction))
     if reuse and _reusable(workdir, model, name, expected):
         model.load_domain(workdir.domain_path(method, name), name=name)
         metrics = workdir.read_metrics(method, name)
@@ -138,6 +141,6 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                            checkpoint_path=workdir.checkpoint_path(method, name),
                            metrics_path=workdir.metrics_path(method, name), progress=progress, seed=seed,
                            domain_path=workdir.domain_path(method, name), settings=settings,
-                           learning_rates=learning_rates)
+                           learning_rates=learning_rates, warmup_fraction=warmup_fraction)
     metrics["reused"] = False
     return metrics

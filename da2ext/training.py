@@ -7,7 +7,8 @@ what trains and at which learning rate (da2ext.methods); the loop is the same.
                            domain_path="runs/domains/da2/mnist.safetensors")
 
 Adam over the method's parameter groups (model.param_groups()), the learning
-rate decayed along a cosine over all steps, cross-entropy. What the run keeps
+rate warmed up over the first tenth of the steps and then decayed along a cosine
+(da2ext.lr_schedule), cross-entropy. What the run keeps
 for backward (docs/design.md §4's saved_bytes) is counted once, on its first batch.
 
 Resuming: after every epoch a checkpoint holds everything the rest of the run
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from .atomic_file import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
+from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 from .memory import SavedTensorCounter, device_of, model_state, synchronize
 
 __all__ = ["evaluate", "train_domain"]
@@ -120,15 +122,15 @@ def _median(values):
 class _Run(object):
     """The state of one training run that a checkpoint carries."""
 
-    def __init__(self, model, domain, train_loader, epochs, lr_scale, settings, learning_rates=None):
+    def __init__(self, model, domain, train_loader, epochs, lr_scale, settings, learning_rates=None,
+                 warmup_fraction=WARMUP_FRACTION):
         self.model = model
         self.domain = domain
         self.train_loader = train_loader
         self.settings = settings
         self.optimizer = torch.optim.Adam(model.param_groups(lr_scale, learning_rates))
-        # Decayed per step (not per epoch) along one cosine over the whole run.
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, int(epochs) * len(train_loader)))
+        # Stepped per step (not per epoch): warmup, then one cosine over the rest of the run.
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, int(epochs) * len(train_loader), warmup_fraction)
         self.epochs_done = 0
         self.saved_bytes = None
         self.history = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
@@ -234,12 +236,15 @@ def _write_json(path, record):
 
 
 def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, checkpoint_path=None,
-                 metrics_path=None, progress=True, seed=0, domain_path=None, settings=None, learning_rates=None):
+                 metrics_path=None, progress=True, seed=0, domain_path=None, settings=None, learning_rates=None,
+                 warmup_fraction=WARMUP_FRACTION):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
     train_loader: shuffles with its own seeded generator (data.domain_loaders)
         so that a resumed run sees the batches an uninterrupted one would.
     epochs, lr_scale: the run's length; lr_scale multiplies the method's learning rates.
+    warmup_fraction: the share of the steps over which the rates ramp up
+        linearly before their cosine decay (da2ext.lr_schedule; 0: none).
     learning_rates: {group: rate} in place of the method's rates for those
         groups (before lr_scale); recorded in the settings when given.
     checkpoint_path: written after every epoch; resumed from when it exists with
@@ -262,10 +267,12 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     model.set_domain(domain)
     torch.manual_seed(seed)
     extra = dict(settings or {})
+    extra["warmup_fraction"] = float(warmup_fraction)
     if learning_rates:  # absent otherwise, so that earlier checkpoints still resume
         extra["learning_rates"] = recorded_learning_rates(learning_rates)
     run = _Run(model, domain, train_loader, epochs, lr_scale,
-               _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates)
+               _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates,
+               warmup_fraction)
     if checkpoint_path is not None:
         _resume(run, checkpoint_path, progress)
         directory = os.path.dirname(os.path.abspath(checkpoint_path))
