@@ -37,8 +37,9 @@ class Head(nn.Linear):
 
 class AdaptedBlock(nn.Module):
     """A frozen block followed by its residual attention adaptor. The block always
-    computes its inference behaviour, whatever model.train() says; the adaptor
-    runs in its own dtype (float32 after a float16 backbone)."""
+    computes its inference behaviour, whatever model.train() says, unless it is
+    part of a trainable tail (which decides for itself); the adaptor runs in its
+    own dtype (float32 after a float16 backbone)."""
 
     def __init__(self, block, adaptor):
         super(AdaptedBlock, self).__init__()
@@ -47,7 +48,10 @@ class AdaptedBlock(nn.Module):
 
     def train(self, mode=True):
         super(AdaptedBlock, self).train(mode)
-        self.block.eval()
+        if isinstance(self.block, TrainableTail):
+            self.block.train(mode)
+        else:
+            self.block.eval()
         return self
 
     def forward(self, x):
@@ -95,10 +99,12 @@ def supported_family(model):
 class _Rewriter(object):
     """Carries adapt()'s settings through one model's rewrite."""
 
-    def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank=1, tail_start=None):
+    def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank=1, tail_start=None,
+                 tail_batch_statistics=True):
         self.mode = mode
         # Blocks from index tail_start on (counted in forward order) train in full; None: no tail.
         self.tail_start = tail_start
+        self.tail_batch_statistics = tail_batch_statistics
         self.blocks_seen = 0
         self.reduction = reduction
         self.rank = rank
@@ -141,6 +147,10 @@ class _Rewriter(object):
         """Whether the final conv (after every block) is part of a trainable tail."""
         return self.tail_start is not None
 
+    def tail(self, module):
+        """`module` trained in full, as part of the tail."""
+        return TrainableTail(module, batch_statistics=self.tail_batch_statistics)
+
     def block(self, name, block):
         channels = None
         try:
@@ -149,7 +159,7 @@ class _Rewriter(object):
             pass
         index, self.blocks_seen = self.blocks_seen, self.blocks_seen + 1
         if self.tail_start is not None and index >= self.tail_start:
-            frozen = TrainableTail(block)
+            frozen = self.tail(block)
         elif not self.lean:
             frozen = self._unchanged(name, block)
         else:
@@ -201,7 +211,7 @@ def _adapt_torchvision_mobilenet_v2(model, rewriter):
         if isinstance(unit, InvertedResidual):
             model.features[i] = rewriter.block(name, unit)
         elif i == len(model.features) - 1 and rewriter.in_tail():  # the final 1x1 conv
-            model.features[i] = TrainableTail(unit)
+            model.features[i] = rewriter.tail(unit)
         else:
             model.features[i] = rewriter.conv_norm_activation(name, unit)
     return model.classifier[-1].in_features
@@ -211,7 +221,7 @@ def _adapt_timm_efficientnet(model, rewriter):
     for conv_name, bn_name in (("conv_stem", "bn1"), ("conv_head", "bn2")):
         conv, bn = getattr(model, conv_name), getattr(model, bn_name)
         if conv_name == "conv_head" and rewriter.in_tail():
-            model.conv_head, model.bn2 = TrainableTail(nn.Sequential(conv, bn)), nn.Identity()
+            model.conv_head, model.bn2 = rewriter.tail(nn.Sequential(conv, bn)), nn.Identity()
             continue
         lean = None
         if rewriter.lean:
@@ -260,7 +270,7 @@ def _set_head(model, family, head):
 
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
           lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
-          budget_input_shape=(8, 3, 224, 224)):
+          budget_input_shape=(8, 3, 224, 224), tail_batch_statistics=True):
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
@@ -287,9 +297,13 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
 
     train_last: k > 0 trains the last k blocks (and the final 1x1 conv of
         MobileNetV2 and EfficientNet) in full: convs, BN scales and shifts, in
-        plain autograd with the BN statistics frozen (parameter group "tail").
-        Everything before stays lean. Their activations are small (deep maps);
-        their gradients and Adam state are what they cost.
+        plain autograd (parameter group "tail"). Everything before stays lean.
+        Their activations are small (deep maps); their gradients and Adam state
+        are what they cost.
+    tail_batch_statistics: the tail's BNs normalise with batch statistics in
+        training and each domain keeps its own running statistics (saved in its
+        file), as fine-tuning does; False keeps the pretrained statistics frozen
+        (learns less, and less stably: see da2ext.trainable_tail).
     memory_budget_mib: instead of train_last, the largest tail whose training
         memory (kept for backward + gradients + Adam state, measured by one
         profile_step on random data of `budget_input_shape`, (N, C, H, W))
@@ -312,7 +326,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise ValueError("adapt: rank must be an int from 1 to {}, got {!r}".format(MAX_RANK, rank))
     for switch, value in (("adaptors", adaptors), ("shifts", shifts), ("lean", lean),
-                          ("cpu_channels_last", cpu_channels_last)):
+                          ("cpu_channels_last", cpu_channels_last), ("tail_batch_statistics", tail_batch_statistics)):
         if not isinstance(value, bool):
             raise TypeError("adapt: {} must be True or False, got {!r}".format(switch, value))
     if backbone_dtype not in _BACKBONE_DTYPES:
@@ -341,7 +355,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
             raise ValueError("adapt: budget_input_shape must be 4 positive ints (N, C, H, W), got {!r}".format(
                 budget_input_shape))
         settings = dict(num_classes=num_classes, mode=mode, reduction=reduction, adaptors=adaptors, shifts=shifts,
-                        lean=lean, cpu_channels_last=cpu_channels_last, rank=rank)
+                        lean=lean, cpu_channels_last=cpu_channels_last, rank=rank,
+                        tail_batch_statistics=tail_batch_statistics)
         train_last, measured = largest_tail_within_budget(
             model, lambda m, k: adapt(m, train_last=k, **settings), blocks, memory_budget_mib, shape)
         model = adapt(model, train_last=train_last, **settings)
@@ -356,7 +371,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     for p in model.parameters():
         p.requires_grad_(False)
     rewriter = _Rewriter(mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
-                         tail_start=blocks - train_last if train_last else None)
+                         tail_start=blocks - train_last if train_last else None,
+                         tail_batch_statistics=tail_batch_statistics)
     with torch.no_grad():
         in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
                        "timm_efficientnet": _adapt_timm_efficientnet}[family](model, rewriter)

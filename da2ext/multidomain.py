@@ -28,6 +28,7 @@ from . import methods as methods_registry
 from .adapt import Head
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
 from .memory import device_of
+from .trainable_tail import TrainableTail
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]
 
@@ -100,11 +101,18 @@ class MultiDomainModel(nn.Module):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 slots[name] = ("parameter", p)
+        statistics = []  # BNs whose running statistics each domain owns
         for module_name, module in self.model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and \
                     module.track_running_stats:
-                for attr, buf in module.named_buffers(recurse=False):
-                    slots[module_name + "." + attr] = ("buffer", buf)
+                statistics.append((module_name, module))
+            elif isinstance(module, TrainableTail):  # in train mode or not when the model is wrapped
+                prefix = module_name + ".module."
+                statistics.extend((prefix + name if name else prefix[:-1], bn)
+                                  for name, bn in module.domain_statistics())
+        for module_name, module in statistics:
+            for attr, buf in module.named_buffers(recurse=False):
+                slots[module_name + "." + attr] = ("buffer", buf)
         return slots
 
     def _device(self):

@@ -23,14 +23,38 @@ MIB = float(2 ** 20)
 
 class TrainableTail(InferenceOnly):
     """Runs `module` as it is with every parameter trainable (convs, BN scales
-    and shifts) and its BN statistics frozen: eval mode whatever model.train()
-    says, since batch statistics would make a domain depend on its batches and
-    keep the BN inputs for backward."""
+    and shifts).
 
-    def __init__(self, module):
+    batch_statistics=True (adapt()'s default): its BNs normalise with the
+    batch's statistics in training, as in fine-tuning, and their running
+    statistics become the domain's own (MultiDomainModel keeps one set per
+    domain, saved in its file); eval uses those. Only the tail's BN inputs are
+    kept for it, and they are small (deep maps). False: the BN statistics stay
+    ImageNet's, eval mode whatever model.train() says. On frozen statistics the
+    tail's first Adam steps can push its pre-activations out of the range the
+    statistics were measured on, and nothing pulls them back: in
+    benchmarks/results/tail_probe.md the frozen tail learns 8 points less on
+    mnist_m and diverges at rates batch statistics train at."""
+
+    def __init__(self, module, batch_statistics=True):
         super(TrainableTail, self).__init__(module)
+        self.batch_statistics = bool(batch_statistics)
         for p in self.module.parameters():
             p.requires_grad_(True)
+
+    def train(self, mode=True):
+        super(TrainableTail, self).train(mode)  # the module to eval
+        if self.batch_statistics:
+            self.module.train(mode)
+        return self
+
+    def domain_statistics(self):
+        """(qualified name within this module, BN) of the BNs whose running
+        statistics the domain owns: every BN of the module with batch statistics."""
+        if not self.batch_statistics:
+            return []
+        return [(name, m) for name, m in self.module.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def training_bytes(model, input_shape, num_classes=None):

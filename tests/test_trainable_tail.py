@@ -1,5 +1,6 @@
 """adapt(..., train_last=k) and adapt(..., memory_budget_mib=M): the last blocks
-trained in full with frozen BN statistics, everything before lean (docs/design.md §3a)."""
+trained in full (their BNs on batch statistics that each domain keeps, or on the
+frozen pretrained ones), everything before lean (docs/design.md §3a)."""
 import copy
 import os
 
@@ -11,7 +12,7 @@ import da2ext
 from conftest import relative_error
 from da2ext.trainable import parameter_groups
 from da2ext.trainable_tail import TrainableTail, training_bytes
-from test_adapt import (FAMILY_NAMES, adapt_quietly, assert_buffers_unchanged, bn_buffers, forward_backward,
+from test_adapt import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward,
                         make_original, named_trainable, randomize_common_trainable, shift_parameters)
 
 TOLERANCE = 1e-10
@@ -47,11 +48,12 @@ def test_tail_gradients_match_plain_autograd(family):
         assert relative_error(a.grad, b.grad) < TOLERANCE
 
 
+@pytest.mark.parametrize("batch_statistics", [True, False])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_the_tail_is_the_last_blocks_and_the_final_conv_with_frozen_statistics(family):
+def test_the_tail_is_the_last_blocks_and_the_final_conv(family, batch_statistics):
     original, shape = make_original(family)
     blocks = da2ext.adapt(copy.deepcopy(original), 10, train_last=0)
-    tailed = adapt_quietly(copy.deepcopy(original), 10, train_last=3)
+    tailed = adapt_quietly(copy.deepcopy(original), 10, train_last=3, tail_batch_statistics=batch_statistics)
     tails = _tail_modules(tailed)
     has_final_conv = family != "resnet18"
     assert len(tails) == 3 + has_final_conv
@@ -63,16 +65,23 @@ def test_the_tail_is_the_last_blocks_and_the_final_conv_with_frozen_statistics(f
     # the other groups are those of the model without a tail, less what the tail now owns
     assert sum(p.numel() for p in groups["adaptors"]) == sum(p.numel() for p in parameter_groups(blocks)["adaptors"])
     assert tailed.da2ext_tail == {"train_last": 3}
-    # A training step moves the tail's weights but not its BN statistics.
+    # A training step moves the tail's weights; its BN statistics move with batch statistics only, and
+    # no BN statistics before the tail ever move.
     before = bn_buffers(tailed)
+    tail_buffers = set(name for name, _ in tailed.named_buffers() if name in before and ".module." in name)
+    assert tail_buffers
     weights = [p.detach().clone() for m in tails for p in m.parameters()]
     optimizer = torch.optim.SGD([p for p in tailed.parameters() if p.requires_grad], lr=0.1)
     tailed.train()
     tailed(torch.randn(*shape)).logsumexp(1).sum().backward()
     optimizer.step()
-    assert all(not m.module.training for m in tails)
-    assert_buffers_unchanged(before, tailed)
+    assert all(m.module.training == batch_statistics for m in tails)
+    after = bn_buffers(tailed)
+    moved = set(name for name in before if not torch.equal(before[name], after[name]))
+    assert moved == (tail_buffers if batch_statistics else set())
     assert any(not torch.equal(w, p) for w, p in zip(weights, (p for m in tails for p in m.parameters())))
+    tailed.eval()
+    assert not any(m.module.training for m in tails)
 
 
 def test_the_tail_costs_its_gradients_and_adam_state_and_little_activation():
@@ -122,9 +131,10 @@ def test_bad_tail_arguments_are_refused_by_name(kwargs, message):
         da2ext.adapt(original, 10, **kwargs)
 
 
-def test_domains_carry_their_tail_and_earlier_domains_stay_unchanged(tmp_path):
+@pytest.mark.parametrize("method", ["da2_tail1", "da2_tail1_frozen_stats"])
+def test_domains_carry_their_tail_and_earlier_domains_stay_unchanged(tmp_path, method):
     original, shape = make_original("mobilenet_v2")
-    model = da2ext.MultiDomainModel(copy.deepcopy(original), method="da2_tail1")
+    model = da2ext.MultiDomainModel(copy.deepcopy(original), method=method)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
     def train(name, steps=2):
@@ -146,12 +156,16 @@ def test_domains_carry_their_tail_and_earlier_domains_stay_unchanged(tmp_path):
     model.save_domain("a", path)
     tail_slots = [s for s in model.domain_tensors("a") if ".module." in s]
     assert tail_slots  # the tail's weights belong to the domain
+    statistics = [s for s in tail_slots if s.endswith(("running_mean", "running_var"))]
+    assert bool(statistics) == (method == "da2_tail1")  # and with batch statistics, its BN statistics
+    if statistics:  # learned: no longer those every new domain starts from
+        assert any(not torch.equal(model.domain_tensors("a")[s], model._template[s]) for s in statistics)
     model.add_domain("b", 5)
     train("b")
     model.eval()
     with model.domain("a"), torch.no_grad():
         assert torch.equal(model(x), logits_a)  # bit-identical after learning b
-    other = da2ext.MultiDomainModel(copy.deepcopy(original), method="da2_tail1")
+    other = da2ext.MultiDomainModel(copy.deepcopy(original), method=method)
     other.load_domain(path)
     other.eval()
     with other.domain("a"), torch.no_grad():
@@ -175,5 +189,6 @@ def test_cli_tail_flags_spell_the_tail_methods():
     with pytest.raises(CommandError, match="contradict"):
         _resolve_tail(args)
     assert da2ext.methods.get("da2_tail3").name == "da2_tail3"
+    assert da2ext.methods.get("da2_tail3_frozen_stats").name == "da2_tail3_frozen_stats"
     with pytest.raises(ValueError, match="unknown method"):
         da2ext.methods.get("da2_tail0")
