@@ -42,13 +42,15 @@ import torch  # noqa: E402
 
 from da2ext import methods  # noqa: E402
 from da2ext.atomic_file import atomic_write  # noqa: E402
+from da2ext.lr_schedule import WARMUP_FRACTION  # noqa: E402
 
 MIB = float(2 ** 20)
 RECORD_KEYS = ("method", "domain", "seed", "val_accuracy", "saved_bytes", "peak_rss_bytes", "step_time",
                "trainable_params", "file_bytes")
-# DA2 with a trainable tail: the last block, the last two stages of EfficientNet-Lite0 (5 blocks), and the
-# largest tail within a training-memory budget (at batch 8, 224 x 224).
-TAIL_ROWS = ("da2_tail1", "da2_tail5", "da2_budget64")
+# DA2 with a trainable tail: the last block, the last two stages of EfficientNet-Lite0 (5 blocks; also with
+# every BN of the tail on batch statistics and with none, ablations of the default's last BN), and the largest
+# tail within a training-memory budget (at batch 8, 224 x 224).
+TAIL_ROWS = ("da2_tail1", "da2_tail5", "da2_tail5_batch_stats", "da2_tail5_frozen_stats", "da2_budget64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ def run_training(args, method, domain, seed, lr_scale=1.0, stage="runs", threads
     settings = {"backbone": args.backbone, "weights": args.weights, "pretrained": not args.no_pretrained,
                 "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
                 "subsample": args.subsample, "data": os.path.abspath(args.data), "lr_scale": float(lr_scale),
-                "method_learning_rates": methods.get(method).learning_rates}
+                "method_learning_rates": methods.get(method).learning_rates, "warmup_fraction": WARMUP_FRACTION}
     if os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -276,8 +278,9 @@ def summarise(records, method_names, domains):
 
 
 def _family(method):
-    """da2 and its tail/budget variants: the DA2 family the plot joins with a line."""
-    return method == "da2" or method.startswith("da2_tail") or method.startswith("da2_budget")
+    """da2 and its tail/budget variants: the DA2 family the plot joins with a line (ablations left out)."""
+    return method == "da2" or (method.startswith("da2_tail") and not method.endswith("_frozen_stats")) or \
+        method.startswith("da2_budget")
 
 
 def check_targets(summary, sweep_domain="mnist_m"):

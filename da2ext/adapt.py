@@ -18,7 +18,7 @@ from .adaptor import ResidualAttentionAdaptor
 from .attention_branch import MAX_RANK
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
-from .trainable_tail import TrainableTail, largest_tail_within_budget
+from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 from .lean_max_pool import LeanMaxPool2d
 from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 
@@ -100,11 +100,12 @@ class _Rewriter(object):
     """Carries adapt()'s settings through one model's rewrite."""
 
     def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank=1, tail_start=None,
-                 tail_batch_statistics=True):
+                 tail_statistics="final"):
         self.mode = mode
         # Blocks from index tail_start on (counted in forward order) train in full; None: no tail.
         self.tail_start = tail_start
-        self.tail_batch_statistics = tail_batch_statistics
+        # "final" starts every tail module frozen; adapt() then gives the last one's last BN batch statistics
+        self.tail_module_statistics = "batch" if tail_statistics == "batch" else "frozen"
         self.blocks_seen = 0
         self.reduction = reduction
         self.rank = rank
@@ -149,7 +150,7 @@ class _Rewriter(object):
 
     def tail(self, module):
         """`module` trained in full, as part of the tail."""
-        return TrainableTail(module, batch_statistics=self.tail_batch_statistics)
+        return TrainableTail(module, statistics=self.tail_module_statistics)
 
     def block(self, name, block):
         channels = None
@@ -270,7 +271,7 @@ def _set_head(model, family, head):
 
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
           lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
-          budget_input_shape=(8, 3, 224, 224), tail_batch_statistics=True):
+          budget_input_shape=(8, 3, 224, 224), tail_statistics="final"):
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
@@ -300,10 +301,12 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         plain autograd (parameter group "tail"). Everything before stays lean.
         Their activations are small (deep maps); their gradients and Adam state
         are what they cost.
-    tail_batch_statistics: the tail's BNs normalise with batch statistics in
-        training and each domain keeps its own running statistics (saved in its
-        file), as fine-tuning does; False keeps the pretrained statistics frozen
-        (learns less, and less stably: see da2ext.trainable_tail).
+    tail_statistics: which of the tail's BNs normalise with batch statistics
+        in training, each domain keeping its own running statistics (saved in
+        its file): "final" (the last BN of the tail, the one nearest the head;
+        the others keep the pretrained statistics), "batch" (every BN of the
+        tail, as fine-tuning does) or "frozen" (none). "final" learned most in
+        benchmarks/results/training_recipe.md; see da2ext.trainable_tail.
     memory_budget_mib: instead of train_last, the largest tail whose training
         memory (kept for backward + gradients + Adam state, measured by one
         profile_step on random data of `budget_input_shape`, (N, C, H, W))
@@ -326,7 +329,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise ValueError("adapt: rank must be an int from 1 to {}, got {!r}".format(MAX_RANK, rank))
     for switch, value in (("adaptors", adaptors), ("shifts", shifts), ("lean", lean),
-                          ("cpu_channels_last", cpu_channels_last), ("tail_batch_statistics", tail_batch_statistics)):
+                          ("cpu_channels_last", cpu_channels_last)):
         if not isinstance(value, bool):
             raise TypeError("adapt: {} must be True or False, got {!r}".format(switch, value))
     if backbone_dtype not in _BACKBONE_DTYPES:
@@ -335,6 +338,9 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         raise ValueError("adapt: backbone_dtype {} needs lean=True".format(backbone_dtype))
     if getattr(model, "_da2ext_adapted", False):
         raise ValueError("adapt: this model was adapted already")
+    if tail_statistics not in TAIL_STATISTICS:
+        raise ValueError("adapt: tail_statistics must be one of {}, got {!r}".format(
+            ", ".join('"{}"'.format(v) for v in TAIL_STATISTICS), tail_statistics))
     if not isinstance(train_last, int) or isinstance(train_last, bool) or train_last < 0:
         raise ValueError("adapt: train_last must be an int >= 0, got {!r}".format(train_last))
     blocks = _count_blocks(model, family)
@@ -356,7 +362,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
                 budget_input_shape))
         settings = dict(num_classes=num_classes, mode=mode, reduction=reduction, adaptors=adaptors, shifts=shifts,
                         lean=lean, cpu_channels_last=cpu_channels_last, rank=rank,
-                        tail_batch_statistics=tail_batch_statistics)
+                        tail_statistics=tail_statistics)
         train_last, measured = largest_tail_within_budget(
             model, lambda m, k: adapt(m, train_last=k, **settings), blocks, memory_budget_mib, shape)
         model = adapt(model, train_last=train_last, **settings)
@@ -372,10 +378,13 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         p.requires_grad_(False)
     rewriter = _Rewriter(mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
                          tail_start=blocks - train_last if train_last else None,
-                         tail_batch_statistics=tail_batch_statistics)
+                         tail_statistics=tail_statistics)
     with torch.no_grad():
         in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
                        "timm_efficientnet": _adapt_timm_efficientnet}[family](model, rewriter)
+    tails = [m for m in model.modules() if isinstance(m, TrainableTail)]  # in forward order
+    if tails and tail_statistics == "final":
+        tails[-1].statistics = "last"  # applied by the model.train() below
     _set_head(model, family, Head(in_features, num_classes))
     model.to(device)
     model._da2ext_adapted = True

@@ -16,45 +16,56 @@ import torch.nn.functional as F
 from .frozen_blocks import InferenceOnly
 from .memory import profile_step
 
-__all__ = ["TrainableTail", "training_bytes", "largest_tail_within_budget"]
+__all__ = ["TAIL_STATISTICS", "TrainableTail", "training_bytes", "largest_tail_within_budget"]
 
 MIB = float(2 ** 20)
 
 
+TAIL_STATISTICS = ("final", "batch", "frozen")
+
+
 class TrainableTail(InferenceOnly):
     """Runs `module` as it is with every parameter trainable (convs, BN scales
-    and shifts).
+    and shifts), in eval mode except for the BNs that `statistics` names:
 
-    batch_statistics=True (adapt()'s default): its BNs normalise with the
-    batch's statistics in training, as in fine-tuning, and their running
-    statistics become the domain's own (MultiDomainModel keeps one set per
-    domain, saved in its file); eval uses those. Only the tail's BN inputs are
-    kept for it, and they are small (deep maps). False: the BN statistics stay
-    ImageNet's, eval mode whatever model.train() says. On frozen statistics the
-    tail's first Adam steps can push its pre-activations out of the range the
-    statistics were measured on, and nothing pulls them back: in
-    benchmarks/results/tail_probe.md the frozen tail learns 8 points less on
-    mnist_m and diverges at rates batch statistics train at."""
+    "frozen": none; every BN keeps the pretrained running statistics.
+    "batch": every BN of the module.
+    "last": the module's last BN (the one nearest the head).
 
-    def __init__(self, module, batch_statistics=True):
+    A BN on batch statistics normalises with the batch's in training, as in
+    fine-tuning, and its running statistics become the domain's own
+    (MultiDomainModel keeps one set per domain and saves it in the domain
+    file); eval uses them. adapt() puts the tail's last BN on batch statistics
+    and keeps the others frozen (its tail_statistics="final"): measured on
+    mnist_m (benchmarks/results/training_recipe.md), that last BN lifts a
+    5-block tail by about 10 points over frozen statistics, while batch
+    statistics in every block lose most of it again (their deep maps are 2x2 at
+    64 px: few values per channel for a batch's statistics)."""
+
+    def __init__(self, module, statistics="frozen"):
         super(TrainableTail, self).__init__(module)
-        self.batch_statistics = bool(batch_statistics)
+        if statistics not in ("frozen", "batch", "last"):
+            raise ValueError('TrainableTail: statistics must be "frozen", "batch" or "last", got {!r}'.format(
+                statistics))
+        self.statistics = statistics
         for p in self.module.parameters():
             p.requires_grad_(True)
+        self.train(self.training)
+
+    def domain_statistics(self):
+        """(qualified name within this module, BN) of the BNs on batch
+        statistics, whose running statistics the domain owns."""
+        if self.statistics == "frozen":
+            return []
+        bns = [(name, m) for name, m in self.module.named_modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        return bns if self.statistics == "batch" else bns[-1:]
 
     def train(self, mode=True):
         super(TrainableTail, self).train(mode)  # the module to eval
-        if self.batch_statistics:
-            self.module.train(mode)
+        for _, bn in self.domain_statistics():
+            bn.train(mode)
         return self
-
-    def domain_statistics(self):
-        """(qualified name within this module, BN) of the BNs whose running
-        statistics the domain owns: every BN of the module with batch statistics."""
-        if not self.batch_statistics:
-            return []
-        return [(name, m) for name, m in self.module.named_modules()
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def training_bytes(model, input_shape, num_classes=None):

@@ -48,12 +48,12 @@ def test_tail_gradients_match_plain_autograd(family):
         assert relative_error(a.grad, b.grad) < TOLERANCE
 
 
-@pytest.mark.parametrize("batch_statistics", [True, False])
+@pytest.mark.parametrize("statistics", ["final", "batch", "frozen"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_the_tail_is_the_last_blocks_and_the_final_conv(family, batch_statistics):
+def test_the_tail_is_the_last_blocks_and_the_final_conv(family, statistics):
     original, shape = make_original(family)
     blocks = da2ext.adapt(copy.deepcopy(original), 10, train_last=0)
-    tailed = adapt_quietly(copy.deepcopy(original), 10, train_last=3, tail_batch_statistics=batch_statistics)
+    tailed = adapt_quietly(copy.deepcopy(original), 10, train_last=3, tail_statistics=statistics)
     tails = _tail_modules(tailed)
     has_final_conv = family != "resnet18"
     assert len(tails) == 3 + has_final_conv
@@ -65,23 +65,26 @@ def test_the_tail_is_the_last_blocks_and_the_final_conv(family, batch_statistics
     # the other groups are those of the model without a tail, less what the tail now owns
     assert sum(p.numel() for p in groups["adaptors"]) == sum(p.numel() for p in parameter_groups(blocks)["adaptors"])
     assert tailed.da2ext_tail == {"train_last": 3}
-    # A training step moves the tail's weights; its BN statistics move with batch statistics only, and
-    # no BN statistics before the tail ever move.
+    # A training step moves the tail's weights; of the BN statistics only those on batch statistics move:
+    # every one of the tail's ("batch"), the last one's ("final": the one nearest the head) or none.
     before = bn_buffers(tailed)
-    tail_buffers = set(name for name, _ in tailed.named_buffers() if name in before and ".module." in name)
+    tail_buffers = [name for name, _ in tailed.named_buffers() if name in before and ".module." in name]
     assert tail_buffers
+    last_bn = tail_buffers[-1].rpartition(".")[0]
+    expected = {"batch": set(tail_buffers), "frozen": set(),
+                "final": set(name for name in tail_buffers if name.rpartition(".")[0] == last_bn)}[statistics]
+    assert len(expected) == {"batch": len(tail_buffers), "frozen": 0, "final": 3}[statistics]
     weights = [p.detach().clone() for m in tails for p in m.parameters()]
     optimizer = torch.optim.SGD([p for p in tailed.parameters() if p.requires_grad], lr=0.1)
     tailed.train()
     tailed(torch.randn(*shape)).logsumexp(1).sum().backward()
     optimizer.step()
-    assert all(m.module.training == batch_statistics for m in tails)
     after = bn_buffers(tailed)
     moved = set(name for name in before if not torch.equal(before[name], after[name]))
-    assert moved == (tail_buffers if batch_statistics else set())
+    assert moved == expected
     assert any(not torch.equal(w, p) for w, p in zip(weights, (p for m in tails for p in m.parameters())))
     tailed.eval()
-    assert not any(m.module.training for m in tails)
+    assert not any(m.training for tail in tails for m in tail.modules())
 
 
 def test_the_tail_costs_its_gradients_and_adam_state_and_little_activation():
@@ -124,6 +127,7 @@ def test_a_memory_budget_picks_the_largest_tail_that_fits():
     (dict(memory_budget_mib=float("nan")), "memory_budget_mib must be a positive number"),
     (dict(memory_budget_mib=10, budget_input_shape=(1, 3, 64)), "budget_input_shape must be 4 positive ints"),
     (dict(train_last=1, backbone_dtype=torch.float16), "needs backbone_dtype float32 \\(or float64\\)"),
+    (dict(train_last=1, tail_statistics="running"), 'tail_statistics must be one of "final", "batch", "frozen"'),
 ])
 def test_bad_tail_arguments_are_refused_by_name(kwargs, message):
     original, _ = make_original("mobilenet_v2")
@@ -131,7 +135,7 @@ def test_bad_tail_arguments_are_refused_by_name(kwargs, message):
         da2ext.adapt(original, 10, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["da2_tail1", "da2_tail1_frozen_stats"])
+@pytest.mark.parametrize("method", ["da2_tail1", "da2_tail1_batch_stats", "da2_tail1_frozen_stats"])
 def test_domains_carry_their_tail_and_earlier_domains_stay_unchanged(tmp_path, method):
     original, shape = make_original("mobilenet_v2")
     model = da2ext.MultiDomainModel(copy.deepcopy(original), method=method)
@@ -157,7 +161,13 @@ def test_domains_carry_their_tail_and_earlier_domains_stay_unchanged(tmp_path, m
     tail_slots = [s for s in model.domain_tensors("a") if ".module." in s]
     assert tail_slots  # the tail's weights belong to the domain
     statistics = [s for s in tail_slots if s.endswith(("running_mean", "running_var"))]
-    assert bool(statistics) == (method == "da2_tail1")  # and with batch statistics, its BN statistics
+    # and those of its BNs on batch statistics: the last BN's running mean and variance, every BN's, or none
+    if method == "da2_tail1":
+        assert len(statistics) == 2
+    elif method == "da2_tail1_batch_stats":
+        assert len(statistics) > 2
+    else:
+        assert not statistics
     if statistics:  # learned: no longer those every new domain starts from
         assert any(not torch.equal(model.domain_tensors("a")[s], model._template[s]) for s in statistics)
     model.add_domain("b", 5)
@@ -190,5 +200,8 @@ def test_cli_tail_flags_spell_the_tail_methods():
         _resolve_tail(args)
     assert da2ext.methods.get("da2_tail3").name == "da2_tail3"
     assert da2ext.methods.get("da2_tail3_frozen_stats").name == "da2_tail3_frozen_stats"
+    assert da2ext.methods.get("da2_tail3_batch_stats").name == "da2_tail3_batch_stats"
+    with pytest.raises(ValueError, match="unknown method"):
+        da2ext.methods.get("da2_tail3_running_stats")
     with pytest.raises(ValueError, match="unknown method"):
         da2ext.methods.get("da2_tail0")
