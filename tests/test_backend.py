@@ -4,7 +4,7 @@ import torch
 
 import da2ext
 from da2ext import _extension
-from conftest import adaptor_pair
+from helpers import adaptor_pair
 
 
 def test_cpu_kernels_are_built():

@@ -10,7 +10,7 @@ import pytest
 
 import da2ext
 from da2ext.cli import main
-from test_training import write_image_folder
+from helpers import write_image_folder
 
 DA2_RATES = da2ext.methods.get("da2").learning_rates
 

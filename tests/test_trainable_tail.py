@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 import da2ext
-from conftest import relative_error
+from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward, make_original, named_trainable,
+                     randomize_common_trainable, relative_error, shift_parameters)
 from da2ext.trainable import parameter_groups
 from da2ext.trainable_tail import TrainableTail, training_bytes
-from test_adapt import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward,
-                        make_original, named_trainable, randomize_common_trainable, shift_parameters)
 
 TOLERANCE = 1e-10
 

@@ -19,40 +19,7 @@ from da2ext import training
 from da2ext.memory import SavedTensorCounter, model_state
 from da2ext.data import DataError, domain_loaders, stratified_subsample, val_loader
 from da2ext.runs import build_model
-
-IMAGE_SIZE = 32
-CLASSES = ("circle", "cross", "square", "stripes")
-
-
-def _draw(kind, rng):
-    """A 32x32 RGB uint8 image of a shape class, with random colour, position and noise."""
-    image = rng.randint(0, 60, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.int64)
-    colour = rng.randint(120, 256, size=3)
-    cy, cx = rng.randint(10, 22, size=2)
-    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-    if kind == "circle":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < 49
-    elif kind == "cross":
-        mask = (np.abs(yy - cy) < 2) | (np.abs(xx - cx) < 2)
-    elif kind == "square":
-        mask = (np.abs(yy - cy) < 6) & (np.abs(xx - cx) < 6)
-    else:
-        mask = (xx // 3) % 2 == 0
-    image[mask] = colour
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def write_image_folder(root, train_per_class=8, val_per_class=4, seed=0):
-    """root/{train,val}/<class>/<i>.png for the four shape classes."""
-    from PIL import Image
-    rng = np.random.RandomState(seed)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for kind in CLASSES:
-            directory = os.path.join(root, split, kind)
-            os.makedirs(directory)
-            for i in range(count):
-                Image.fromarray(_draw(kind, rng)).save(os.path.join(directory, "{:03d}.png".format(i)))
-    return root
+from helpers import CLASSES, IMAGE_SIZE, write_image_folder
 
 
 @pytest.fixture(scope="module")
