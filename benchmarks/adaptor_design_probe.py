@@ -42,10 +42,10 @@ from torch import nn  # noqa: E402
 
 from da2ext.adapt import adapt  # noqa: E402
 from da2ext.atomic_file import atomic_write  # noqa: E402
-from da2ext.attention_branch import attention_logits  # noqa: E402
+from da2ext.ops.attention_branch import attention_logits  # noqa: E402
 from da2ext.data import domain_loaders  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from da2ext.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
+from da2ext.ops.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
 from da2ext.runs import build_model  # noqa: E402
 from da2ext.training import train_domain  # noqa: E402
 

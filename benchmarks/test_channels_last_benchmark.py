@@ -1,6 +1,6 @@
 """The lean backbone's two CPU memory orders side by side (pytest-benchmark):
 NCHW against channels_last, the order adapt() runs the CPU backbone in
-(da2ext/memory_order.py), for the two kinds of layer a lean ResNet-50 is made of.
+(da2ext/ops/memory_order.py), for the two kinds of layer a lean ResNet-50 is made of.
 
     pytest benchmarks/test_channels_last_benchmark.py --benchmark-only
     DA2EXT_BENCH_ROUNDS=30 pytest benchmarks/test_channels_last_benchmark.py --benchmark-only -k conv

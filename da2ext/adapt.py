@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaptor import ResidualAttentionAdaptor
-from .attention_branch import MAX_RANK
+from .nn.adaptor import ResidualAttentionAdaptor
+from .ops.attention_branch import MAX_RANK
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
 from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 from .lean_max_pool import LeanMaxPool2d
-from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
+from .ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 
 __all__ = ["AdaptedBlock", "Head", "adapt", "head_in_features", "replace_head", "supported_family"]
 
@@ -66,7 +66,7 @@ class AdaptedBlock(nn.Module):
 
 def _input_in_backbone_order(cpu_channels_last, module, inputs):
     """Forward pre-hook of a lean model: puts a 4-D image batch in the memory order
-    the lean backbone keeps from there on (memory_order.py). On the CPU that is
+    the lean backbone keeps from there on (ops/memory_order.py). On the CPU that is
     channels_last where `cpu_channels_last` (oneDNN's frozen convs then need no
     reorders; NCHW inputs are fine too otherwise). On CUDA it is NCHW: cuDNN would
     carry a channels_last batch through, and the CUDA adaptor kernels take NCHW."""

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import da2ext
-from da2ext import _extension
+from da2ext.ops import _extension
 from helpers import all_devices, python_mask, special_values
 
-packed_module = importlib.import_module("da2ext.packed_activation")  # (da2ext.packed_activation is the function)
+packed_module = importlib.import_module("da2ext.ops.packed_activation")  # (da2ext.packed_activation is the function)
 
 DTYPES = [torch.float64, torch.float32, torch.float16]
 ACTIVATIONS = {
