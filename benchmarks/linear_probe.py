@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from da2ext import backbones  # noqa: E402
-from da2ext.adapt import supported_family  # noqa: E402
+from da2ext.lean.adapt import supported_family  # noqa: E402
 from da2ext.data import domain_loaders  # noqa: E402
 
 

@@ -24,8 +24,8 @@ from torch import nn
 import da2ext
 from bench_settings import device_name, pedantic_settings, shape_id, training_step
 from da2ext import reference
-from da2ext.frozen_conv import FrozenConvBNAct
-from da2ext.lean_max_pool import LeanMaxPool2d
+from da2ext.lean.frozen_conv import FrozenConvBNAct
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
 
 pytestmark = pytest.mark.skipif(da2ext.backend("cpu") != "cpu", reason="the channels_last loops are CPU kernels")
 

@@ -17,7 +17,7 @@ from . import backbones
 from . import methods as methods_registry
 from .digits import DOMAINS as DOMAIN_NAMES
 from .lr_schedule import WARMUP_FRACTION
-from .trainable import PARAMETER_GROUPS
+from .lean.trainable import PARAMETER_GROUPS
 
 __all__ = ["build_parser", "main"]
 

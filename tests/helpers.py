@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import da2ext
-from da2ext.adapt import adapt, supported_family
-from da2ext.frozen_conv import FrozenConvBNAct
+from da2ext.lean.adapt import adapt, supported_family
+from da2ext.lean.frozen_conv import FrozenConvBNAct
 
 # ------------------------------------------------------------------------------------------
 # Devices, adaptor pairs, errors

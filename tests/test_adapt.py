@@ -17,10 +17,10 @@ from torch import nn
 from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, features_module, forward_backward, head_of, import_timm,
                      kernel_devices, make_original, named_trainable, randomize_bn, randomize_common_trainable,
                      relative_error, shift_parameters)
-from da2ext.adapt import AdaptedBlock, Head, adapt, supported_family
-from da2ext.frozen_conv import FrozenConvBNAct
+from da2ext.lean.adapt import AdaptedBlock, Head, adapt, supported_family
+from da2ext.lean.frozen_conv import FrozenConvBNAct
 from da2ext.memory import SavedTensorCounter, model_state, profile_step
-from da2ext.trainable import print_trainable_parameters, trainable_parameters
+from da2ext.lean.trainable import print_trainable_parameters, trainable_parameters
 
 torchvision = pytest.importorskip("torchvision")
 

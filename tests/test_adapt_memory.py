@@ -10,9 +10,9 @@ from torch import nn
 
 from helpers import (adapt_quietly, features_module, make_original, packed_bytes, randomize_bn, relative_error,
                      relu_output_numels)
-from da2ext.adapt import AdaptedBlock
-from da2ext.frozen_blocks import FrozenBlock, freeze_block
-from da2ext.lean_max_pool import LeanMaxPool2d
+from da2ext.lean.adapt import AdaptedBlock
+from da2ext.lean.frozen_blocks import FrozenBlock, freeze_block
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
 from da2ext.memory import SavedTensorCounter, model_state
 
 torchvision = pytest.importorskip("torchvision")

@@ -11,10 +11,10 @@ from torch import nn
 import da2ext
 from helpers import (FAMILY_NAMES, adapt_quietly, adaptor_pair, all_devices, make_original, python_mask,
                      randomize_common_trainable, relative_error, special_values)
-from da2ext.adapt import AdaptedBlock
+from da2ext.lean.adapt import AdaptedBlock
 from da2ext.ops.conv_passes import conv2d_forward, conv2d_input_grad
-from da2ext.frozen_conv import FrozenConvBNAct
-from da2ext.lean_max_pool import LeanMaxPool2d
+from da2ext.lean.frozen_conv import FrozenConvBNAct
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
 
 CL = torch.channels_last
 # (N, C, H, W): odd sizes; C = 1 and H = W = 1 are both NCHW and channels_last at once.

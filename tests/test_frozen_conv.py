@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from helpers import randomize_bn, relative_error
-from da2ext.frozen_conv import FrozenConvBNAct, same_padding
+from da2ext.lean.frozen_conv import FrozenConvBNAct, same_padding
 from da2ext.memory import SavedTensorCounter, model_state
 
 

@@ -11,8 +11,8 @@ from torch import nn
 import da2ext
 from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward, make_original, named_trainable,
                      randomize_common_trainable, relative_error, shift_parameters)
-from da2ext.trainable import parameter_groups
-from da2ext.trainable_tail import TrainableTail, training_bytes
+from da2ext.lean.trainable import parameter_groups
+from da2ext.lean.trainable_tail import TrainableTail, training_bytes
 
 TOLERANCE = 1e-10
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..adapt import replace_head, supported_family
-from ..frozen_blocks import InferenceOnly
-from ..frozen_conv import _pad_same
+from ..lean.adapt import replace_head, supported_family
+from ..lean.frozen_blocks import InferenceOnly
+from ..lean.frozen_conv import _pad_same
 from .method import Method
 
 __all__ = ["PIGGYBACK", "PiggybackConv2d", "freeze_backbone", "masked_weight"]

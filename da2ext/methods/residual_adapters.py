@@ -19,7 +19,7 @@ papers initialise it at random and rely on training the BN after it).
 """
 from torch import nn
 
-from ..frozen_blocks import _is_timm
+from ..lean.frozen_blocks import _is_timm
 from .batchnorm_training import freeze_except_batchnorm
 from .method import Method
 

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn.adaptor import ResidualAttentionAdaptor
-from .ops.attention_branch import MAX_RANK
+from ..nn.adaptor import ResidualAttentionAdaptor
+from ..ops.attention_branch import MAX_RANK
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
 from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 from .lean_max_pool import LeanMaxPool2d
-from .ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
+from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 
 __all__ = ["AdaptedBlock", "Head", "adapt", "head_in_features", "replace_head", "supported_family"]
 
@@ -306,7 +306,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         its file): "final" (the last BN of the tail, the one nearest the head;
         the others keep the pretrained statistics), "batch" (every BN of the
         tail, as fine-tuning does) or "frozen" (none). "final" learned most in
-        benchmarks/results/training_recipe.md; see da2ext.trainable_tail.
+        benchmarks/results/training_recipe.md; see da2ext.lean.trainable_tail.
     memory_budget_mib: instead of train_last, the largest tail whose training
         memory (kept for backward + gradients + Adam state, measured by one
         profile_step on random data of `budget_input_shape`, (N, C, H, W))

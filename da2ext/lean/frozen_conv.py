@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .ops import kernels_available, warn_fallback
-from .ops.conv_passes import conv2d_forward, conv2d_input_grad
-from .ops.memory_order import CHANNELS_LAST, CONTIGUOUS, dense, in_memory_order, memory_order
-from .ops.packed_activation import packed_activation_backward
+from ..ops import kernels_available, warn_fallback
+from ..ops.conv_passes import conv2d_forward, conv2d_input_grad
+from ..ops.memory_order import CHANNELS_LAST, CONTIGUOUS, dense, in_memory_order, memory_order
+from ..ops.packed_activation import packed_activation_backward
 
 __all__ = ["FrozenConvBNAct", "activate_inplace", "activation_upper", "same_padding"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .frozen_conv import FrozenConvBNAct, fused_cpu_kernels, activate_inplace, activation_upper
-from .ops.packed_activation import packed_activation
+from ..ops.packed_activation import packed_activation
 
 __all__ = ["FrozenBlock", "InferenceOnly", "freeze_block", "freeze_conv_bn_act", "block_out_channels"]
 

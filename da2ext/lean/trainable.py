@@ -3,7 +3,7 @@ DA2's groups: adaptors, BN shifts, head, a trainable tail, and anything else tha
 from torch import nn
 
 from .adapt import Head
-from .ops.attention_branch import AttentionBranch
+from ..ops.attention_branch import AttentionBranch
 from .frozen_conv import FrozenConvBNAct
 from .trainable_tail import TrainableTail
 
