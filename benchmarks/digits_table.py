@@ -190,7 +190,7 @@ def nano_bytes(method_names, batch_size=8, image_size=224):
     state}}, docs/design.md §4's nano setting (random weights, batch 8, 3x224x224,
     float32, a 100-class head), each measured by one da2ext.profile_step."""
     import torch.nn.functional as F
-    from da2ext.memory import profile_step
+    from da2ext.profiling import profile_step
     result = {}
     inputs = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     targets = torch.arange(batch_size) % 100

@@ -11,7 +11,7 @@ from .cuda_graph_step import CUDAGraphStep
 from .domain_file import DomainFileError
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.lean_max_pool import LeanMaxPool2d
-from .memory import SavedTensorCounter, profile_step, saved_bytes
+from .profiling import SavedTensorCounter, profile_step, saved_bytes
 from .multidomain import MultiDomainModel
 from .nn import PackedReLU, PackedReLU6, ResidualAttentionAdaptor
 from .ops import backend, packed_activation, packed_relu, packed_relu6, reference, residual_attention

@@ -26,7 +26,7 @@ from .data import val_loader
 from .lr_schedule import WARMUP_FRACTION
 from .digits import DOMAINS, prepare_digits
 from .runs import WorkDir, build_model, learn_domain, load_saved_domains
-from .memory import device_of
+from .profiling import device_of
 from .training import MIB, evaluate
 
 __all__ = ["run_digits_demo", "results_table"]

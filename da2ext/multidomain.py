@@ -27,7 +27,7 @@ from torch import nn
 from . import methods as methods_registry
 from .lean.adapt import Head
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
-from .memory import device_of
+from .profiling import device_of
 from .lean.trainable_tail import TrainableTail
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]

@@ -4,7 +4,7 @@ costs, per method, on ResNet-50, MobileNetV2 and EfficientNet-Lite0.
 Setting: random weights (memory and time do not depend on them), batch 8 and 32,
 3x224x224, float32, SGD with momentum, a new 100-class head. Rows: ft, last,
 bias (TinyTL-B in plain PyTorch), bias_lean, da2_eager, da2_adaptor_only, da2.
-Figures (da2ext.memory.profile_step): saved_bytes, param+grad+optimizer bytes,
+Figures (da2ext.profiling.profile_step): saved_bytes, param+grad+optimizer bytes,
 step_time as a ratio to ft measured in the same run, peak CUDA bytes on a GPU.
 The floor is every ReLU/ReLU6 output kept as packed bits (§1, §4).
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import methods
-from .memory import profile_step, synchronize
+from .profiling import profile_step, synchronize
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
 ROWS = ("ft", "last", "bias", "bias_lean", "da2_eager", "da2_adaptor_only", "da2")

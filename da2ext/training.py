@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .atomic_file import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
 from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
-from .memory import SavedTensorCounter, device_of, model_state, synchronize
+from .profiling import SavedTensorCounter, device_of, model_state, synchronize
 
 __all__ = ["evaluate", "train_domain"]
 

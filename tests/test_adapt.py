@@ -19,7 +19,7 @@ from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, features_module, f
                      relative_error, shift_parameters)
 from da2ext.lean.adapt import AdaptedBlock, Head, adapt, supported_family
 from da2ext.lean.frozen_conv import FrozenConvBNAct
-from da2ext.memory import SavedTensorCounter, model_state, profile_step
+from da2ext.profiling import SavedTensorCounter, model_state, profile_step
 from da2ext.lean.trainable import print_trainable_parameters, trainable_parameters
 
 torchvision = pytest.importorskip("torchvision")

@@ -13,7 +13,7 @@ from helpers import (adapt_quietly, features_module, make_original, packed_bytes
 from da2ext.lean.adapt import AdaptedBlock
 from da2ext.lean.frozen_blocks import FrozenBlock, freeze_block
 from da2ext.lean.lean_max_pool import LeanMaxPool2d
-from da2ext.memory import SavedTensorCounter, model_state
+from da2ext.profiling import SavedTensorCounter, model_state
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.mobilenetv2 import InvertedResidual as TorchvisionInvertedResidual  # noqa: E402

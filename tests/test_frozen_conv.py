@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import randomize_bn, relative_error
 from da2ext.lean.frozen_conv import FrozenConvBNAct, same_padding
-from da2ext.memory import SavedTensorCounter, model_state
+from da2ext.profiling import SavedTensorCounter, model_state
 
 
 def _conv2d_same(*args, **kwargs):

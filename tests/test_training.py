@@ -16,7 +16,7 @@ import torch
 import da2ext
 
 from da2ext import training
-from da2ext.memory import SavedTensorCounter, model_state
+from da2ext.profiling import SavedTensorCounter, model_state
 from da2ext.data import DataError, domain_loaders, stratified_subsample, val_loader
 from da2ext.runs import build_model
 from helpers import CLASSES, IMAGE_SIZE, write_image_folder

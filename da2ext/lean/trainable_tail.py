@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .frozen_blocks import InferenceOnly
-from ..memory import profile_step
+from ..profiling import profile_step
 
 __all__ = ["TAIL_STATISTICS", "TrainableTail", "training_bytes", "largest_tail_within_budget"]
 
