@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from da2ext.lean.adapt import adapt  # noqa: E402
-from da2ext.atomic_file import atomic_write  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 from da2ext.ops.attention_branch import attention_logits  # noqa: E402
 from da2ext.data import domain_loaders  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # a checkout runs without installing
 import torch  # noqa: E402
 
 from da2ext import methods  # noqa: E402
-from da2ext.atomic_file import atomic_write  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 from da2ext.lr_schedule import WARMUP_FRACTION  # noqa: E402
 
 MIB = float(2 ** 20)

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from da2ext.atomic_file import atomic_write  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 
 OLD_DA2 = {"adaptors": 0.1, "shifts": 3e-3, "head": 3e-3}
 NEW_DA2 = {"adaptors": 0.1, "shifts": 1e-2, "head": 1e-2}

@@ -5,18 +5,19 @@ block, keep what backward needs near the floor. See README.md and docs/design.md
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-from . import backbones, digits, methods
+from . import digits, methods
 from .lean.adapt import adapt
 from .cuda_graph_step import CUDAGraphStep
-from .domain_file import DomainFileError
+from .domains.domain_file import DomainFileError
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.lean_max_pool import LeanMaxPool2d
 from .profiling import SavedTensorCounter, profile_step, saved_bytes
-from .multidomain import MultiDomainModel
+from .domains.multidomain import MultiDomainModel
 from .nn import PackedReLU, PackedReLU6, ResidualAttentionAdaptor
 from .ops import backend, packed_activation, packed_relu, packed_relu6, reference, residual_attention
 from .ops.attention_branch import spatial_kernel_size
 from .lean.trainable import print_trainable_parameters, trainable_parameters
+from .models import backbones
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import backbones
+from .models import backbones
 from . import methods as methods_registry
 from .digits import DOMAINS as DOMAIN_NAMES
 from .lr_schedule import WARMUP_FRACTION
@@ -271,7 +271,7 @@ def _prepare_digits(args):
 
 def _train(args):
     from .data import DataError, check_domain_dir
-    from .domain_file import DomainFileError
+    from .domains.domain_file import DomainFileError
     from .runs import WorkDir, learn_domain, load_saved_domains
     name = args.domain or os.path.basename(os.path.normpath(args.data))
     if not name or name.startswith(".") or os.sep in name:
@@ -317,7 +317,7 @@ def _train(args):
 
 def _eval(args):
     from .data import DataError, val_loader
-    from .domain_file import DomainFileError
+    from .domains.domain_file import DomainFileError
     from .runs import WorkDir, load_saved_domains
     from .training import evaluate
     work = WorkDir(args.workdir)

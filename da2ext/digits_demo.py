@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .atomic_file import atomic_write
+from .domains.atomic_file import atomic_write
 from .data import val_loader
 from .lr_schedule import WARMUP_FRACTION
 from .digits import DOMAINS, prepare_digits

@@ -16,11 +16,11 @@ import os
 
 import torch
 
-from . import backbones
+from .models import backbones
 from .data import domain_loaders
 from .lr_schedule import WARMUP_FRACTION
-from .domain_file import DomainFileError
-from .multidomain import MultiDomainModel
+from .domains.domain_file import DomainFileError
+from .domains.multidomain import MultiDomainModel
 from .training import recorded_learning_rates, train_domain
 
 __all__ = ["WorkDir", "build_model", "learn_domain", "load_saved_domains"]

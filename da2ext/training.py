@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .atomic_file import atomic_write
-from .checkpoint import load_checkpoint, save_checkpoint
+from .domains.atomic_file import atomic_write
+from .domains.checkpoint import load_checkpoint, save_checkpoint
 from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 from .profiling import SavedTensorCounter, device_of, model_state, synchronize
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .atomic_file import atomic_write
-from .backbones import _restricted_pickle_module, _torch_load_has_weights_only
+from ..models.backbones import _restricted_pickle_module, _torch_load_has_weights_only
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -24,11 +24,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import methods as methods_registry
-from .lean.adapt import Head
+from .. import methods as methods_registry
+from ..lean.adapt import Head
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
-from .profiling import device_of
-from .lean.trainable_tail import TrainableTail
+from ..profiling import device_of
+from ..lean.trainable_tail import TrainableTail
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]
 
