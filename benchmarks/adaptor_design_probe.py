@@ -46,7 +46,7 @@ from da2ext.ops.attention_branch import attention_logits  # noqa: E402
 from da2ext.data import domain_loaders  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.ops.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
-from da2ext.runs import build_model  # noqa: E402
+from da2ext.training.workflow import build_model  # noqa: E402
 from da2ext.training import train_domain  # noqa: E402
 
 SHIFT_RATE = HEAD_RATE = 3e-3

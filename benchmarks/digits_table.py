@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from da2ext import methods  # noqa: E402
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
-from da2ext.lr_schedule import WARMUP_FRACTION  # noqa: E402
+from da2ext.training.lr_schedule import WARMUP_FRACTION  # noqa: E402
 
 MIB = float(2 ** 20)
 RECORD_KEYS = ("method", "domain", "seed", "val_accuracy", "saved_bytes", "peak_rss_bytes", "step_time",

@@ -7,7 +7,7 @@ import torch  # noqa: F401  (the extension links against libtorch: load it first
 
 from . import digits, methods
 from .lean.adapt import adapt
-from .cuda_graph_step import CUDAGraphStep
+from .training.cuda_graph_step import CUDAGraphStep
 from .domains.domain_file import DomainFileError
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.lean_max_pool import LeanMaxPool2d

@@ -16,7 +16,7 @@ import sys
 from .models import backbones
 from . import methods as methods_registry
 from .digits import DOMAINS as DOMAIN_NAMES
-from .lr_schedule import WARMUP_FRACTION
+from .training.lr_schedule import WARMUP_FRACTION
 from .lean.trainable import PARAMETER_GROUPS
 
 __all__ = ["build_parser", "main"]
@@ -243,7 +243,7 @@ def _pretrained(args):
 
 
 def _build(args):
-    from .runs import build_model
+    from .training.workflow import build_model
     try:
         return build_model(args.backbone, args.method, pretrained=_pretrained(args), weights=args.weights,
                            seed=args.seed, device=args.device)
@@ -272,7 +272,7 @@ def _prepare_digits(args):
 def _train(args):
     from .data import DataError, check_domain_dir
     from .domains.domain_file import DomainFileError
-    from .runs import WorkDir, learn_domain, load_saved_domains
+    from .training.workflow import WorkDir, learn_domain, load_saved_domains
     name = args.domain or os.path.basename(os.path.normpath(args.data))
     if not name or name.startswith(".") or os.sep in name:
         raise CommandError("--domain: {!r} is not a usable domain name".format(name))
@@ -318,8 +318,8 @@ def _train(args):
 def _eval(args):
     from .data import DataError, val_loader
     from .domains.domain_file import DomainFileError
-    from .runs import WorkDir, load_saved_domains
-    from .training import evaluate
+    from .training.workflow import WorkDir, load_saved_domains
+    from .training.loop import evaluate
     work = WorkDir(args.workdir)
     model = _build(args)
     try:

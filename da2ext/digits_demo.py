@@ -23,11 +23,11 @@ import torch
 
 from .domains.atomic_file import atomic_write
 from .data import val_loader
-from .lr_schedule import WARMUP_FRACTION
+from .training.lr_schedule import WARMUP_FRACTION
 from .digits import DOMAINS, prepare_digits
-from .runs import WorkDir, build_model, learn_domain, load_saved_domains
+from .training.workflow import WorkDir, build_model, learn_domain, load_saved_domains
 from .profiling import device_of
-from .training import MIB, evaluate
+from .training.loop import MIB, evaluate
 
 __all__ = ["run_digits_demo", "results_table"]
 

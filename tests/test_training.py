@@ -15,10 +15,10 @@ import torch
 
 import da2ext
 
-from da2ext import training
 from da2ext.profiling import SavedTensorCounter, model_state
 from da2ext.data import DataError, domain_loaders, stratified_subsample, val_loader
-from da2ext.runs import build_model
+from da2ext.training import loop
+from da2ext.training.workflow import build_model
 from helpers import CLASSES, IMAGE_SIZE, write_image_folder
 
 
@@ -40,7 +40,7 @@ def _trained(model, name, shapes_dir, epochs, **kwargs):
     train_loader, val, classes = _loaders(shapes_dir)
     if name not in model.domains:
         model.add_domain(name, len(classes), classes)
-    return training.train_domain(model, name, train_loader, val, epochs, progress=False, **kwargs)
+    return loop.train_domain(model, name, train_loader, val, epochs, progress=False, **kwargs)
 
 
 def _weights(model, name):
@@ -75,7 +75,7 @@ def test_train_domain_end_to_end(shapes_dir, tmp_path):
     other = _model()
     other.load_domain(domain_path)
     _, val, _ = _loaders(shapes_dir)
-    accuracy, loss = training.evaluate(other, "shapes", val)
+    accuracy, loss = loop.evaluate(other, "shapes", val)
     assert accuracy == recorded["val_accuracy"][-1] and loss == pytest.approx(recorded["val_loss"][-1], rel=1e-6)
 
     # Learning another domain leaves this one bit-identical.
@@ -94,16 +94,16 @@ def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, 
     reference = _trained(uninterrupted, "shapes", shapes_dir, 2)
 
     checkpoint_path = str(tmp_path / "run.pt")
-    save = training.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise _Interrupted()
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
         _trained(_model(), "shapes", shapes_dir, 2, checkpoint_path=checkpoint_path)
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     assert os.path.exists(checkpoint_path)
 
     resumed_model = _model()  # a new process would build everything again
@@ -116,10 +116,10 @@ def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, 
     assert not differing, "resumed weights differ from the uninterrupted run's: {}".format(differing[:5])
 
     # A checkpoint of other settings is not resumed from: the run starts over and replaces it.
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
         _trained(_model(), "shapes", shapes_dir, 3, checkpoint_path=checkpoint_path)
-    state = training.load_checkpoint(checkpoint_path)
+    state = loop.load_checkpoint(checkpoint_path)
     assert state["epochs_done"] == 1 and state["settings"]["epochs"] == 3
 
 

@@ -16,12 +16,12 @@ import os
 
 import torch
 
-from .models import backbones
-from .data import domain_loaders
+from ..models import backbones
+from ..data import domain_loaders
 from .lr_schedule import WARMUP_FRACTION
-from .domains.domain_file import DomainFileError
-from .domains.multidomain import MultiDomainModel
-from .training import recorded_learning_rates, train_domain
+from ..domains.domain_file import DomainFileError
+from ..domains.multidomain import MultiDomainModel
+from .loop import recorded_learning_rates, train_domain
 
 __all__ = ["WorkDir", "build_model", "learn_domain", "load_saved_domains"]
 
@@ -118,8 +118,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
     instead when one was learned with the same settings. learning_rates:
-    {group: rate} in place of the method's rates (training.train_domain);
-    warmup_fraction: the share of steps the rates ramp up over (da2ext.lr_schedule).
+    {group: rate} in place of the method's rates (loop.train_domain);
+    warmup_fraction: the share of steps the rates ramp up over (da2ext.training.lr_schedule).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
