@@ -43,7 +43,7 @@ from torch import nn  # noqa: E402
 from da2ext.lean.adapt import adapt  # noqa: E402
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 from da2ext.ops.attention_branch import attention_logits  # noqa: E402
-from da2ext.data import domain_loaders  # noqa: E402
+from da2ext.data.loaders import domain_loaders  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.ops.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
 from da2ext.training.workflow import build_model  # noqa: E402

@@ -505,7 +505,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
     if args.data is None:
-        from da2ext.digits import prepare_digits
+        from da2ext.data.digits import prepare_digits
         args.data = os.path.join(args.workdir, "data")
         prepare_digits(args.data, seed=0, image_size=args.image_size, domains=args.domains,
                        progress=not args.no_progress)

@@ -5,7 +5,8 @@ block, keep what backward needs near the floor. See README.md and docs/design.md
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-from . import digits, methods
+from . import methods
+from .data import digits
 from .lean.adapt import adapt
 from .training.cuda_graph_step import CUDAGraphStep
 from .domains.domain_file import DomainFileError

@@ -15,7 +15,7 @@ import sys
 
 from .models import backbones
 from . import methods as methods_registry
-from .digits import DOMAINS as DOMAIN_NAMES
+from .data.digits import DOMAINS as DOMAIN_NAMES
 from .training.lr_schedule import WARMUP_FRACTION
 from .lean.trainable import PARAMETER_GROUPS
 
@@ -256,7 +256,7 @@ def _build(args):
 
 
 def _prepare_digits(args):
-    from .digits import prepare_digits
+    from .data.digits import prepare_digits
     try:
         written = prepare_digits(args.out, seed=args.seed, image_size=args.image_size,
                                  train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain,
@@ -270,7 +270,7 @@ def _prepare_digits(args):
 
 
 def _train(args):
-    from .data import DataError, check_domain_dir
+    from .data.loaders import DataError, check_domain_dir
     from .domains.domain_file import DomainFileError
     from .training.workflow import WorkDir, learn_domain, load_saved_domains
     name = args.domain or os.path.basename(os.path.normpath(args.data))
@@ -316,7 +316,7 @@ def _train(args):
 
 
 def _eval(args):
-    from .data import DataError, val_loader
+    from .data.loaders import DataError, val_loader
     from .domains.domain_file import DomainFileError
     from .training.workflow import WorkDir, load_saved_domains
     from .training.loop import evaluate

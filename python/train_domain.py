@@ -22,8 +22,8 @@ import torch
 import torchvision
 
 from da2ext.models.backbones import load_state_dict_file
-from da2ext.data import domain_loaders
-from da2ext.digits import DOMAINS, prepare_digits
+from da2ext.data.loaders import domain_loaders
+from da2ext.data.digits import DOMAINS, prepare_digits
 from da2ext.domains.multidomain import MultiDomainModel
 from da2ext.training import evaluate, train_domain
 

@@ -1,7 +1,7 @@
-"""The training loop (da2ext.training, data, runs): a tiny domain trains end to end
-with every first method, an interrupted run resumes to the very weights of an
-uninterrupted one, the metrics JSON has its keys, bad data directories say
-what is wrong.
+"""The training loop and workflow (da2ext.training) and the loaders (da2ext.data):
+a tiny domain trains end to end with every first method, an interrupted run
+resumes to the very weights of an uninterrupted one, the metrics JSON has its
+keys, bad data directories say what is wrong.
 
 Small on purpose: a randomly initialised ResNet-18 at 32x32 on a synthetic
 ImageFolder of 4 classes, so the file runs in well under a minute on 2 cores.
@@ -16,7 +16,7 @@ import torch
 import da2ext
 
 from da2ext.profiling import SavedTensorCounter, model_state
-from da2ext.data import DataError, domain_loaders, stratified_subsample, val_loader
+from da2ext.data.loaders import DataError, domain_loaders, stratified_subsample, val_loader
 from da2ext.training import loop
 from da2ext.training.workflow import build_model
 from helpers import CLASSES, IMAGE_SIZE, write_image_folder

@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..models import backbones
-from ..data import domain_loaders
+from ..data.loaders import domain_loaders
 from .lr_schedule import WARMUP_FRACTION
 from ..domains.domain_file import DomainFileError
 from ..domains.multidomain import MultiDomainModel
