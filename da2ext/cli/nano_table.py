@@ -28,8 +28,8 @@ import time
 import torch
 from torch import nn
 
-from . import methods
-from .profiling import profile_step, synchronize
+from .. import methods
+from ..profiling import profile_step, synchronize
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
 ROWS = ("ft", "last", "bias", "bias_lean", "da2_eager", "da2_adaptor_only", "da2")
@@ -167,7 +167,7 @@ def markdown(records, meta):
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
