@@ -189,11 +189,10 @@ class MultiDomainModel(nn.Module):
         """Make `name` the active domain: its tensors go into the model's modules."""
         self._check_known(name)
         for slot, t in self.domain_tensors(name).items():
+            # attr names a registered parameter (t is then an nn.Parameter) or buffer of
+            # owner: Module.__setattr__ puts t itself in its place, no copy.
             owner, attr = _owner(self.model, slot)
-            if self._slots[slot][0] == "parameter":
-                owner._parameters[attr] = t
-            else:
-                owner._buffers[attr] = t
+            setattr(owner, attr, t)
         head = self.model.get_submodule(self._head_name)
         head.out_features = self._domain_info[name]["num_classes"]
         self._active = name
