@@ -5,20 +5,20 @@ block, keep what backward needs near the floor. See README.md and docs/design.md
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-from . import methods
-from .data import digits
-from .lean.adapt import adapt
-from .training.cuda_graph_step import CUDAGraphStep
+# Only the layers a model needs load here: da2ext.data, da2ext.methods and
+# da2ext.cli load where they are used (`from da2ext import methods`).
 from .domains.domain_file import DomainFileError
+from .domains.multidomain import MultiDomainModel
+from .lean.adapt import adapt
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.lean_max_pool import LeanMaxPool2d
-from .profiling import SavedTensorCounter, profile_step, saved_bytes
-from .domains.multidomain import MultiDomainModel
+from .lean.trainable import print_trainable_parameters, trainable_parameters
+from .models import backbones
 from .nn import PackedReLU, PackedReLU6, ResidualAttentionAdaptor
 from .ops import backend, packed_activation, packed_relu, packed_relu6, reference, residual_attention
 from .ops.attention_branch import spatial_kernel_size
-from .lean.trainable import print_trainable_parameters, trainable_parameters
-from .models import backbones
+from .profiling import SavedTensorCounter, profile_step, saved_bytes
+from .training.cuda_graph_step import CUDAGraphStep
 
 __version__ = "0.1.0"
 

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import da2ext
-
-from da2ext.profiling import SavedTensorCounter, model_state
+from da2ext import methods
 from da2ext.data.loaders import DataError, domain_loaders, stratified_subsample, val_loader
+from da2ext.profiling import SavedTensorCounter, model_state
 from da2ext.training import loop
 from da2ext.training.workflow import build_model
 from helpers import CLASSES, IMAGE_SIZE, write_image_folder
@@ -66,7 +65,7 @@ def test_train_domain_end_to_end(shapes_dir, tmp_path):
     assert recorded["saved_bytes"] > 0 and recorded["trainable_params"] > 0 and recorded["step_time"] > 0
     assert recorded["file_bytes"] == os.path.getsize(domain_path)
     assert recorded["settings"]["note"] == "test" and recorded["settings"]["train_images"] == 32
-    rates = da2ext.methods.get("da2").learning_rates
+    rates = methods.get("da2").learning_rates
     assert recorded["learning_rates"] == dict((g, rates[g]) for g in ("adaptors", "head", "shifts"))
     assert metrics["final_val_accuracy"] == recorded["val_accuracy"][-1]
     assert not os.path.exists(checkpoint_path), "the checkpoint stays after the domain file is written"

@@ -24,7 +24,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .. import methods as methods_registry
 from ..lean.adapt import Head
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
 from ..profiling import device_of
@@ -76,7 +75,10 @@ class MultiDomainModel(nn.Module):
         super(MultiDomainModel, self).__init__()
         self.architecture = architecture_of(backbone)
         self.backbone_fingerprint = weights_fingerprint(backbone)
-        self.method = methods_registry.get(method) if isinstance(method, str) else method
+        if isinstance(method, str):
+            from .. import methods as methods_registry  # here, so that `import da2ext` loads no method
+            method = methods_registry.get(method)
+        self.method = method
         self.model = self.method.build(backbone, 1)  # a placeholder head; every domain brings its own
         self.model.train()
         self._head_name = self._find_head()
