@@ -317,10 +317,9 @@ def _train(args):
 
 
 def _eval(args):
-    from ..data.loaders import DataError, val_loader
+    from ..data.loaders import DataError
     from ..domains.domain_file import DomainFileError
-    from ..training.workflow import WorkDir, load_saved_domains
-    from ..training.loop import evaluate
+    from ..training.workflow import WorkDir, evaluate_domain, load_saved_domains
     work = WorkDir(args.workdir)
     model = _build(args)
     try:
@@ -342,20 +341,14 @@ def _eval(args):
         data_dir = os.path.join(args.data, name)
         size_kib = os.path.getsize(paths[name]) / 1024.0
         try:
-            loader, class_names = val_loader(data_dir, backbone=args.backbone, image_size=image_size,
-                                             batch_size=args.batch_size)
-            expected = model.domain_info(name)["class_names"]
-            if expected is not None and list(expected) != list(class_names):
-                raise DataError("{} has classes {}, the domain was learned with {}".format(
-                    data_dir, class_names, expected))
-            accuracy, loss = evaluate(model, name, loader)
+            accuracy, loss, images = evaluate_domain(model, name, data_dir, backbone=args.backbone,
+                                                     image_size=image_size, batch_size=args.batch_size)
         except DataError as error:
             failures += 1
             print("| {} | - | - | - | {:.1f} |".format(name, size_kib))
             print("  {}: {}".format(name, error), file=sys.stderr)
             continue
-        print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, len(loader.dataset), 100.0 * accuracy, loss,
-                                                                size_kib))
+        print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, images, 100.0 * accuracy, loss, size_kib))
     return 1 if failures else 0
 
 
