@@ -25,8 +25,8 @@ ALLOWED = {
     "profiling": (),                      # what autograd keeps and a step costs: a tool of every layer
     "lean": ("ops", "nn", "profiling"),   # the lean frozen backbone
     "methods": ("lean",),                 # the training methods, built on the lean backbone
-    "models": ("domains.safe_load",),     # the backbones (their weight files load through safe_load)
     "domains": ("lean", "methods", "profiling"),  # MultiDomainModel and what goes to disk
+    "models": ("domains.safe_load",),     # the backbones (their weight files load through safe_load)
     "data": ("models",),                  # a domain's images, normalised as its backbone expects
     "training": ("data", "domains", "models", "profiling"),  # workflow -> loop
 }

@@ -240,7 +240,7 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
                  warmup_fraction=WARMUP_FRACTION):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
-    train_loader: shuffles with its own seeded generator (data.domain_loaders)
+    train_loader: shuffles with its own seeded generator (data/loaders.py: domain_loaders)
         so that a resumed run sees the batches an uninterrupted one would.
     epochs, lr_scale: the run's length; lr_scale multiplies the method's learning rates.
     warmup_fraction: the share of the steps over which the rates ramp up
