@@ -14,11 +14,11 @@ import argparse
 import os
 import sys
 
-from ..models import backbones
 from .. import methods as methods_registry
 from ..data.digits import DOMAINS as DOMAIN_NAMES
-from ..training.lr_schedule import WARMUP_FRACTION
 from ..lean.trainable import PARAMETER_GROUPS
+from ..models import backbones
+from ..training.lr_schedule import WARMUP_FRACTION
 
 __all__ = ["build_parser", "main"]
 

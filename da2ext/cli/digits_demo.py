@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from ..domains.atomic_file import atomic_write
-from ..data.loaders import val_loader
-from ..training.lr_schedule import WARMUP_FRACTION
 from ..data.digits import DOMAINS, prepare_digits
-from ..training.workflow import WorkDir, build_model, learn_domain, load_saved_domains
+from ..data.loaders import val_loader
+from ..domains.atomic_file import atomic_write
 from ..profiling import device_of
 from ..training.loop import MIB, evaluate
+from ..training.lr_schedule import WARMUP_FRACTION
+from ..training.workflow import WorkDir, build_model, learn_domain, load_saved_domains
 
 __all__ = ["run_digits_demo", "results_table"]
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..lean.adapt import Head
-from .domain_file import DomainFileError, read_domain_file, write_domain_file
-from ..profiling import device_of
 from ..lean.trainable_tail import TrainableTail
+from ..profiling import device_of
+from .domain_file import DomainFileError, read_domain_file, write_domain_file
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]
 

@@ -16,11 +16,11 @@ from torch import nn
 
 from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
+from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
-from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 from .lean_max_pool import LeanMaxPool2d
-from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
+from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 
 __all__ = ["AdaptedBlock", "Head", "adapt", "head_in_features", "replace_head", "supported_family"]
 

@@ -10,8 +10,8 @@ per activation (FrozenConvBNAct), nothing for the add.
 import torch
 from torch import nn
 
-from .frozen_conv import FrozenConvBNAct, fused_cpu_kernels, activate_inplace, activation_upper
 from ..ops.packed_activation import packed_activation
+from .frozen_conv import FrozenConvBNAct, fused_cpu_kernels, activate_inplace, activation_upper
 
 __all__ = ["FrozenBlock", "InferenceOnly", "freeze_block", "freeze_conv_bn_act", "block_out_channels", "is_timm"]
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ..domains.atomic_file import atomic_write
 from ..domains.checkpoint import load_checkpoint, save_checkpoint
-from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 from ..profiling import SavedTensorCounter, device_of, model_state, synchronize
+from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 
 __all__ = ["evaluate", "train_domain"]
 
