@@ -40,13 +40,13 @@ sys.path.insert(0, os.path.dirname(HERE))  # a checkout runs without installing
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from da2ext.adapt import adapt  # noqa: E402
-from da2ext.atomic_file import atomic_write  # noqa: E402
-from da2ext.attention_branch import attention_logits  # noqa: E402
-from da2ext.data import domain_loaders  # noqa: E402
+from da2ext.lean.adapt import adapt  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
+from da2ext.ops.attention_branch import attention_logits  # noqa: E402
+from da2ext.data.loaders import domain_loaders  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from da2ext.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
-from da2ext.runs import build_model  # noqa: E402
+from da2ext.ops.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
+from da2ext.training.workflow import build_model  # noqa: E402
 from da2ext.training import train_domain  # noqa: E402
 
 SHIFT_RATE = HEAD_RATE = 3e-3
@@ -121,7 +121,7 @@ def build_variant(variant):
 
 
 def _block_channels(block):
-    from da2ext.frozen_blocks import block_out_channels
+    from da2ext.lean.frozen_blocks import block_out_channels
     return block_out_channels(block.module if hasattr(block, "module") else block)
 
 

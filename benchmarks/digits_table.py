@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(HERE))  # a checkout runs without installing
 import torch  # noqa: E402
 
 from da2ext import methods  # noqa: E402
-from da2ext.atomic_file import atomic_write  # noqa: E402
-from da2ext.lr_schedule import WARMUP_FRACTION  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
+from da2ext.training.lr_schedule import WARMUP_FRACTION  # noqa: E402
 
 MIB = float(2 ** 20)
 RECORD_KEYS = ("method", "domain", "seed", "val_accuracy", "saved_bytes", "peak_rss_bytes", "step_time",
@@ -190,7 +190,7 @@ def nano_bytes(method_names, batch_size=8, image_size=224):
     state}}, docs/design.md §4's nano setting (random weights, batch 8, 3x224x224,
     float32, a 100-class head), each measured by one da2ext.profile_step."""
     import torch.nn.functional as F
-    from da2ext.memory import profile_step
+    from da2ext.profiling import profile_step
     result = {}
     inputs = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     targets = torch.arange(batch_size) % 100
@@ -505,7 +505,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
     if args.data is None:
-        from da2ext.digits import prepare_digits
+        from da2ext.data.digits import prepare_digits
         args.data = os.path.join(args.workdir, "data")
         prepare_digits(args.data, seed=0, image_size=args.image_size, domains=args.domains,
                        progress=not args.no_progress)

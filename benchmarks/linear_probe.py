@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from da2ext import backbones  # noqa: E402
-from da2ext.adapt import supported_family  # noqa: E402
-from da2ext.data import domain_loaders  # noqa: E402
+from da2ext.lean.adapt import supported_family  # noqa: E402
+from da2ext.data.loaders import domain_loaders  # noqa: E402
 
 
 def feature_extractor(model):
@@ -110,7 +110,7 @@ def main(argv=None):
     for size in sizes:
         data = args.data
         if data is None:
-            from da2ext.digits import prepare_digits
+            from da2ext.data.digits import prepare_digits
             data = os.path.join(args.workdir, "data_{}".format(size))
             prepare_digits(data, seed=0, image_size=size, progress=False)
         for weights, pretrained in variants:

@@ -1,4 +1,4 @@
-"""The nano table (docs/design.md §4) from a checkout: da2ext.nano_table with its
+"""The nano table (docs/design.md §4) from a checkout: da2ext.cli.nano_table with its
 results in benchmarks/results/. The code lives in the package, so that
 `python -m da2ext nano-table` runs only the installed package's own code.
 
@@ -11,8 +11,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # a checkout runs without installing
 
-from da2ext.nano_table import *  # noqa: E402,F401,F403  (the suites and scripts here use its names)
-from da2ext.nano_table import main as _main  # noqa: E402
+from da2ext.cli.nano_table import *  # noqa: E402,F401,F403  (the suites and scripts here use its names)
+from da2ext.cli.nano_table import main as _main  # noqa: E402
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """The lean backbone's two CPU memory orders side by side (pytest-benchmark):
 NCHW against channels_last, the order adapt() runs the CPU backbone in
-(da2ext/memory_order.py), for the two kinds of layer a lean ResNet-50 is made of.
+(da2ext/ops/memory_order.py), for the two kinds of layer a lean ResNet-50 is made of.
 
     pytest benchmarks/test_channels_last_benchmark.py --benchmark-only
     DA2EXT_BENCH_ROUNDS=30 pytest benchmarks/test_channels_last_benchmark.py --benchmark-only -k conv
@@ -24,8 +24,8 @@ from torch import nn
 import da2ext
 from bench_settings import device_name, pedantic_settings, shape_id, training_step
 from da2ext import reference
-from da2ext.frozen_conv import FrozenConvBNAct
-from da2ext.lean_max_pool import LeanMaxPool2d
+from da2ext.lean.frozen_conv import FrozenConvBNAct
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
 
 pytestmark = pytest.mark.skipif(da2ext.backend("cpu") != "cpu", reason="the channels_last loops are CPU kernels")
 

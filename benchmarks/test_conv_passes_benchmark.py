@@ -1,4 +1,4 @@
-"""The frozen conv's input gradient (da2ext.conv_passes.conv2d_input_grad) against
+"""The frozen conv's input gradient (da2ext.ops.conv_passes.conv2d_input_grad) against
 what plain PyTorch would run for it (pytest-benchmark), CPU float32.
 
     pytest benchmarks/test_conv_passes_benchmark.py --benchmark-only
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_settings import device_name, pedantic_settings
-from da2ext.conv_passes import conv2d_input_grad
+from da2ext.ops.conv_passes import conv2d_input_grad
 
 # (C_in, C_out, H, kernel, stride, padding): ResNet-50 at batch 8.
 CONVS = {

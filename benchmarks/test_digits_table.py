@@ -17,7 +17,7 @@ pytest.importorskip("sklearn")
 
 @pytest.fixture(scope="module")
 def tiny_digits(tmp_path_factory):
-    from da2ext.digits import prepare_digits
+    from da2ext.data.digits import prepare_digits
     root = str(tmp_path_factory.mktemp("data"))
     prepare_digits(root, seed=0, image_size=32, train_per_domain=40, val_per_domain=20, domains=["digits"],
                    progress=False)

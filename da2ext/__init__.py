@@ -5,20 +5,20 @@ block, keep what backward needs near the floor. See README.md and docs/design.md
 """
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-from . import backbones, digits, methods, reference
-from ._extension import backend
-from .adapt import adapt
-from .adaptor import ResidualAttentionAdaptor
-from .attention_branch import spatial_kernel_size
-from .cuda_graph_step import CUDAGraphStep
-from .domain_file import DomainFileError
-from .frozen_conv import FrozenConvBNAct
-from .lean_max_pool import LeanMaxPool2d
-from .memory import SavedTensorCounter, profile_step, saved_bytes
-from .multidomain import MultiDomainModel
-from .ops import residual_attention
-from .packed_activation import PackedReLU, PackedReLU6, packed_activation, packed_relu, packed_relu6
-from .trainable import print_trainable_parameters, trainable_parameters
+# Only the layers a model needs load here: da2ext.data, da2ext.methods and
+# da2ext.cli load where they are used (`from da2ext import methods`).
+from .domains.domain_file import DomainFileError
+from .domains.multidomain import MultiDomainModel
+from .lean.adapt import adapt
+from .lean.frozen_conv import FrozenConvBNAct
+from .lean.lean_max_pool import LeanMaxPool2d
+from .lean.trainable import print_trainable_parameters, trainable_parameters
+from .models import backbones
+from .nn import PackedReLU, PackedReLU6, ResidualAttentionAdaptor
+from .ops import backend, packed_activation, packed_relu, packed_relu6, reference, residual_attention
+from .ops.attention_branch import spatial_kernel_size
+from .profiling import SavedTensorCounter, profile_step, saved_bytes
+from .training.cuda_graph_step import CUDAGraphStep
 
 __version__ = "0.1.0"
 

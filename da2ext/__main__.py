@@ -1,4 +1,4 @@
-"""python -m da2ext ...: the command line (cli.py)."""
+"""python -m da2ext ...: the command line (da2ext/cli)."""
 import sys
 
 from .cli import main

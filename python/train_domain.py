@@ -21,10 +21,10 @@ import tempfile
 import torch
 import torchvision
 
-from da2ext.backbones import load_state_dict_file
-from da2ext.data import domain_loaders
-from da2ext.digits import DOMAINS, prepare_digits
-from da2ext.multidomain import MultiDomainModel
+from da2ext.models.backbones import load_state_dict_file
+from da2ext.data.loaders import domain_loaders
+from da2ext.data.digits import DOMAINS, prepare_digits
+from da2ext.domains.multidomain import MultiDomainModel
 from da2ext.training import evaluate, train_domain
 
 MIB = float(2 ** 20)

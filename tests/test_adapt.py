@@ -3,10 +3,9 @@ the first trainable parameter without autograd, handles what it cannot rewrite,
 holds a float16 backbone, validates its arguments, reports its trainable
 parameters; and profile_step's figures (docs/design.md §3, §3a, §4).
 
-The helpers at the top are shared with test_adapt_gradients.py and
-test_adapt_memory.py."""
+The helpers it shares with test_adapt_gradients.py, test_adapt_memory.py and
+others are in helpers.py."""
 import copy
-import math
 import re
 import warnings
 
@@ -15,74 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import kernel_devices, relative_error
-from da2ext.adapt import AdaptedBlock, Head, adapt, supported_family
-from da2ext.frozen_conv import FrozenConvBNAct
-from da2ext.memory import SavedTensorCounter, model_state, profile_step
-from da2ext.trainable import print_trainable_parameters, trainable_parameters
+from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, features_module, forward_backward, head_of, import_timm,
+                     kernel_devices, make_original, named_trainable, randomize_bn, randomize_common_trainable,
+                     relative_error, shift_parameters)
+from da2ext.lean.adapt import AdaptedBlock, Head, adapt, supported_family
+from da2ext.lean.frozen_conv import FrozenConvBNAct
+from da2ext.profiling import SavedTensorCounter, model_state, profile_step
+from da2ext.lean.trainable import print_trainable_parameters, trainable_parameters
 
 torchvision = pytest.importorskip("torchvision")
 
 # ------------------------------------------------------------------------------------------
-# Shared helpers
-
-# family name -> (constructor, small input shape, needs timm)
-FAMILIES = {
-    "resnet18": (lambda: torchvision.models.resnet18(), (2, 3, 67, 61), False),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), (2, 3, 67, 61), False),
-    "tf_efficientnet_lite0": (lambda: _timm().create_model("tf_efficientnet_lite0"), (2, 3, 67, 61), True),
-    "mobilenetv2_100": (lambda: _timm().create_model("mobilenetv2_100"), (2, 3, 64, 64), True),
-}
-FAMILY_NAMES = sorted(FAMILIES)
-
-
-def _timm():
-    return pytest.importorskip("timm")
-
-
-def randomize_bn(model, seed=0):
-    """Random running statistics, scales and shifts in every BN (so folding matters); eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(t, low, high):
-        t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (high - low) + low)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                uniform(module.running_mean, -0.5, 0.5)
-                uniform(module.running_var, 0.5, 2.0)
-                uniform(module.weight, 0.5, 1.5)
-                uniform(module.bias, -0.3, 0.3)
-    return model.eval()
-
-
-def make_original(family, seed=0, dtype=torch.float32):
-    """A freshly built (random-weight) model of `family` with random BN state, eval mode,
-    and its small input shape. Skips timm families without timm."""
-    constructor, shape, needs_timm = FAMILIES[family]
-    if needs_timm:
-        _timm()
-    torch.manual_seed(seed)
-    model = randomize_bn(constructor(), seed).to(dtype)
-    return model, shape
-
-
-def head_of(model):
-    """The classifier Linear (the original's or the adapted model's Head)."""
-    family = supported_family(model)
-    if family == "resnet":
-        return model.fc
-    if family == "mobilenet_v2":
-        return model.classifier[-1]
-    return model.classifier
-
-
-def features_module(model):
-    """The module whose input is the pooled feature vector (before any dropout)."""
-    if supported_family(model) == "mobilenet_v2":
-        return model.classifier  # Sequential(Dropout, Linear)
-    return head_of(model)
+# Helpers of this file (the shared ones are in helpers.py)
 
 
 def copy_head(source, target):
@@ -90,81 +33,6 @@ def copy_head(source, target):
     with torch.no_grad():
         head_of(target).weight.copy_(head_of(source).weight)
         head_of(target).bias.copy_(head_of(source).bias)
-
-
-def adapt_quietly(model, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a supported model must adapt without any warning
-        return adapt(model, *args, **kwargs)
-
-
-def shift_parameters(model):
-    """The BN shifts in module order: FrozenConvBNAct.shift (lean) or BatchNorm2d.bias (eager)."""
-    shifts = []
-    for module in model.modules():
-        if isinstance(module, FrozenConvBNAct):
-            shifts.append(module.shift)
-        elif isinstance(module, nn.BatchNorm2d):
-            shifts.append(module.bias)
-    return shifts
-
-
-def named_trainable(model):
-    return dict((name, p) for name, p in model.named_parameters() if p.requires_grad)
-
-
-def randomize_common_trainable(lean, eager, seed=1, std=0.3):
-    """Give the trainable parameters the lean and eager models share by name (adaptors,
-    head, BN biases of unchanged modules) identical random values (gamma non-zero)."""
-    lean_params, eager_params = named_trainable(lean), named_trainable(eager)
-    common = sorted(set(lean_params) & set(eager_params))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in common:
-            value = torch.randn(lean_params[name].shape, generator=generator, dtype=torch.float64) * std
-            lean_params[name].copy_(value)
-            eager_params[name].copy_(value)
-    return common
-
-
-def forward_backward(model, x, output_grad_seed=2, forward_seed=5):
-    """Output, input gradient and every parameter's gradient of <model(x), w> for a random w.
-    The RNG is seeded before the forward (MobileNetV2's Dropout in train mode)."""
-    model.zero_grad()
-    torch.manual_seed(forward_seed)
-    xi = x.detach().clone().requires_grad_(True)
-    y = model(xi)
-    # drawn in float64 whatever y's dtype (randn's stream depends on the dtype), so that
-    # runs in different dtypes and on different devices get the same w
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(output_grad_seed), dtype=torch.float64)
-    (y * w.to(device=y.device, dtype=y.dtype)).sum().backward()
-    return y.detach(), xi.grad
-
-
-def relu_output_numels(model, x):
-    """numel of every ReLU/ReLU6 output of `model(x)` (a module reused three times fires thrice)."""
-    numels = []
-    hooks = [m.register_forward_hook(lambda module, inputs, output: numels.append(output.numel()))
-             for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert numels, "no ReLU/ReLU6 ran"
-    return numels
-
-
-def packed_bytes(numels):
-    """Bytes of the packed masks: ceil(numel / 32) int32 words each."""
-    return sum(4 * int(math.ceil(n / 32.0)) for n in numels)
-
-
-def bn_buffers(model):
-    """Clones of every BN buffer (running_mean, running_var, num_batches_tracked) by name."""
-    return dict((name, b.detach().clone()) for name, b in model.named_buffers()
-                if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"))
 
 
 def assert_buffers_unchanged(before, model):
@@ -341,7 +209,7 @@ def test_unknown_module_warns_and_keeps_working():
 
 
 def test_timm_efficientnet_with_se_and_silu_warns_and_keeps_working():
-    timm = _timm()
+    timm = import_timm()
     torch.manual_seed(0)
     original = randomize_bn(timm.create_model("efficientnet_b0"))
     assert supported_family(original) == "timm_efficientnet"
@@ -362,7 +230,7 @@ def test_timm_efficientnet_with_se_and_silu_warns_and_keeps_working():
 
 
 def test_timm_mobilenetv3_is_not_a_supported_family():
-    timm = _timm()
+    timm = import_timm()
     model = timm.create_model("mobilenetv3_large_100")
     assert supported_family(model) is None
     with pytest.raises(TypeError, match="MobileNetV3"):

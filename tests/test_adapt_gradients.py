@@ -9,9 +9,8 @@ import copy
 import pytest
 import torch
 
-from conftest import all_devices, relative_error
-from test_adapt import (FAMILY_NAMES, adapt_quietly, forward_backward, make_original, named_trainable,
-                        randomize_bn, randomize_common_trainable, shift_parameters)
+from helpers import (FAMILY_NAMES, adapt_quietly, all_devices, forward_backward, make_original, named_trainable,
+                     randomize_bn, randomize_common_trainable, relative_error, shift_parameters)
 
 TOLERANCE = 1e-10
 

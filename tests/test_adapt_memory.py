@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error
-from da2ext.adapt import AdaptedBlock
-from da2ext.frozen_blocks import FrozenBlock, freeze_block
-from da2ext.lean_max_pool import LeanMaxPool2d
-from da2ext.memory import SavedTensorCounter, model_state
-from test_adapt import adapt_quietly, features_module, make_original, packed_bytes, randomize_bn, relu_output_numels
+from helpers import (adapt_quietly, features_module, make_original, packed_bytes, randomize_bn, relative_error,
+                     relu_output_numels)
+from da2ext.lean.adapt import AdaptedBlock
+from da2ext.lean.frozen_blocks import FrozenBlock, freeze_block
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
+from da2ext.profiling import SavedTensorCounter, model_state
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.mobilenetv2 import InvertedResidual as TorchvisionInvertedResidual  # noqa: E402

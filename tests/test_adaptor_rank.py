@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import da2ext
-from conftest import all_devices, relative_error
+from helpers import all_devices, relative_error
 
 
 def rank_pair(channels, rank, mode="add", seed=0):

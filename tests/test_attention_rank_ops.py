@@ -6,7 +6,7 @@ and the errors for bad k, mismatched ranks and wrong shapes."""
 import pytest
 import torch
 
-from conftest import all_devices, relative_error
+from helpers import all_devices, relative_error
 
 CL = torch.channels_last
 # (N, C, H, W): small, odd, and one whose H*W spans two CPU reduction tiles (> 2048 positions).

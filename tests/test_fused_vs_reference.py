@@ -6,7 +6,7 @@ itself run in float16 (the fused kernels accumulate in float32)."""
 import pytest
 import torch
 
-from conftest import adaptor_pair, all_devices, relative_error
+from helpers import adaptor_pair, all_devices, relative_error
 
 SHAPES = [(2, 3, 5, 7), (4, 64, 9, 11), (2, 300, 17, 19), (8, 32, 56, 56), (3, 2048, 2, 3)]
 

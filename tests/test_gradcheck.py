@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import da2ext
-from conftest import adaptor_pair, all_devices
+from helpers import adaptor_pair, all_devices
 
 SHAPES = [
     (2, 3, 5, 7),

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from da2ext.lean_max_pool import LeanMaxPool2d
-from da2ext.memory import SavedTensorCounter
+from da2ext.lean.lean_max_pool import LeanMaxPool2d
+from da2ext.profiling import SavedTensorCounter
 
 # (kernel_size, stride, padding, dilation, ceil_mode)
 CONFIGS = [

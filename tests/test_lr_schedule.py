@@ -1,11 +1,11 @@
-"""The training loop's schedule (da2ext.lr_schedule): linear warmup, then one cosine."""
+"""The training loop's schedule (da2ext.training.lr_schedule): linear warmup, then one cosine."""
 import io
 import math
 
 import pytest
 import torch
 
-from da2ext.lr_schedule import WarmupCosine, warmup_cosine_scheduler
+from da2ext.training.lr_schedule import WarmupCosine, warmup_cosine_scheduler
 
 
 def _rates(scheduler, optimizer, steps):

@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from da2ext import MultiDomainModel, methods
-from da2ext.adapt import Head, replace_head
-from da2ext.memory import SavedTensorCounter, model_state
+from da2ext.lean.adapt import Head, replace_head
+from da2ext.profiling import SavedTensorCounter, model_state
 from da2ext.methods.lite_residual import LiteResidual
 from da2ext.methods.residual_adapters import ParallelAdapterConv, SeriesAdapterConv
 

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from da2ext import MultiDomainModel
-from da2ext.adapt import Head
+from da2ext.lean.adapt import Head
 from da2ext.methods.lora_conv import LORA_CONV
 from da2ext.methods.piggyback import PIGGYBACK, THRESHOLD, PiggybackConv2d, masked_weight
 

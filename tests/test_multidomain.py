@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from da2ext import DomainFileError, MultiDomainModel
-from da2ext.domain_file import read_domain_file, write_domain_file
+from da2ext.domains.domain_file import read_domain_file, write_domain_file
 
 
 def resnet18(seed=0):
@@ -201,10 +201,10 @@ def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):
     path = saved_domain(tmp_path, model)
     before = open(path, "rb").read()
 
-    import da2ext.domain_file as domain_file
+    import da2ext.domains.domain_file as domain_file
 
     def interrupted(path, write, mode="wb"):
-        from da2ext.atomic_file import atomic_write
+        from da2ext.domains.atomic_file import atomic_write
 
         def write_half_then_fail(f):
             f.write(b"partial")

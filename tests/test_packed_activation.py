@@ -8,31 +8,16 @@ import torch
 import torch.nn.functional as F
 
 import da2ext
-from da2ext import _extension
-from conftest import all_devices
+from da2ext.ops import _extension
+from helpers import all_devices, python_mask, special_values
 
-packed_module = importlib.import_module("da2ext.packed_activation")  # (da2ext.packed_activation is the function)
+packed_module = importlib.import_module("da2ext.ops.packed_activation")  # (da2ext.packed_activation is the function)
 
 DTYPES = [torch.float64, torch.float32, torch.float16]
 ACTIVATIONS = {
     "relu": (da2ext.packed_relu, torch.relu, float("inf")),
     "relu6": (da2ext.packed_relu6, F.relu6, 6.0),
 }
-
-
-def special_values(shape, device, dtype, seed=0, nan=True):
-    """Random values in [-8, 8] with exact 0, 6, +-inf (and NaN) sprinkled in."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=generator, dtype=torch.float64) * 16 - 8
-    flat = x.view(-1)
-    if flat.numel() >= 8:
-        specials = [0.0, 6.0, -0.0, float("inf"), float("-inf"), 5.999, 1e-3]
-        if nan:
-            specials.append(float("nan"))
-        picks = torch.randperm(flat.numel(), generator=generator)[:3 * len(specials)]
-        for k, index in enumerate(picks.tolist()):
-            flat[index] = specials[k % len(specials)]
-    return x.to(device=device, dtype=dtype)
 
 
 def torch_forward_backward(fn, x, grad):
@@ -48,20 +33,6 @@ def packed_forward_backward(fn, x, grad):
     y = fn(xi)
     y.backward(grad)
     return y.detach(), xi.grad
-
-
-def python_mask(x, upper):
-    """The documented layout: bit i % 32 of int32 word i // 32 set where the gradient passes."""
-    flat = x.detach().double().cpu().reshape(-1)
-    passes = flat > 0
-    if not math.isinf(upper):
-        passes &= flat < upper
-    words = (flat.numel() + 31) // 32
-    bits = torch.zeros(words * 32, dtype=torch.int64)
-    bits[:flat.numel()] = passes.to(torch.int64)
-    values = (bits.view(words, 32) << torch.arange(32, dtype=torch.int64)).sum(1)
-    values = torch.where(values >= 2 ** 31, values - 2 ** 32, values)  # as two's-complement int32
-    return values.to(torch.int32)
 
 
 @pytest.mark.parametrize("device", all_devices())

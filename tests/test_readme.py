@@ -39,7 +39,7 @@ with model.domain("mnist"), other.domain(name), torch.no_grad():
 assert da2ext.saved_bytes(adaptor, x) < 0.05 * x.numel() * 4  # O(N(C+HW)), not a copy of F
 """,
     "train_last=2": """
-assert model.da2ext_tail == {"train_last": 2} and "tail" in da2ext.trainable.parameter_groups(model)
+assert model.da2ext_tail == {"train_last": 2} and "tail" in da2ext.lean.trainable.parameter_groups(model)
 assert budgeted.da2ext_tail["fits"] and budgeted.da2ext_tail["training_bytes"] <= 20 * 2 ** 20
 """,
 }

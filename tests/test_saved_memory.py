@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import da2ext
-from conftest import adaptor_pair, all_devices, relative_error
+from helpers import adaptor_pair, all_devices, relative_error
 
 
 def kept_bytes(module, x):

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import da2ext
-from conftest import relative_error
-from da2ext.trainable import parameter_groups
-from da2ext.trainable_tail import TrainableTail, training_bytes
-from test_adapt import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward,
-                        make_original, named_trainable, randomize_common_trainable, shift_parameters)
+from da2ext import methods
+from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward, make_original, named_trainable,
+                     randomize_common_trainable, relative_error, shift_parameters)
+from da2ext.lean.trainable import parameter_groups
+from da2ext.lean.trainable_tail import TrainableTail, training_bytes
 
 TOLERANCE = 1e-10
 
@@ -198,10 +198,10 @@ def test_cli_tail_flags_spell_the_tail_methods():
     args = parser.parse_args(["train", "--data", "d", "--train-last", "1", "--memory-budget-mib", "9"])
     with pytest.raises(CommandError, match="contradict"):
         _resolve_tail(args)
-    assert da2ext.methods.get("da2_tail3").name == "da2_tail3"
-    assert da2ext.methods.get("da2_tail3_frozen_stats").name == "da2_tail3_frozen_stats"
-    assert da2ext.methods.get("da2_tail3_batch_stats").name == "da2_tail3_batch_stats"
+    assert methods.get("da2_tail3").name == "da2_tail3"
+    assert methods.get("da2_tail3_frozen_stats").name == "da2_tail3_frozen_stats"
+    assert methods.get("da2_tail3_batch_stats").name == "da2_tail3_batch_stats"
     with pytest.raises(ValueError, match="unknown method"):
-        da2ext.methods.get("da2_tail3_running_stats")
+        methods.get("da2_tail3_running_stats")
     with pytest.raises(ValueError, match="unknown method"):
-        da2ext.methods.get("da2_tail0")
+        methods.get("da2_tail0")

@@ -1,7 +1,7 @@
-"""The training loop (da2ext.training, data, runs): a tiny domain trains end to end
-with every first method, an interrupted run resumes to the very weights of an
-uninterrupted one, the metrics JSON has its keys, bad data directories say
-what is wrong.
+"""The training loop and workflow (da2ext.training) and the loaders (da2ext.data):
+a tiny domain trains end to end with every first method, an interrupted run
+resumes to the very weights of an uninterrupted one, the metrics JSON has its
+keys, bad data directories say what is wrong.
 
 Small on purpose: a randomly initialised ResNet-18 at 32x32 on a synthetic
 ImageFolder of 4 classes, so the file runs in well under a minute on 2 cores.
@@ -13,46 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import da2ext
-
-from da2ext import training
-from da2ext.memory import SavedTensorCounter, model_state
-from da2ext.data import DataError, domain_loaders, stratified_subsample, val_loader
-from da2ext.runs import build_model
-
-IMAGE_SIZE = 32
-CLASSES = ("circle", "cross", "square", "stripes")
-
-
-def _draw(kind, rng):
-    """A 32x32 RGB uint8 image of a shape class, with random colour, position and noise."""
-    image = rng.randint(0, 60, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.int64)
-    colour = rng.randint(120, 256, size=3)
-    cy, cx = rng.randint(10, 22, size=2)
-    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-    if kind == "circle":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < 49
-    elif kind == "cross":
-        mask = (np.abs(yy - cy) < 2) | (np.abs(xx - cx) < 2)
-    elif kind == "square":
-        mask = (np.abs(yy - cy) < 6) & (np.abs(xx - cx) < 6)
-    else:
-        mask = (xx // 3) % 2 == 0
-    image[mask] = colour
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def write_image_folder(root, train_per_class=8, val_per_class=4, seed=0):
-    """root/{train,val}/<class>/<i>.png for the four shape classes."""
-    from PIL import Image
-    rng = np.random.RandomState(seed)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for kind in CLASSES:
-            directory = os.path.join(root, split, kind)
-            os.makedirs(directory)
-            for i in range(count):
-                Image.fromarray(_draw(kind, rng)).save(os.path.join(directory, "{:03d}.png".format(i)))
-    return root
+from da2ext import methods
+from da2ext.data.loaders import DataError, domain_loaders, stratified_subsample, val_loader
+from da2ext.profiling import SavedTensorCounter, model_state
+from da2ext.training import loop
+from da2ext.training.workflow import build_model
+from helpers import CLASSES, IMAGE_SIZE, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +39,7 @@ def _trained(model, name, shapes_dir, epochs, **kwargs):
     train_loader, val, classes = _loaders(shapes_dir)
     if name not in model.domains:
         model.add_domain(name, len(classes), classes)
-    return training.train_domain(model, name, train_loader, val, epochs, progress=False, **kwargs)
+    return loop.train_domain(model, name, train_loader, val, epochs, progress=False, **kwargs)
 
 
 def _weights(model, name):
@@ -99,7 +65,7 @@ def test_train_domain_end_to_end(shapes_dir, tmp_path):
     assert recorded["saved_bytes"] > 0 and recorded["trainable_params"] > 0 and recorded["step_time"] > 0
     assert recorded["file_bytes"] == os.path.getsize(domain_path)
     assert recorded["settings"]["note"] == "test" and recorded["settings"]["train_images"] == 32
-    rates = da2ext.methods.get("da2").learning_rates
+    rates = methods.get("da2").learning_rates
     assert recorded["learning_rates"] == dict((g, rates[g]) for g in ("adaptors", "head", "shifts"))
     assert metrics["final_val_accuracy"] == recorded["val_accuracy"][-1]
     assert not os.path.exists(checkpoint_path), "the checkpoint stays after the domain file is written"
@@ -108,7 +74,7 @@ def test_train_domain_end_to_end(shapes_dir, tmp_path):
     other = _model()
     other.load_domain(domain_path)
     _, val, _ = _loaders(shapes_dir)
-    accuracy, loss = training.evaluate(other, "shapes", val)
+    accuracy, loss = loop.evaluate(other, "shapes", val)
     assert accuracy == recorded["val_accuracy"][-1] and loss == pytest.approx(recorded["val_loss"][-1], rel=1e-6)
 
     # Learning another domain leaves this one bit-identical.
@@ -127,16 +93,16 @@ def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, 
     reference = _trained(uninterrupted, "shapes", shapes_dir, 2)
 
     checkpoint_path = str(tmp_path / "run.pt")
-    save = training.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise _Interrupted()
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
         _trained(_model(), "shapes", shapes_dir, 2, checkpoint_path=checkpoint_path)
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     assert os.path.exists(checkpoint_path)
 
     resumed_model = _model()  # a new process would build everything again
@@ -149,10 +115,10 @@ def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, 
     assert not differing, "resumed weights differ from the uninterrupted run's: {}".format(differing[:5])
 
     # A checkpoint of other settings is not resumed from: the run starts over and replaces it.
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
         _trained(_model(), "shapes", shapes_dir, 3, checkpoint_path=checkpoint_path)
-    state = training.load_checkpoint(checkpoint_path)
+    state = loop.load_checkpoint(checkpoint_path)
     assert state["epochs_done"] == 1 and state["settings"]["epochs"] == 3
 
 

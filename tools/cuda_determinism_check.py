@@ -31,8 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 import da2ext  # noqa: E402
-from conftest import relative_error  # noqa: E402
-from test_cuda_graph_step import adapted_resnet18, batches, eager_steps, sgd  # noqa: E402
+from helpers import adapted_resnet18, batches, eager_steps, relative_error, sgd  # noqa: E402
 
 
 def plainly_frozen_resnet18(device):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import da2ext  # noqa: E402
 from da2ext import reference  # noqa: E402
-from da2ext.memory import synchronize  # noqa: E402
+from da2ext.profiling import synchronize  # noqa: E402
 
 # (N, C, H, W): partial warps and mask words; one spatial size of 1; a batch of 1.
 SHAPES = [(2, 19, 7, 5), (1, 33, 1, 1), (3, 16, 13, 11)]

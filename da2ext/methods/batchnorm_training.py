@@ -4,7 +4,7 @@ domain-specific): scales, shifts and batch statistics. They keep each BN's input
 for backward, which is what DA2's recipe avoids (docs/design.md §3a)."""
 from torch import nn
 
-from ..adapt import replace_head
+from ..lean.adapt import replace_head
 from .method import Method
 
 __all__ = ["BN_TRAIN", "freeze_except_batchnorm", "train_batchnorm"]

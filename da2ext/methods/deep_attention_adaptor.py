@@ -15,7 +15,7 @@ benchmarks/results/training_recipe.md), made with the training loop's warmup.
 """
 import re
 
-from ..adapt import adapt
+from ..lean.adapt import adapt
 from .method import Method
 
 RANK = 4

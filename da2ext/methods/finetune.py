@@ -1,6 +1,6 @@
 """ft: full fine-tuning with train-mode BN, a new head (the paper's baseline).
 It keeps every activation for backward."""
-from ..adapt import replace_head
+from ..lean.adapt import replace_head
 from .batchnorm_training import train_batchnorm
 from .method import Method
 

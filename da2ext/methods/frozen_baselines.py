@@ -4,7 +4,7 @@ ordinary PyTorch (eval-mode BN, original modules): last (the head only) and bias
 for comparison."""
 from torch import nn
 
-from ..adapt import adapt
+from ..lean.adapt import adapt
 from .method import Method
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapt import AdaptedBlock, adapt
+from ..lean.adapt import AdaptedBlock, adapt
 from .method import Method
 
 __all__ = ["LiteResidual", "LiteResidualBlock", "TINYTL", "add_lite_residuals"]

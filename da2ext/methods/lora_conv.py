@@ -17,7 +17,7 @@ import re
 
 from torch import nn
 
-from ..adapt import Head
+from ..lean.adapt import Head
 from .method import Method
 from .piggyback import freeze_backbone
 

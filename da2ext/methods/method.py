@@ -1,6 +1,6 @@
 """What a training method is: how it turns a backbone into a trainable model,
 and the learning rate of each group of what trains (docs/design.md §3a, §5)."""
-from ..trainable import parameter_groups
+from ..lean.trainable import parameter_groups
 
 __all__ = ["Method"]
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..adapt import replace_head, supported_family
-from ..frozen_blocks import InferenceOnly
-from ..frozen_conv import _pad_same
+from ..lean.adapt import replace_head, supported_family
+from ..lean.frozen_blocks import InferenceOnly
+from ..lean.frozen_conv import pad_same
 from .method import Method
 
 __all__ = ["PIGGYBACK", "PiggybackConv2d", "freeze_backbone", "masked_weight"]
@@ -100,7 +100,7 @@ class PiggybackConv2d(nn.Module):
         weight = masked_weight(self.scores, self.weight, self.threshold)
         padding = self.padding
         if self.tf_same:
-            x, _ = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+            x, _ = pad_same(x, self.kernel_size, self.stride, self.dilation)
         elif self.padding_mode != "zeros":
             x = F.pad(x, self._mode_padding, mode=self.padding_mode)
             padding = (0, 0)

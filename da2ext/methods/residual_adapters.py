@@ -19,7 +19,7 @@ papers initialise it at random and rely on training the BN after it).
 """
 from torch import nn
 
-from ..frozen_blocks import _is_timm
+from ..lean.frozen_blocks import is_timm
 from .batchnorm_training import freeze_except_batchnorm
 from .method import Method
 
@@ -76,9 +76,9 @@ def adapted_convs(model):
         elif isinstance(module, TorchvisionInvertedResidual):
             # block.conv: [expand ConvNormActivation,] depthwise ConvNormActivation, projection Conv2d, BN
             sites.append((module.conv, str(len(module.conv) - 2)))
-        elif _is_timm(module, "InvertedResidual"):
+        elif is_timm(module, "InvertedResidual"):
             sites.append((module, "conv_pwl"))
-        elif _is_timm(module, "DepthwiseSeparableConv"):
+        elif is_timm(module, "DepthwiseSeparableConv"):
             sites.append((module, "conv_pw"))
     if not sites:
         raise TypeError("residual adapters: no supported block (torchvision BasicBlock, Bottleneck, MobileNetV2 "

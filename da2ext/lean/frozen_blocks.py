@@ -10,10 +10,10 @@ per activation (FrozenConvBNAct), nothing for the add.
 import torch
 from torch import nn
 
+from ..ops.packed_activation import packed_activation
 from .frozen_conv import FrozenConvBNAct, fused_cpu_kernels, activate_inplace, activation_upper
-from .packed_activation import packed_activation
 
-__all__ = ["FrozenBlock", "InferenceOnly", "freeze_block", "freeze_conv_bn_act", "block_out_channels"]
+__all__ = ["FrozenBlock", "InferenceOnly", "freeze_block", "freeze_conv_bn_act", "block_out_channels", "is_timm"]
 
 
 class FrozenBlock(nn.Module):
@@ -84,7 +84,8 @@ class InferenceOnly(nn.Module):
         return self.module(*args, **kwargs)
 
 
-def _is_timm(module, class_name):
+def is_timm(module, class_name):
+    """Whether `module` is timm's class `class_name` (checked by name: timm is optional)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.startswith("timm.")
 
@@ -167,9 +168,9 @@ def freeze_block(block, train_shift=True, dtype=torch.float32):
         return _freeze_resnet_block(block, (("conv1", "bn1"), ("conv2", "bn2")), train_shift, dtype)
     if isinstance(block, InvertedResidual):
         return _freeze_torchvision_inverted_residual(block, train_shift, dtype)
-    if _is_timm(block, "DepthwiseSeparableConv"):
+    if is_timm(block, "DepthwiseSeparableConv"):
         return _freeze_timm_block(block, (("conv_dw", "bn1"), ("conv_pw", "bn2")), train_shift, dtype)
-    if _is_timm(block, "InvertedResidual"):
+    if is_timm(block, "InvertedResidual"):
         return _freeze_timm_block(block, (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
                                   train_shift, dtype)
     if isinstance(block, nn.Sequential) and len(block) in (2, 3) and isinstance(block[0], nn.Conv2d):

@@ -13,18 +13,19 @@ pass nothing. At a NaN input the output is NaN and no gradient passes.
 
 A channels_last input keeps its memory order: the kernels run over memory in
 order (see memory_order.py), the mask follows it, and so must the gradient.
+
+The modules, PackedReLU and PackedReLU6, are in da2ext/nn/packed_relu.py.
 """
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._extension import kernels_available, warn_fallback
 from .memory_order import in_memory_order, memory_order
 
-__all__ = ["PackedReLU", "PackedReLU6", "packed_activation", "packed_relu", "packed_relu6"]
+__all__ = ["packed_activation", "packed_activation_backward", "packed_relu", "packed_relu6"]
 
 
 class PackedActivationFunction(torch.autograd.Function):
@@ -105,31 +106,3 @@ def packed_relu(x, inplace=False):
 def packed_relu6(x, inplace=False):
     """ReLU6 keeping one bit per element for backward (see packed_activation)."""
     return packed_activation(x, 6.0, inplace)
-
-
-class PackedReLU(nn.Module):
-    """nn.ReLU that keeps one bit per element for backward; `inplace` as nn.ReLU's."""
-
-    def __init__(self, inplace=False):
-        super(PackedReLU, self).__init__()
-        self.inplace = inplace
-
-    def forward(self, x):
-        return packed_relu(x, self.inplace)
-
-    def extra_repr(self):
-        return "inplace=True" if self.inplace else ""
-
-
-class PackedReLU6(nn.Module):
-    """nn.ReLU6 that keeps one bit per element for backward; `inplace` as nn.ReLU6's."""
-
-    def __init__(self, inplace=False):
-        super(PackedReLU6, self).__init__()
-        self.inplace = inplace
-
-    def forward(self, x):
-        return packed_relu6(x, self.inplace)
-
-    def extra_repr(self):
-        return "inplace=True" if self.inplace else ""

@@ -11,8 +11,8 @@ user passes a state_dict file already on disk.
 Weight files are data, never code: torch.load runs with weights_only=True where
 torch has it (1.13 and newer); on older torch (the Jetson Nano's 1.10) an
 unpickler that resolves only what a state_dict needs (OrderedDict, the tensor
-rebuild function, the storage types) refuses everything else. `.safetensors`
-files go through the safetensors package.
+rebuild function, the storage types) refuses everything else
+(domains/safe_load.py). `.safetensors` files go through the safetensors package.
 
 Optional dependencies (timm, torchvision, safetensors, the weights package)
 are imported inside the functions that need them, so that the rest of da2ext
@@ -20,12 +20,11 @@ imports without them.
 """
 import collections
 import collections.abc
-import inspect
 import os
-import pickle
-import types
 
 import torch
+
+from ..domains.safe_load import safe_torch_load
 
 __all__ = [
     "BACKBONES",
@@ -52,58 +51,6 @@ _PAIRS_SHOWN = 5  # differences listed in an error message before "..."
 # Loading a state_dict file without running code from it
 
 
-# The globals a pickled state_dict refers to. Anything else in a file is refused.
-_STATE_DICT_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-}
-_STORAGE_TYPES = {
-    "BFloat16Storage", "BoolStorage", "ByteStorage", "CharStorage", "DoubleStorage", "FloatStorage",
-    "HalfStorage", "IntStorage", "LongStorage", "ShortStorage",
-}
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals of a state_dict (the pattern of
-    the pickle docs' "Restricting Globals"): a file that names anything else, e.g.
-    os.system or a class with a __reduce__, fails instead of running it."""
-
-    def find_class(self, module, name):
-        if (module, name) in _STATE_DICT_GLOBALS or (module == "torch" and name in _STORAGE_TYPES):
-            return super(_StateDictUnpickler, self).find_class(module, name)
-        raise pickle.UnpicklingError(
-            "refusing to load {}.{} from a weights file: only state_dicts (names -> tensors) "
-            "are loaded".format(module, name))
-
-
-def _restricted_pickle_module():
-    """A pickle_module for torch.load (which uses its Unpickler and load)."""
-    module = types.ModuleType("da2ext_state_dict_pickle")
-
-    def load(file, **kwargs):
-        return _StateDictUnpickler(file, **kwargs).load()
-
-    module.Unpickler = _StateDictUnpickler
-    module.load = load
-    return module
-
-
-def _torch_load_has_weights_only():
-    try:
-        return "weights_only" in inspect.signature(torch.load).parameters
-    except (TypeError, ValueError):  # pragma: no cover - a torch.load without a signature
-        return False
-
-
-def _torch_load_state_dict(path):
-    """torch.load(path) to the CPU without executing code from the file."""
-    if _torch_load_has_weights_only():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    # torch < 1.13 (the Jetson Nano's 1.10) has no weights_only: restrict the unpickler instead.
-    return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle_module())
-
-
 def load_state_dict_file(path):
     """The state_dict stored in `path`, on the CPU, without executing code from it.
 
@@ -122,7 +69,7 @@ def load_state_dict_file(path):
                               "(or save the state_dict with torch.save)".format(path))
         state_dict = load_file(path, device="cpu")
     else:
-        state_dict = _torch_load_state_dict(path)
+        state_dict = safe_torch_load(path)
     if not isinstance(state_dict, collections.abc.Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise ValueError("{} does not hold a state_dict (a mapping of names to tensors), but a {}".format(

@@ -11,6 +11,10 @@ because a forward ran: activations, masks, indices, descriptors. docs/design.md 
 rows for frozen models are measured this way (656 MiB for ResNet-50 here); its
 full fine-tuning row (753 MiB) also counts the trainable weights, which this
 convention reports as param_bytes instead (656 MiB of activations here).
+
+A tool of every layer - the trainable tail's memory budget (lean/), the
+MultiDomainModel (domains/), the training loop (training/), the nano table
+(cli/) - so it belongs to none of them.
 """
 import itertools
 import time

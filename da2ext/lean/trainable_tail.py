@@ -13,8 +13,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ..profiling import profile_step
 from .frozen_blocks import InferenceOnly
-from .memory import profile_step
 
 __all__ = ["TAIL_STATISTICS", "TrainableTail", "training_bytes", "largest_tail_within_budget"]
 

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.da2ext.*)
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.da2ext.*)
 
     _IMPORT_ERROR = None
 except ImportError as error:  # pragma: no cover - depends on how the package was installed

@@ -8,7 +8,7 @@ what trains and at which learning rate (da2ext.methods); the loop is the same.
 
 Adam over the method's parameter groups (model.param_groups()), the learning
 rate warmed up over the first tenth of the steps and then decayed along a cosine
-(da2ext.lr_schedule), cross-entropy. What the run keeps
+(da2ext.training.lr_schedule), cross-entropy. What the run keeps
 for backward (docs/design.md §4's saved_bytes) is counted once, on its first batch.
 
 Resuming: after every epoch a checkpoint holds everything the rest of the run
@@ -28,10 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .atomic_file import atomic_write
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..domains.atomic_file import atomic_write
+from ..domains.checkpoint import load_checkpoint, save_checkpoint
+from ..profiling import SavedTensorCounter, device_of, model_state, synchronize
 from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
-from .memory import SavedTensorCounter, device_of, model_state, synchronize
 
 __all__ = ["evaluate", "train_domain"]
 
@@ -240,11 +240,11 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
                  warmup_fraction=WARMUP_FRACTION):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
-    train_loader: shuffles with its own seeded generator (data.domain_loaders)
+    train_loader: shuffles with its own seeded generator (data/loaders.py: domain_loaders)
         so that a resumed run sees the batches an uninterrupted one would.
     epochs, lr_scale: the run's length; lr_scale multiplies the method's learning rates.
     warmup_fraction: the share of the steps over which the rates ramp up
-        linearly before their cosine decay (da2ext.lr_schedule; 0: none).
+        linearly before their cosine decay (da2ext.training.lr_schedule; 0: none).
     learning_rates: {group: rate} in place of the method's rates for those
         groups (before lr_scale); recorded in the settings when given.
     checkpoint_path: written after every epoch; resumed from when it exists with

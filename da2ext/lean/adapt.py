@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adaptor import ResidualAttentionAdaptor
-from .attention_branch import MAX_RANK
+from ..nn.adaptor import ResidualAttentionAdaptor
+from ..ops.attention_branch import MAX_RANK
+from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
-from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 from .lean_max_pool import LeanMaxPool2d
-from .reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
+from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 
 __all__ = ["AdaptedBlock", "Head", "adapt", "head_in_features", "replace_head", "supported_family"]
 
@@ -66,7 +66,7 @@ class AdaptedBlock(nn.Module):
 
 def _input_in_backbone_order(cpu_channels_last, module, inputs):
     """Forward pre-hook of a lean model: puts a 4-D image batch in the memory order
-    the lean backbone keeps from there on (memory_order.py). On the CPU that is
+    the lean backbone keeps from there on (ops/memory_order.py). On the CPU that is
     channels_last where `cpu_channels_last` (oneDNN's frozen convs then need no
     reorders; NCHW inputs are fine too otherwise). On CUDA it is NCHW: cuDNN would
     carry a channels_last batch through, and the CUDA adaptor kernels take NCHW."""
@@ -306,7 +306,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         its file): "final" (the last BN of the tail, the one nearest the head;
         the others keep the pretrained statistics), "batch" (every BN of the
         tail, as fine-tuning does) or "frozen" (none). "final" learned most in
-        benchmarks/results/training_recipe.md; see da2ext.trainable_tail.
+        benchmarks/results/training_recipe.md; see da2ext.lean.trainable_tail.
     memory_budget_mib: instead of train_last, the largest tail whose training
         memory (kept for backward + gradients + Adam state, measured by one
         profile_step on random data of `budget_input_shape`, (N, C, H, W))

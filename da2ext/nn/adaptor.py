@@ -1,6 +1,6 @@
 """The residual attention adaptor module, running the fused kernels."""
-from .attention_branch import AttentionBranch
-from .ops import residual_attention
+from ..ops.attention_branch import AttentionBranch
+from ..ops.residual_attention import residual_attention
 
 __all__ = ["ResidualAttentionAdaptor"]
 

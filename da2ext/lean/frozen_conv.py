@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._extension import kernels_available, warn_fallback
-from .conv_passes import conv2d_forward, conv2d_input_grad
-from .memory_order import CHANNELS_LAST, CONTIGUOUS, dense, in_memory_order, memory_order
-from .packed_activation import packed_activation_backward
+from ..ops import kernels_available, warn_fallback
+from ..ops.conv_passes import conv2d_forward, conv2d_input_grad
+from ..ops.memory_order import CHANNELS_LAST, CONTIGUOUS, dense, in_memory_order, memory_order
+from ..ops.packed_activation import packed_activation_backward
 
-__all__ = ["FrozenConvBNAct", "activate_inplace", "activation_upper", "same_padding"]
+__all__ = ["FrozenConvBNAct", "activate_inplace", "activation_upper", "pad_same", "same_padding"]
 
 # clamp(x, 0, upper): the activations the packed kernels implement.
 _RELU_UPPER = float("inf")
@@ -59,7 +59,7 @@ def same_padding(input_size, kernel_size, stride, dilation):
     return total // 2, total - total // 2
 
 
-def _pad_same(x, kernel_size, stride, dilation):
+def pad_same(x, kernel_size, stride, dilation):
     """(x padded as TensorFlow's "SAME", in x's memory order; the pads)."""
     top, bottom = same_padding(x.shape[-2], kernel_size[0], stride[0], dilation[0])
     left, right = same_padding(x.shape[-1], kernel_size[1], stride[1], dilation[1])
@@ -176,7 +176,7 @@ class FrozenConvBNActFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, frozen_bias, shift, stride, padding, dilation, groups, tf_same, upper):
         pads = (0, 0, 0, 0)
         if tf_same:
-            x, pads = _pad_same(x, weight.shape[-2:], stride, dilation)
+            x, pads = pad_same(x, weight.shape[-2:], stride, dilation)
         bias = (frozen_bias + shift).to(weight.dtype)
         order = memory_order(x)  # the caller made x dense; TF padding keeps its order
         # In place: the conv's result is ours alone, and a new tensor would cost
@@ -318,7 +318,7 @@ class FrozenConvBNAct(nn.Module):
 
     def _conv(self, x, bias):
         if self.tf_same:
-            x, _ = _pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+            x, _ = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
         x = dense(x)
         return conv2d_forward(x, self._weight_for(x), bias, self.stride, self.padding, self.dilation,
                               self.groups)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .memory_order import CHANNELS_LAST, from_memory_view, in_memory_order, memory_order, memory_view
+from ..ops.memory_order import CHANNELS_LAST, from_memory_view, in_memory_order, memory_order, memory_view
 
 __all__ = ["LeanMaxPool2d"]
 

@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from .atomic_file import atomic_write
-from .data import val_loader
-from .lr_schedule import WARMUP_FRACTION
-from .digits import DOMAINS, prepare_digits
-from .runs import WorkDir, build_model, learn_domain, load_saved_domains
-from .memory import device_of
-from .training import MIB, evaluate
+from ..data.digits import DOMAINS, prepare_digits
+from ..data.loaders import val_loader
+from ..domains.atomic_file import atomic_write
+from ..profiling import device_of
+from ..training.loop import MIB, evaluate
+from ..training.lr_schedule import WARMUP_FRACTION
+from ..training.workflow import WorkDir, build_model, learn_domain, load_saved_domains
 
 __all__ = ["run_digits_demo", "results_table"]
 

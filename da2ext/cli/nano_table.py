@@ -4,7 +4,7 @@ costs, per method, on ResNet-50, MobileNetV2 and EfficientNet-Lite0.
 Setting: random weights (memory and time do not depend on them), batch 8 and 32,
 3x224x224, float32, SGD with momentum, a new 100-class head. Rows: ft, last,
 bias (TinyTL-B in plain PyTorch), bias_lean, da2_eager, da2_adaptor_only, da2.
-Figures (da2ext.memory.profile_step): saved_bytes, param+grad+optimizer bytes,
+Figures (da2ext.profiling.profile_step): saved_bytes, param+grad+optimizer bytes,
 step_time as a ratio to ft measured in the same run, peak CUDA bytes on a GPU.
 The floor is every ReLU/ReLU6 output kept as packed bits (§1, §4).
 
@@ -28,8 +28,8 @@ import time
 import torch
 from torch import nn
 
-from . import methods
-from .memory import profile_step, synchronize
+from .. import methods
+from ..profiling import profile_step, synchronize
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
 ROWS = ("ft", "last", "bias", "bias_lean", "da2_eager", "da2_adaptor_only", "da2")
@@ -167,7 +167,7 @@ def markdown(records, meta):
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

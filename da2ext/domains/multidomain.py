@@ -24,11 +24,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import methods as methods_registry
-from .adapt import Head
+from ..lean.adapt import Head
+from ..lean.trainable_tail import TrainableTail
+from ..profiling import device_of
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
-from .memory import device_of
-from .trainable_tail import TrainableTail
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]
 
@@ -76,7 +75,10 @@ class MultiDomainModel(nn.Module):
         super(MultiDomainModel, self).__init__()
         self.architecture = architecture_of(backbone)
         self.backbone_fingerprint = weights_fingerprint(backbone)
-        self.method = methods_registry.get(method) if isinstance(method, str) else method
+        if isinstance(method, str):
+            from .. import methods as methods_registry  # here, so that `import da2ext` loads no method
+            method = methods_registry.get(method)
+        self.method = method
         self.model = self.method.build(backbone, 1)  # a placeholder head; every domain brings its own
         self.model.train()
         self._head_name = self._find_head()
@@ -189,11 +191,10 @@ class MultiDomainModel(nn.Module):
         """Make `name` the active domain: its tensors go into the model's modules."""
         self._check_known(name)
         for slot, t in self.domain_tensors(name).items():
+            # attr names a registered parameter (t is then an nn.Parameter) or buffer of
+            # owner: Module.__setattr__ puts t itself in its place, no copy.
             owner, attr = _owner(self.model, slot)
-            if self._slots[slot][0] == "parameter":
-                owner._parameters[attr] = t
-            else:
-                owner._buffers[attr] = t
+            setattr(owner, attr, t)
         head = self.model.get_submodule(self._head_name)
         head.out_features = self._domain_info[name]["num_classes"]
         self._active = name

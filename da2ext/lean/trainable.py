@@ -2,8 +2,8 @@
 DA2's groups: adaptors, BN shifts, head, a trainable tail, and anything else that trains."""
 from torch import nn
 
+from ..ops.attention_branch import AttentionBranch
 from .adapt import Head
-from .attention_branch import AttentionBranch
 from .frozen_conv import FrozenConvBNAct
 from .trainable_tail import TrainableTail
 

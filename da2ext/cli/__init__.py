@@ -6,18 +6,19 @@
     python -m da2ext eval --data data/digits --workdir runs/mine
     python -m da2ext digits-demo                    # all of the above for the three digits domains
 
-Each subcommand is a thin layer over the package (digits.py, runs.py,
-training.py, digits_demo.py), so everything it does is also a function call.
+Each subcommand is a thin layer over the package (data/digits.py,
+training/workflow.py, training/loop.py, cli/digits_demo.py), so everything it
+does is also a function call.
 """
 import argparse
 import os
 import sys
 
-from . import backbones
-from . import methods as methods_registry
-from .digits import DOMAINS as DOMAIN_NAMES
-from .lr_schedule import WARMUP_FRACTION
-from .trainable import PARAMETER_GROUPS
+from .. import methods as methods_registry
+from ..data.digits import DOMAINS as DOMAIN_NAMES
+from ..lean.trainable import PARAMETER_GROUPS
+from ..models import backbones
+from ..training.lr_schedule import WARMUP_FRACTION
 
 __all__ = ["build_parser", "main"]
 
@@ -214,9 +215,9 @@ def build_parser():
     _add_training_arguments(p)
     p.set_defaults(run=_digits_demo)
 
-    # Its arguments (--help included) go to da2ext.nano_table unparsed: see main().
+    # Its arguments (--help included) go to da2ext.cli.nano_table unparsed: see main().
     commands.add_parser(
-        "nano-table", help="the memory/time table of docs/design.md §4 (da2ext.nano_table; nano-table --help "
+        "nano-table", help="the memory/time table of docs/design.md §4 (da2ext.cli.nano_table; nano-table --help "
                            "lists its arguments)")
     return parser
 
@@ -243,7 +244,7 @@ def _pretrained(args):
 
 
 def _build(args):
-    from .runs import build_model
+    from ..training.workflow import build_model
     try:
         return build_model(args.backbone, args.method, pretrained=_pretrained(args), weights=args.weights,
                            seed=args.seed, device=args.device)
@@ -256,7 +257,7 @@ def _build(args):
 
 
 def _prepare_digits(args):
-    from .digits import prepare_digits
+    from ..data.digits import prepare_digits
     try:
         written = prepare_digits(args.out, seed=args.seed, image_size=args.image_size,
                                  train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain,
@@ -270,9 +271,9 @@ def _prepare_digits(args):
 
 
 def _train(args):
-    from .data import DataError, check_domain_dir
-    from .domain_file import DomainFileError
-    from .runs import WorkDir, learn_domain, load_saved_domains
+    from ..data.loaders import DataError, check_domain_dir
+    from ..domains.domain_file import DomainFileError
+    from ..training.workflow import WorkDir, learn_domain, load_saved_domains
     name = args.domain or os.path.basename(os.path.normpath(args.data))
     if not name or name.startswith(".") or os.sep in name:
         raise CommandError("--domain: {!r} is not a usable domain name".format(name))
@@ -316,10 +317,9 @@ def _train(args):
 
 
 def _eval(args):
-    from .data import DataError, val_loader
-    from .domain_file import DomainFileError
-    from .runs import WorkDir, load_saved_domains
-    from .training import evaluate
+    from ..data.loaders import DataError
+    from ..domains.domain_file import DomainFileError
+    from ..training.workflow import WorkDir, evaluate_domain, load_saved_domains
     work = WorkDir(args.workdir)
     model = _build(args)
     try:
@@ -341,20 +341,14 @@ def _eval(args):
         data_dir = os.path.join(args.data, name)
         size_kib = os.path.getsize(paths[name]) / 1024.0
         try:
-            loader, class_names = val_loader(data_dir, backbone=args.backbone, image_size=image_size,
-                                             batch_size=args.batch_size)
-            expected = model.domain_info(name)["class_names"]
-            if expected is not None and list(expected) != list(class_names):
-                raise DataError("{} has classes {}, the domain was learned with {}".format(
-                    data_dir, class_names, expected))
-            accuracy, loss = evaluate(model, name, loader)
+            accuracy, loss, images = evaluate_domain(model, name, data_dir, backbone=args.backbone,
+                                                     image_size=image_size, batch_size=args.batch_size)
         except DataError as error:
             failures += 1
             print("| {} | - | - | - | {:.1f} |".format(name, size_kib))
             print("  {}: {}".format(name, error), file=sys.stderr)
             continue
-        print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, len(loader.dataset), 100.0 * accuracy, loss,
-                                                                size_kib))
+        print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, images, 100.0 * accuracy, loss, size_kib))
     return 1 if failures else 0
 
 

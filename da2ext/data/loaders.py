@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from .backbones import imagenet_normalization
+from ..models.backbones import imagenet_normalization
 
 __all__ = ["DataError", "check_domain_dir", "domain_loaders", "image_folder", "image_transform", "stratified_subsample", "val_loader"]
 

@@ -5,7 +5,7 @@ nothing, and read without running code from the file.
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts, written
 with torch.save through atomic_write. It is read with torch.load(weights_only=True)
 where torch has it (1.13 and newer), otherwise (the Jetson Nano's torch 1.10)
-with the restricted unpickler of backbones.py, which resolves only what tensors
+with the restricted unpickler of safe_load.py, which resolves only what tensors
 need and refuses every other global.
 """
 import io
@@ -14,7 +14,7 @@ import os
 import torch
 
 from .atomic_file import atomic_write
-from .backbones import _restricted_pickle_module, _torch_load_has_weights_only
+from .safe_load import safe_torch_load
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
@@ -31,10 +31,7 @@ def load_checkpoint(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         return None
-    if _torch_load_has_weights_only():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        state = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle_module())
+    state = safe_torch_load(path)
     if not isinstance(state, dict):
         raise ValueError("{} is not a da2ext training checkpoint".format(path))
     return state

@@ -9,6 +9,11 @@ Domain files live per method because a domain file fits only a model built with
 its method (load_domain refuses the others). Learning a new domain loads every
 domain already there into the same model first, so one model ends up holding
 all of them, each bit-identical to what was saved.
+
+The commands' steps, each calling down and never called back: build_model (a
+backbone from da2ext.models in a MultiDomainModel), load_saved_domains,
+learn_domain (the loaders of da2ext.data, then loop.train_domain, which
+writes the domain file), evaluate_domain.
 """
 import glob
 import json
@@ -16,14 +21,14 @@ import os
 
 import torch
 
-from . import backbones
-from .data import domain_loaders
+from ..data.loaders import DataError, domain_loaders, val_loader
+from ..domains.domain_file import DomainFileError
+from ..domains.multidomain import MultiDomainModel
+from ..models import backbones
+from .loop import evaluate, recorded_learning_rates, train_domain
 from .lr_schedule import WARMUP_FRACTION
-from .domain_file import DomainFileError
-from .multidomain import MultiDomainModel
-from .training import recorded_learning_rates, train_domain
 
-__all__ = ["WorkDir", "build_model", "learn_domain", "load_saved_domains"]
+__all__ = ["WorkDir", "build_model", "evaluate_domain", "learn_domain", "load_saved_domains"]
 
 _DOMAIN_EXTENSIONS = (".safetensors", ".npz")
 
@@ -118,8 +123,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
     instead when one was learned with the same settings. learning_rates:
-    {group: rate} in place of the method's rates (training.train_domain);
-    warmup_fraction: the share of steps the rates ramp up over (da2ext.lr_schedule).
+    {group: rate} in place of the method's rates (loop.train_domain);
+    warmup_fraction: the share of steps the rates ramp up over (da2ext.training.lr_schedule).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -144,3 +149,15 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                            learning_rates=learning_rates, warmup_fraction=warmup_fraction)
     metrics["reused"] = False
     return metrics
+
+
+def evaluate_domain(model, name, data_dir, backbone="efficientnet_lite0", image_size=64, batch_size=64):
+    """(accuracy, mean cross-entropy, number of images) of the learned domain `name`
+    on data_dir/val; DataError if that directory's classes are not the ones the
+    domain was learned with."""
+    loader, class_names = val_loader(data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size)
+    expected = model.domain_info(name)["class_names"]
+    if expected is not None and list(expected) != list(class_names):
+        raise DataError("{} has classes {}, the domain was learned with {}".format(data_dir, class_names, expected))
+    accuracy, loss = evaluate(model, name, loader)
+    return accuracy, loss, len(loader.dataset)

@@ -1,0 +1,13 @@
+"""The lean frozen backbone (docs/design.md §3, §3a): a pretrained CNN frozen and
+rewritten so that backward through it keeps only packed activation bits, with
+an adaptor after every block.
+
+    adapt.py           adapt(): the rewrite of a torchvision ResNet/MobileNetV2 or timm EfficientNet
+    frozen_conv.py     FrozenConvBNAct: a frozen conv + folded BN + activation
+    frozen_blocks.py   FrozenBlock: every supported residual block, frozen and lean
+    lean_max_pool.py   LeanMaxPool2d: a max pool that keeps one byte per output element for backward
+    trainable_tail.py  TrainableTail: the last blocks trained in full, within a memory budget
+    trainable.py       what a model trains, by parameter group (adaptors, shifts, head, tail)
+
+Built on da2ext.ops and da2ext.nn; the training methods (da2ext.methods) build on it.
+"""

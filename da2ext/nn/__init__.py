@@ -1,0 +1,11 @@
+"""The modules a user puts in a model, over the ops of da2ext.ops:
+
+    adaptor.py      ResidualAttentionAdaptor, the fused residual attention adaptor
+    packed_relu.py  PackedReLU and PackedReLU6, ReLU/ReLU6 keeping one bit per element for backward
+
+The lean frozen backbone's own layers (FrozenConvBNAct, LeanMaxPool2d, ...) are in da2ext.lean.
+"""
+from .adaptor import ResidualAttentionAdaptor
+from .packed_relu import PackedReLU, PackedReLU6
+
+__all__ = ["PackedReLU", "PackedReLU6", "ResidualAttentionAdaptor"]

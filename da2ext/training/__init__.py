@@ -1,0 +1,15 @@
+"""Training, top-down:
+
+    workflow.py         a work directory of learned domains; build_model, learn_domain,
+                        load_saved_domains: what `python -m da2ext train` and `eval` run
+    loop.py             train_domain and evaluate: one training loop for every method
+    lr_schedule.py      the rate's linear warmup, then one cosine
+    cuda_graph_step.py  CUDAGraphStep: a whole training step captured as one CUDA graph
+
+workflow.py calls down into da2ext.data (the loaders), da2ext.models (the
+backbone), da2ext.domains (the model and its files) and loop.py; nothing below
+it calls back into it.
+"""
+from .loop import evaluate, train_domain
+
+__all__ = ["evaluate", "train_domain"]
