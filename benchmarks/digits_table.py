@@ -66,7 +66,8 @@ def _train_command(args, method, domain, seed, lr_scale, run_dir):
     command = [sys.executable, "-m", "da2ext", "train", "--data", os.path.join(args.data, domain),
                "--domain", domain, "--workdir", run_dir, "--method", method, "--backbone", args.backbone,
                "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size), "--lr-scale", repr(float(lr_scale)), "--no-progress"]
+               "--image-size", str(args.image_size), "--lr-scale", repr(float(lr_scale)), "--no-progress",
+               "--overwrite"]  # a run rerun for other settings replaces its earlier domain file
     if args.subsample:
         command += ["--subsample", str(args.subsample)]
     if args.weights:

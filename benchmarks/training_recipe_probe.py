@@ -68,7 +68,7 @@ def run_one(args, config, seed, threads):
     command = [sys.executable, "-m", "da2ext", "train", "--data", os.path.join(args.data, args.domain),
                "--domain", args.domain, "--workdir", run_dir, "--method", method, "--seed", str(seed),
                "--epochs", str(args.epochs), "--batch-size", "64", "--image-size", "64",
-               "--subsample", str(args.subsample), "--warmup", repr(warmup), "--no-progress"]
+               "--subsample", str(args.subsample), "--warmup", repr(warmup), "--no-progress", "--overwrite"]
     for group, rate in sorted(rates.items()):
         command += ["--lr", "{}={!r}".format(group, rate)]
     record_path = os.path.join(run_dir, "record.json")

@@ -51,7 +51,7 @@ def _number_type(cast, expected, accept):
 
 _positive_int = _number_type(int, "a positive integer", lambda value: value >= 1)
 _non_negative_int = _number_type(int, "an integer >= 0", lambda value: value >= 0)
-_positive_float = _number_type(float, "a positive number", lambda value: value > 0)  # also refuses NaN
+_positive_float = _number_type(float, "a finite positive number", lambda value: 0 < value < float("inf"))  # NaN too
 _rate = _number_type(float, "a finite number >= 0", lambda value: 0 <= value < float("inf"))  # NaN fails too
 _warmup_fraction = _number_type(float, "a number in [0, 1)", lambda value: 0 <= value < 1)
 
@@ -171,7 +171,9 @@ def build_parser():
         description="Learn domain NAME from DIR/train (validated on DIR/val) on a frozen backbone. Domains "
                     "already learned in the work directory with the same method are loaded first and stay "
                     "unchanged. Writes RUNS/domains/<method>/NAME.safetensors and RUNS/metrics/NAME-<method>.json; "
-                    "an interrupted run resumes from RUNS/checkpoints/NAME-<method>.pt when started again.")
+                    "an interrupted run resumes from RUNS/checkpoints/NAME-<method>.pt when started again. NAME itself, "
+                    "once learned, is not learned again without --overwrite; a run whose loss turns NaN or infinite "
+                    "stops and saves nothing.")
     p.add_argument("--data", required=True, metavar="DIR", help="domain directory with train/ and val/ "
                    "(one sub-directory of images per class)")
     p.add_argument("--domain", metavar="NAME", help="the domain's name (default: the name of DIR)")
@@ -182,6 +184,8 @@ def build_parser():
                    help="Adam rate for one parameter group ({}) in place of the method's, before --lr-scale; "
                         "repeatable. adaptors=0 keeps da2's adaptors as they start (an ablation)".format(
                             ", ".join(PARAMETER_GROUPS)))
+    p.add_argument("--overwrite", action="store_true",
+                   help="learn NAME again even if it was learned in the work directory with this method already")
     p.set_defaults(run=_train)
 
     p = commands.add_parser(
@@ -273,7 +277,8 @@ def _prepare_digits(args):
 def _train(args):
     from ..data.loaders import DataError, check_domain_dir
     from ..domains.domain_file import DomainFileError
-    from ..training.workflow import WorkDir, learn_domain, load_saved_domains
+    from ..training.loop import NonFiniteTrainingError
+    from ..training.workflow import DomainExistsError, WorkDir, learn_domain, load_saved_domains
     name = args.domain or os.path.basename(os.path.normpath(args.data))
     if not name or name.startswith(".") or os.sep in name:
         raise CommandError("--domain: {!r} is not a usable domain name".format(name))
@@ -304,8 +309,8 @@ def _train(args):
         metrics = learn_domain(model, work, name, args.data, epochs=args.epochs, batch_size=args.batch_size,
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
-                               learning_rates=learning_rates, warmup_fraction=args.warmup)
-    except (DataError, DomainFileError) as error:
+                               learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite)
+    except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
           "domain file {:.1f} KiB, {:.0f} s".format(

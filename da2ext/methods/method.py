@@ -11,6 +11,11 @@ __all__ = ["Method"]
 # them covers those choices with a point on each side. DA2's come from its own probe.
 
 
+# No useful Adam rate comes near it; above ~1e37 Adam's first step overflows float32 inside torch.optim
+# (lr / (1 - beta1) as a float) with a RuntimeError instead of a clear message.
+MAX_RATE = 1e6
+
+
 class Method(object):
     """name: as the CLI spells it; description: one line for --help and tables;
     build(backbone, num_classes) -> the model to train (rewritten in place);
@@ -48,6 +53,9 @@ class Method(object):
             lr = overrides.get(group, self.learning_rates.get(group, self.learning_rates.get("default")))
             if lr is None:
                 raise ValueError("method {}: no learning rate for parameter group {!r}".format(self.name, group))
+            if not 0 <= lr * lr_scale <= MAX_RATE:
+                raise ValueError("learning_rates: the rate of group {} is {:g} (x lr_scale {:g}); Adam rates must be "
+                                 "in [0, {:g}]".format(group, lr, lr_scale, MAX_RATE))
             groups.append({"params": params, "lr": lr * lr_scale, "name": group})
         return groups
 

@@ -74,6 +74,11 @@ def load_state_dict_file(path):
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise ValueError("{} does not hold a state_dict (a mapping of names to tensors), but a {}".format(
             path, type(state_dict).__name__))
+    # A NaN in a frozen weight reaches every domain's loss; say where it is rather than train to NaN.
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError("{} holds NaN or infinite values in {} tensor(s): {}{}".format(
+            path, len(bad), ", ".join(bad[:3]), ", ..." if len(bad) > 3 else ""))
     return state_dict
 
 

@@ -10,6 +10,6 @@ workflow.py calls down into da2ext.data (the loaders), da2ext.models (the
 backbone), da2ext.domains (the model and its files) and loop.py; nothing below
 it calls back into it.
 """
-from .loop import evaluate, train_domain
+from .loop import NonFiniteTrainingError, evaluate, train_domain
 
-__all__ = ["evaluate", "train_domain"]
+__all__ = ["NonFiniteTrainingError", "evaluate", "train_domain"]

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from ..domains.checkpoint import load_checkpoint, save_checkpoint
 from ..profiling import SavedTensorCounter, device_of, model_state, synchronize
 from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 
-__all__ = ["evaluate", "train_domain"]
+__all__ = ["NonFiniteTrainingError", "evaluate", "train_domain"]
 
 MIB = float(2 ** 20)
 CHECKPOINT_FORMAT = "da2ext-training-checkpoint-1"
@@ -119,6 +120,17 @@ def _median(values):
     return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
 
 
+class NonFiniteTrainingError(ValueError):
+    """A run's loss or trained tensors became NaN or infinite (a learning rate too high for it, or
+    non-finite weights): train_domain stops at once and writes no domain file and no metrics; the
+    checkpoints it wrote before hold finite tensors only."""
+
+    def __init__(self, what):
+        super(NonFiniteTrainingError, self).__init__(
+            "{}: the run stopped and saved nothing for the domain; lower the learning rates (--lr-scale, --lr) "
+            "or check the backbone's weights".format(what))
+
+
 class _Run(object):
     """The state of one training run that a checkpoint carries."""
 
@@ -171,8 +183,23 @@ class _Run(object):
         self.resumed_from_epoch = self.epochs_done
 
 
+def _set_aside(path):
+    """Rename an unreadable checkpoint to PATH.unreadable (replacing an older one), so that the run starts
+    over without destroying what a user may want to inspect."""
+    aside = path + ".unreadable"
+    os.replace(path, aside)
+    return aside
+
+
 def _resume(run, checkpoint_path, progress):
-    state = load_checkpoint(checkpoint_path)
+    try:
+        state = load_checkpoint(checkpoint_path)
+    except Exception as error:  # any way a file can fail to unpickle: truncated, random bytes, foreign globals
+        aside = _set_aside(os.fspath(checkpoint_path))
+        warnings.warn("{} could not be read ({}: {}); set aside as {}, training starts over".format(
+            checkpoint_path, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", aside),
+            RuntimeWarning, stacklevel=3)
+        return
     if state is None:
         return
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -193,7 +220,7 @@ def _train_epoch(run, epoch, epochs, device, progress):
     bar = _progress_bar(run.train_loader, "{} {}/{}".format(run.domain, epoch + 1, epochs), progress)
     loss_sum, correct, total = 0.0, 0, 0
     try:
-        for images, labels in run.train_loader:
+        for step, (images, labels) in enumerate(run.train_loader):
             images, labels = images.to(device), labels.to(device)
             synchronize(device)
             start = time.perf_counter()
@@ -212,7 +239,11 @@ def _train_epoch(run, epoch, epochs, device, progress):
             scheduler.step()
             synchronize(device)
             run.history["step_seconds"].append(time.perf_counter() - start)
-            loss_sum += float(loss.detach()) * labels.numel()
+            step_loss = float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise NonFiniteTrainingError("the training loss of domain {} became {} at epoch {}/{}, step {}/{}".format(
+                    run.domain, step_loss, epoch + 1, epochs, step + 1, len(run.train_loader)))
+            loss_sum += step_loss * labels.numel()
             correct += int((logits.detach().argmax(1) == labels).sum())
             total += labels.numel()
             if bar is not None:
@@ -225,6 +256,15 @@ def _train_epoch(run, epoch, epochs, device, progress):
     if total == 0:
         raise ValueError("train_domain: the training loader gave no images")
     return loss_sum / total, correct / float(total)
+
+
+def _check_finite(run, epoch, epochs):
+    """A run whose trainable tensors hold a NaN or an infinity stops here, before its checkpoint is written."""
+    bad = [slot for slot, t in run.model.domain_tensors(run.domain).items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteTrainingError("domain {}'s trained tensors hold non-finite values after epoch {}/{} ({}{})".format(
+            run.domain, epoch + 1, epochs, ", ".join(bad[:3]), ", ..." if len(bad) > 3 else ""))
 
 
 def _write_json(path, record):
@@ -282,6 +322,7 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     for epoch in range(run.epochs_done, int(epochs)):
         start = time.perf_counter()
         train_loss, train_accuracy = _train_epoch(run, epoch, epochs, device, progress)
+        _check_finite(run, epoch, epochs)
         val_accuracy, val_loss = evaluate(model, domain, val_loader)
         run.history["epoch_seconds"].append(time.perf_counter() - start)
         for key, value in (("train_loss", train_loss), ("train_accuracy", train_accuracy),

@@ -28,7 +28,7 @@ from ..models import backbones
 from .loop import evaluate, recorded_learning_rates, train_domain
 from .lr_schedule import WARMUP_FRACTION
 
-__all__ = ["WorkDir", "build_model", "evaluate_domain", "learn_domain", "load_saved_domains"]
+__all__ = ["DomainExistsError", "WorkDir", "build_model", "evaluate_domain", "learn_domain", "load_saved_domains"]
 
 _DOMAIN_EXTENSIONS = (".safetensors", ".npz")
 
@@ -116,15 +116,35 @@ def _reusable(workdir, model, name, expected):
     return all(recorded.get(k) == v for k, v in expected.items())
 
 
+class DomainExistsError(ValueError):
+    """learn_domain(overwrite=False) found the domain learned already in the work directory."""
+
+
+def _learned_already(workdir, model, name, expected):
+    """The message refusing to learn `name` again: what it was learned with and what would change."""
+    metrics = workdir.read_metrics(model.method.name, name) or {}
+    recorded = metrics.get("settings", {})
+    changes = ["{} {!r} -> {!r}".format(k, recorded.get(k), v) for k, v in sorted(expected.items())
+               if k != "backbone_fingerprint" and recorded.get(k) != v]
+    accuracy = metrics.get("final_val_accuracy")
+    return ("domain {} was learned already with method {} in {}{}; learning it again replaces it ({}). Pass "
+            "--overwrite (overwrite=True) to do so, or use another --domain or --workdir".format(
+                name, model.method.name, workdir.root,
+                " (val accuracy {:.2f} %)".format(100.0 * accuracy) if isinstance(accuracy, float) else "",
+                "what would change: " + "; ".join(changes) if changes else "with the same settings"))
+
+
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
-                 learning_rates=None, warmup_fraction=WARMUP_FRACTION):
+                 learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
     instead when one was learned with the same settings. learning_rates:
     {group: rate} in place of the method's rates (loop.train_domain);
     warmup_fraction: the share of steps the rates ramp up over (da2ext.training.lr_schedule).
+    overwrite=False raises DomainExistsError, saying what would change, when the
+    domain was learned already in the work directory (and is not reused).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -138,6 +158,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
         metrics = workdir.read_metrics(method, name)
         metrics["reused"] = True
         return metrics
+    if not overwrite and os.path.isfile(workdir.domain_path(method, name)):
+        raise DomainExistsError(_learned_already(workdir, model, name, expected))
     train_loader, val_loader, class_names = domain_loaders(
         data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size, subsample=subsample, seed=seed,
         num_workers=num_workers)

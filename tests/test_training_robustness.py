@@ -1,0 +1,130 @@
+"""What a user sees when training goes wrong (issue "nothing lost, nothing silently
+wrong"): a run whose loss turns NaN stops and saves nothing, a learned domain is not
+learned again without --overwrite, an unreadable checkpoint is set aside and the run
+starts over, a non-finite --lr-scale is refused by the parser."""
+import json
+import os
+
+import pytest
+import torch
+
+from da2ext.cli import main
+from da2ext.training import NonFiniteTrainingError, loop
+from da2ext.training.workflow import build_model
+from da2ext.data.loaders import domain_loaders
+from helpers import IMAGE_SIZE, write_image_folder
+
+TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("data") / "shapes"), train_per_class=4, val_per_class=2)
+
+
+def run_main(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _tiny_run(shapes_dir, tmp_path, **kwargs):
+    model = build_model("resnet18", "da2", pretrained=False, seed=0)
+    train_loader, val, classes = domain_loaders(shapes_dir, backbone="resnet18", image_size=IMAGE_SIZE,
+                                                batch_size=8, seed=0)
+    model.add_domain("shapes", len(classes), classes)
+    paths = dict(checkpoint_path=str(tmp_path / "shapes.pt"), metrics_path=str(tmp_path / "shapes.json"),
+                 domain_path=str(tmp_path / "shapes.safetensors"))
+    return model, paths, lambda epochs=2: loop.train_domain(model, "shapes", train_loader, val, epochs,
+                                                            progress=False, **dict(paths, **kwargs))
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing(shapes_dir, tmp_path):
+    model, paths, train = _tiny_run(shapes_dir, tmp_path)
+    with torch.no_grad():
+        [t for slot, t in model.domain_tensors("shapes").items() if slot.endswith("fc.bias")][0][0] = float("nan")
+    with pytest.raises(NonFiniteTrainingError, match=r"loss of domain shapes became nan at epoch 1/2, step 1/\d+: "
+                                                     r"the run stopped and saved nothing.*--lr-scale"):
+        train()
+    for path in paths.values():
+        assert not os.path.exists(path)
+
+
+def test_tensors_that_turn_non_finite_stop_a_run_before_its_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    model, paths, train = _tiny_run(shapes_dir, tmp_path)
+    bias = [t for slot, t in model.domain_tensors("shapes").items() if slot.endswith("fc.bias")][0]
+    real_epoch = loop._train_epoch
+
+    def epoch_that_leaves_an_infinity(run, *args):
+        result = real_epoch(run, *args)  # finite losses all along
+        with torch.no_grad():
+            bias[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(loop, "_train_epoch", epoch_that_leaves_an_infinity)
+    with pytest.raises(NonFiniteTrainingError, match=r"trained tensors hold non-finite values after epoch 1/2 "
+                                                     r"\(.*fc.bias"):
+        train()
+    for path in paths.values():
+        assert not os.path.exists(path)
+
+
+def test_backbone_weights_with_a_nan_are_refused_naming_the_file(shapes_dir, tmp_path, capsys):
+    import torchvision
+    state = torchvision.models.resnet18().state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    weights = str(tmp_path / "nan_weights.pt")
+    torch.save(state, weights)
+    runs = str(tmp_path / "runs")
+    argv = ["train", "--data", shapes_dir, "--workdir", runs, "--epochs", "1", "--backbone", "resnet18",
+            "--image-size", "32", "--batch-size", "16", "--no-progress"]
+    status, _, err = run_main(argv + ["--weights", weights], capsys)
+    assert status != 0 and "nan_weights.pt holds NaN or infinite values in 1 tensor(s): layer1.0.conv1.weight" in err
+    assert "Traceback" not in err and not os.path.exists(os.path.join(runs, "domains"))
+    status, _, err = run_main(argv + ["--no-pretrained"], capsys)  # the work directory is still usable
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("scale", ["inf", "nan", "0", "-1"])
+def test_a_non_finite_or_non_positive_lr_scale_is_refused_by_the_parser(shapes_dir, tmp_path, capsys, scale):
+    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
+                               "--lr-scale", scale] + TINY, capsys)
+    assert status == 2 and "--lr-scale: expected a finite positive number" in err, err
+
+
+def test_a_learned_domain_is_not_learned_again_without_overwrite(shapes_dir, tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    base = ["train", "--data", shapes_dir, "--workdir", runs] + TINY
+    assert run_main(base + ["--epochs", "1"], capsys)[0] == 0
+    domain_file = os.path.join(runs, "domains", "da2", "shapes.safetensors")
+    with open(domain_file, "rb") as f:
+        learned = f.read()
+    status, _, err = run_main(base + ["--epochs", "2"], capsys)
+    assert status == 2 and "domain shapes was learned already with method da2" in err, err
+    assert "what would change: epochs 1 -> 2" in err and "--overwrite" in err
+    with open(domain_file, "rb") as f:
+        assert f.read() == learned  # untouched
+    status, _, err = run_main(base + ["--epochs", "2", "--overwrite"], capsys)
+    assert status == 0, err
+    with open(os.path.join(runs, "metrics", "shapes-da2.json")) as f:
+        assert json.load(f)["epochs"] == 2
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_over(shapes_dir, tmp_path):
+    _, paths, train = _tiny_run(shapes_dir, tmp_path)
+    with open(paths["checkpoint_path"], "wb") as f:
+        f.write(os.urandom(3000))
+    with pytest.warns(RuntimeWarning, match="could not be read .* set aside as .*shapes.pt.unreadable, training "
+                                            "starts over"):
+        metrics = train(epochs=1)
+    assert metrics["resumed_from_epoch"] is None
+    assert os.path.exists(paths["checkpoint_path"] + ".unreadable") and os.path.exists(paths["domain_path"])
+
+
+def test_a_rate_adam_cannot_take_is_refused_by_name(shapes_dir, tmp_path, capsys):
+    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
+                               "--lr", "shifts=1e38"] + TINY, capsys)
+    assert status == 2 and "the rate of group shifts is 1e+38" in err and "Traceback" not in err, err
