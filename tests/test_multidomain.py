@@ -216,3 +216,33 @@ def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):
         model.save_domain("a", path)
     assert open(path, "rb").read() == before
     assert glob.glob(str(tmp_path / ".*partial")) == []
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"class_names": ["x", "y"]}, "class_names .* is not a list of num_classes=10 strings"),
+    ({"class_names": "0123456789"}, "class_names .* is not a list of num_classes=10 strings"),
+    ({"class_names": dict((str(i), i) for i in range(10))}, "class_names .* is not a list"),
+    ({"class_names": list(range(10))}, "class_names .* is not a list of num_classes=10 strings"),
+    ({"num_classes": True}, "num_classes True is not a positive int"),
+    ({"name": ["a"]}, "the domain's name \\['a'\\] is not a non-empty string"),
+])
+def test_metadata_of_the_wrong_kind_is_refused_and_changes_nothing(tmp_path, change, match):
+    pytest.importorskip("safetensors")
+    tensors, meta = read_domain_file(saved_domain(tmp_path))
+    meta.update(change)
+    path = str(tmp_path / "tampered.safetensors")
+    write_domain_file(path, tensors, meta)
+    model = MultiDomainModel(resnet18())
+    model.add_domain("kept", 4)
+    assert_refused_and_unchanged(model, path, match)
+
+
+def test_metadata_that_is_not_an_object_or_a_directory_is_a_domain_file_error(tmp_path):
+    pytest.importorskip("safetensors")
+    tensors, _ = read_domain_file(saved_domain(tmp_path))
+    path = str(tmp_path / "list.safetensors")
+    write_domain_file(path, tensors, ["not", "an", "object"])
+    model = MultiDomainModel(resnet18())
+    assert_refused_and_unchanged(model, path, "its metadata is a JSON list, not an object")
+    os.mkdir(str(tmp_path / "folder.safetensors"))
+    assert_refused_and_unchanged(model, str(tmp_path / "folder.safetensors"), "is a directory")

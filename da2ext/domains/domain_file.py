@@ -9,6 +9,7 @@ Which format a file is in is read from its first bytes, not its name.
 """
 import io
 import json
+import os
 import struct
 
 import numpy as np
@@ -85,14 +86,23 @@ def _read_npz(data, path):
 def read_domain_file(path):
     """(tensors, metadata) from a domain file; DomainFileError if it is damaged or
     not a domain file."""
-    with open(path, "rb") as f:
-        data = f.read()
+    if os.path.isdir(path):
+        raise DomainFileError("{} is a directory, not a da2ext domain file".format(path))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # unreadable: permissions, a device, ...
+        raise DomainFileError("{} cannot be read: {}".format(path, error))
     if len(data) < 8:
         raise DomainFileError("{} is not a da2ext domain file ({} bytes)".format(path, len(data)))
     try:
-        if data[:4] == _ZIP_MAGIC:
-            return _read_npz(data, path)
-        return _read_safetensors(data, path)
+        tensors, record = _read_npz(data, path) if data[:4] == _ZIP_MAGIC else _read_safetensors(data, path)
+        if not isinstance(record, dict):
+            raise DomainFileError("{} is not a da2ext domain file: its metadata is a JSON {}, not an object".format(
+                path, type(record).__name__))
+        return tensors, record
     except DomainFileError:
         raise
     except Exception as error:  # safetensors, zipfile, json and numpy each raise their own

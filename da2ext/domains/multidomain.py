@@ -270,8 +270,15 @@ class MultiDomainModel(nn.Module):
         if problems:
             return problems
         num_classes = meta.get("num_classes")
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             return ["num_classes {!r} is not a positive int".format(num_classes)]
+        class_names = meta.get("class_names")
+        if class_names is not None and (not isinstance(class_names, list) or len(class_names) != num_classes or
+                                        not all(isinstance(c, str) for c in class_names)):
+            return ["class_names {!r} is not a list of num_classes={} strings".format(
+                class_names if len(repr(class_names)) < 80 else type(class_names).__name__, num_classes)]
+        if not isinstance(meta.get("name"), str) or not meta["name"]:
+            return ["the domain's name {!r} is not a non-empty string".format(meta.get("name"))]
         missing = [s for s in self._slots if s not in tensors]
         extra = [s for s in tensors if s not in self._slots]
         if missing or extra:
