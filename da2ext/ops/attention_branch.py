@@ -9,32 +9,32 @@ from torch import nn
 MODES = ("add", "mul")
 
 
-class spatial_conv_backend(object):
-    """Context for the spatial conv (2 -> 1 channels, k x k) on the CPU: on small
-    maps oneDNN (mkldnn) loses to PyTorch's im2col + GEMM path, on large ones it
-    wins by far. Measured on the idle 2-core development VM, 7x7 kernel, batch 8,
-    forward / backward in ms: 112x112 oneDNN 2.5 / 16, im2col 27 / 36; 56x56
-    0.7 / 3.8 against 1.4 / 4.9; 28x28 0.22 / 1.04 against 0.25 / 0.49. So oneDNN
-    is switched off around this one conv for maps of at most 28x28 (a global
-    flag, set and restored around the call)."""
+# The spatial conv (2 -> k channels, 7 x 7) on the CPU: on small maps oneDNN (mkldnn)
+# loses to PyTorch's im2col + GEMM kernel (slow_conv2d), on large ones it wins by far.
+# Measured on the idle 2-core development VM, 7x7 kernel, batch 8, forward / backward in
+# ms: 112x112 oneDNN 2.5 / 16, im2col 27 / 36; 56x56 0.7 / 3.8 against 1.4 / 4.9; 28x28
+# 0.22 / 1.04 against 0.25 / 0.49. So maps of at most 28x28 call the im2col kernel by
+# name (aten::thnn_conv2d and its backward), which changes no global setting: a
+# thread-safe choice per call. Torch builds without those ops take F.conv2d's choice.
+IM2COL_MAX_PIXELS = 28 * 28
 
-    _IM2COL_MAX_PIXELS = 28 * 28
 
-    def __init__(self, spatial):
-        self.active = (spatial.device.type == "cpu" and hasattr(torch._C, "_set_mkldnn_enabled")
-                       and spatial.shape[-1] * spatial.shape[-2] <= self._IM2COL_MAX_PIXELS)
-        self.previous = None
+def _aten_op(name):
+    try:
+        return getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):  # not in this torch
+        return None
 
-    def __enter__(self):
-        if self.active:
-            self.previous = torch._C._get_mkldnn_enabled()
-            torch._C._set_mkldnn_enabled(False)
-        return self
 
-    def __exit__(self, *exc):
-        if self.active:
-            torch._C._set_mkldnn_enabled(self.previous)
-        return False
+_IM2COL_CONV2D = _aten_op("thnn_conv2d")
+IM2COL_CONV2D_BACKWARD = _aten_op("_slow_conv2d_backward")  # torch >= 1.11
+
+
+def uses_im2col_conv(spatial):
+    """Whether the spatial conv over `spatial` (N x 2 x H x W) runs the im2col kernel."""
+    return (_IM2COL_CONV2D is not None and spatial.device.type == "cpu" and
+            spatial.dtype in (torch.float32, torch.float64) and
+            spatial.shape[-1] * spatial.shape[-2] <= IM2COL_MAX_PIXELS)
 
 
 def hidden_width(channels, reduction):
@@ -63,8 +63,10 @@ def spatial_attention_logits(spatial, spatial_weight, spatial_bias):
     """a_s = conv([d_mean; d_max]) (N x k x H x W). The fused op's backward calls it
     again rather than keeping a_s: k maps of N x H x W cost more to keep than to
     recompute from the two descriptor maps (a 2 -> k conv)."""
-    with spatial_conv_backend(spatial):
-        return F.conv2d(spatial, spatial_weight, spatial_bias, padding=spatial_weight.shape[-1] // 2)
+    size, padding = spatial_weight.shape[-1], spatial_weight.shape[-1] // 2
+    if uses_im2col_conv(spatial):
+        return _IM2COL_CONV2D(spatial, spatial_weight, [size, size], spatial_bias, [1, 1], [padding, padding])
+    return F.conv2d(spatial, spatial_weight, spatial_bias, padding=padding)
 
 
 def attention_logits(channel_mean, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight,

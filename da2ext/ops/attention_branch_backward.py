@@ -6,7 +6,7 @@ gradients of the descriptors and of the six branch parameters.
 """
 import torch
 
-from .attention_branch import spatial_conv_backend
+from .attention_branch import IM2COL_CONV2D_BACKWARD, uses_im2col_conv
 
 
 def _find_convolution_backward():
@@ -22,10 +22,11 @@ _convolution_backward = _find_convolution_backward()
 
 
 def _conv2d_backward(grad_output, spatial, weight, needs_input, needs_weight, needs_bias):
-    padding = weight.shape[-1] // 2
-    with spatial_conv_backend(spatial):
-        return _conv2d_backward_any_backend(grad_output, spatial, weight, padding, needs_input, needs_weight,
-                                            needs_bias)
+    size, padding = weight.shape[-1], weight.shape[-1] // 2
+    if IM2COL_CONV2D_BACKWARD is not None and uses_im2col_conv(spatial):  # the forward's kernel, by name
+        return IM2COL_CONV2D_BACKWARD(grad_output, spatial, weight, [size, size], [1, 1], [padding, padding],
+                                      [needs_input, needs_weight, needs_bias])
+    return _conv2d_backward_any_backend(grad_output, spatial, weight, padding, needs_input, needs_weight, needs_bias)
 
 
 def _conv2d_backward_any_backend(grad_output, spatial, weight, padding, needs_input, needs_weight, needs_bias):
