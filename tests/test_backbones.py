@@ -154,7 +154,7 @@ def test_weight_files_never_run_code(tmp_path, monkeypatch, has_weights_only):
 
     evil = str(tmp_path / "evil.pt")
     torch.save({"a": torch.zeros(1), "b": RunsCode()}, evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"evil.pt cannot be read as a state_dict file \(UnpicklingError"):
         backbones.load_state_dict_file(evil)
 
 

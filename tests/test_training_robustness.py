@@ -128,3 +128,34 @@ def test_a_rate_adam_cannot_take_is_refused_by_name(shapes_dir, tmp_path, capsys
     status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
                                "--lr", "shifts=1e38"] + TINY, capsys)
     assert status == 2 and "the rate of group shifts is 1e+38" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "foo"], "--device: expected a torch device such as cpu, cuda or cuda:1, got 'foo'"),
+    (["--seed", "-1"], "--seed: expected an integer from 0 to 2**32 - 1, got -1"),
+    (["--seed", str(2 ** 32)], "--seed: expected an integer from 0 to 2**32 - 1"),
+])
+def test_bad_device_or_seed_is_one_line_from_the_parser(shapes_dir, tmp_path, capsys, argv, message):
+    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs")] + TINY + argv,
+                              capsys)
+    assert status == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line_from_the_parser(shapes_dir, tmp_path, capsys):
+    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
+                               "--device", "cuda"] + TINY, capsys)
+    assert status == 2 and "torch sees no CUDA device here" in err, err
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_an_unreadable_weights_file_is_one_line_naming_it(shapes_dir, tmp_path, capsys, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    weights = str(tmp_path / ("garbage" + suffix))
+    with open(weights, "wb") as f:
+        f.write(os.urandom(100))
+    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"), "--backbone",
+                               "resnet18", "--weights", weights, "--image-size", "32", "--no-progress"], capsys)
+    assert status == 2 and "garbage{} cannot be read as a state_dict file".format(suffix) in err, err
+    assert "Traceback" not in err

@@ -54,6 +54,24 @@ _non_negative_int = _number_type(int, "an integer >= 0", lambda value: value >= 
 _positive_float = _number_type(float, "a finite positive number", lambda value: 0 < value < float("inf"))  # NaN too
 _rate = _number_type(float, "a finite number >= 0", lambda value: 0 <= value < float("inf"))  # NaN fails too
 _warmup_fraction = _number_type(float, "a number in [0, 1)", lambda value: 0 <= value < 1)
+_seed = _number_type(int, "an integer from 0 to 2**32 - 1", lambda value: 0 <= value < 2 ** 32)  # numpy's range
+
+
+def _device(text):
+    """A torch device that exists here: cpu, or cuda[:i] where torch sees a GPU."""
+    import torch
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError("expected a torch device such as cpu, cuda or cuda:1, got {!r}".format(text))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("{}: torch sees no CUDA device here (torch.cuda.is_available() is "
+                                         "False); use --device cpu".format(text))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError("{}: there are {} CUDA device(s)".format(text, torch.cuda.device_count()))
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError("expected cpu or cuda[:i], got {!r}".format(text))
+    return text
 
 
 def _group_rate(text):
@@ -116,8 +134,8 @@ def _add_model_arguments(parser):
     parser.add_argument("--memory-budget-mib", type=_positive_int, metavar="M",
                         help="with da2: the largest trainable tail whose training memory (kept for backward + "
                              "gradients + Adam state, at batch 8, 224x224) fits M MiB (method da2_budget<M>)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, subsamples and shuffling "
+    parser.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the weights, subsamples and shuffling "
                         "(default: 0)")
 
 
@@ -154,7 +172,7 @@ def build_parser():
                     "sample), digits (scikit-learn's 8x8 digits) and mnist_m (MNIST over photo crops). "
                     "A domain already written with the same settings is kept.")
     p.add_argument("out", metavar="OUT", help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and crops (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the splits and crops (default: 0)")
     p.add_argument("--image-size", type=_positive_int, default=64, help="image height and width (default: 64)")
     p.add_argument("--train-per-domain", type=_non_negative_int, default=1440,
                    help="training images per domain (default: 1440; digits has 1437)")

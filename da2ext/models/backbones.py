@@ -67,9 +67,11 @@ def load_state_dict_file(path):
         except ImportError:
             raise ImportError("loading {} needs safetensors: pip install safetensors "
                               "(or save the state_dict with torch.save)".format(path))
-        state_dict = load_file(path, device="cpu")
-    else:
-        state_dict = safe_torch_load(path)
+    try:
+        state_dict = load_file(path, device="cpu") if path.endswith(".safetensors") else safe_torch_load(path)
+    except Exception as error:  # each format fails its own way on a damaged or foreign file
+        raise ValueError("{} cannot be read as a state_dict file ({}: {})".format(
+            path, type(error).__name__, (str(error).splitlines() or [""])[0][:200]))
     if not isinstance(state_dict, collections.abc.Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise ValueError("{} does not hold a state_dict (a mapping of names to tensors), but a {}".format(
