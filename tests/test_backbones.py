@@ -1,7 +1,6 @@
 """Backbones (da2ext.backbones): the shipped Lite0 weights classify real photos,
 weight files round-trip, and bad or unsafe files fail clearly."""
 import os
-import pickle
 
 import pytest
 import torch
