@@ -531,7 +531,7 @@ def main(argv=None):
 
     summary = summarise(records, args.methods, args.domains)
     setting = ("Backbone {} ({}), {}x{} inputs, batch {}, {} epochs, {} training images per domain, Adam with "
-               "each method's learning rates and one cosine decay.".format(
+               "each method's learning rates, warmed up over the first tenth of the steps, then one cosine decay.".format(
                    args.backbone, "weights " + args.weights if args.weights else
                    ("random weights" if args.no_pretrained else "ImageNet weights"), args.image_size,
                    args.image_size, args.batch_size, args.epochs, args.subsample or "all"))
