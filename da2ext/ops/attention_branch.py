@@ -15,7 +15,9 @@ MODES = ("add", "mul")
 # ms: 112x112 oneDNN 2.5 / 16, im2col 27 / 36; 56x56 0.7 / 3.8 against 1.4 / 4.9; 28x28
 # 0.22 / 1.04 against 0.25 / 0.49. So maps of at most 28x28 call the im2col kernel by
 # name (aten::thnn_conv2d and its backward), which changes no global setting: a
-# thread-safe choice per call. Torch builds without those ops take F.conv2d's choice.
+# thread-safe choice per call. (Switching oneDNN off instead, as da2ext did before,
+# let F.conv2d pick NNPACK at larger batches: same maths, other rounding.) Torch builds
+# without those ops take F.conv2d's choice.
 IM2COL_MAX_PIXELS = 28 * 28
 
 
