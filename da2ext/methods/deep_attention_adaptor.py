@@ -20,8 +20,9 @@ from .method import Method
 
 RANK = 4
 LEARNING_RATES = {"adaptors": 1e-1, "shifts": 1e-2, "head": 1e-2, "default": 1e-2}
-# A tail's pretrained weights take a rate well under the shifts' (at 3e-3 a tail on frozen statistics stayed
-# at chance); the other groups keep da2's.
+# A tail's pretrained weights take a rate well under the shifts' (in the digits table's sweep, at 3x these
+# rates, the tail at 3e-3, a frozen-statistics tail stayed at chance: benchmarks/results/digits_sweep.json);
+# the other groups keep da2's.
 TAIL_LEARNING_RATES = dict(LEARNING_RATES, tail=1e-3)
 # Where da2_budget<MiB> measures its training memory: docs/design.md §4's nano setting (batch 8, 224 x 224).
 BUDGET_INPUT_SHAPE = (8, 3, 224, 224)

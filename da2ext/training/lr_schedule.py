@@ -6,7 +6,7 @@ rate whatever the gradient's size (the second-moment estimate starts from a
 single sample). For DA2's adaptors (rate 0.1, gamma starting at 0) and for a
 trainable tail on frozen BN statistics those first steps are the ones that
 throw a run off; ramping the rate up over the first tenth of the steps steadies
-every method, baselines included (benchmarks/results/warmup_probe.md).
+every method, baselines included (benchmarks/results/training_recipe.md).
 """
 import math
 
