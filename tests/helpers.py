@@ -309,3 +309,18 @@ def eager_steps(model, optimizer, data):
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+# The command line (python -m da2ext ...) in-process, on a tiny random ResNet-18.
+CLI_TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
+
+
+def run_cli(argv, capsys):
+    """(exit status, stdout, stderr) of da2ext's CLI main(argv), captured by pytest's capsys."""
+    from da2ext.cli import main
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

@@ -10,51 +10,39 @@ import pytest
 
 import da2ext
 from da2ext import methods
-from da2ext.cli import main
-from helpers import write_image_folder
+from helpers import CLI_TINY, run_cli, write_image_folder
 
 DA2_RATES = methods.get("da2").learning_rates
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS = ("prepare-digits", "train", "eval", "digits-demo", "nano-table")
-TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
-
-
-def run_main(argv, capsys):
-    """(exit status, stdout, stderr) of main(argv)."""
-    try:
-        status = main(argv)
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_help(command, capsys):
-    status, out, _ = run_main([command, "--help"], capsys)
+    status, out, _ = run_cli([command, "--help"], capsys)
     assert status == 0 and "usage:" in out
 
 
 def test_unknown_method_lists_the_methods(tmp_path, capsys):
-    status, _, err = run_main(["train", "--data", str(tmp_path), "--method", "lora"], capsys)
+    status, _, err = run_cli(["train", "--data", str(tmp_path), "--method", "lora"], capsys)
     assert status == 2
     assert "unknown method 'lora'" in err and "da2" in err and "ft" in err and "bias" in err
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    status, _, err = run_main(["train", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "runs")]
-                              + TINY, capsys)
+    status, _, err = run_cli(["train", "--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "runs")]
+                              + CLI_TINY, capsys)
     assert status == 2 and "does not exist" in err
     (tmp_path / "no_val" / "train").mkdir(parents=True)
-    status, _, err = run_main(["train", "--data", str(tmp_path / "no_val")] + TINY, capsys)
+    status, _, err = run_cli(["train", "--data", str(tmp_path / "no_val")] + CLI_TINY, capsys)
     assert status == 2 and "no val/" in err
 
 
 def test_pretrained_torchvision_needs_weights(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
-    status, _, err = run_main(["train", "--data", str(tmp_path), "--backbone", "resnet18"], capsys)
+    status, _, err = run_cli(["train", "--data", str(tmp_path), "--backbone", "resnet18"], capsys)
     assert status == 2 and "--weights" in err and "--no-pretrained" in err
 
 
@@ -63,12 +51,12 @@ def test_train_two_domains_then_eval_prints_every_domain(tmp_path, capsys):
     for name, seed in (("shapes", 0), ("other_shapes", 1)):
         write_image_folder(str(data / name), train_per_class=4, val_per_class=3, seed=seed)
     runs = str(tmp_path / "runs")
-    status, out, _ = run_main(["train", "--data", str(data / "shapes"), "--workdir", runs, "--epochs", "1"] + TINY,
+    status, out, _ = run_cli(["train", "--data", str(data / "shapes"), "--workdir", runs, "--epochs", "1"] + CLI_TINY,
                               capsys)
     assert status == 0, out
     assert "shapes (da2): val accuracy" in out
-    status, out, _ = run_main(["train", "--data", str(data / "other_shapes"), "--workdir", runs, "--epochs", "1"]
-                              + TINY, capsys)
+    status, out, _ = run_cli(["train", "--data", str(data / "other_shapes"), "--workdir", runs, "--epochs", "1"]
+                              + CLI_TINY, capsys)
     assert status == 0, out
     assert "learned earlier" in out and "shapes" in out
     for name in ("shapes", "other_shapes"):
@@ -77,14 +65,14 @@ def test_train_two_domains_then_eval_prints_every_domain(tmp_path, capsys):
             assert json.load(f)["domain"] == name
     assert os.listdir(os.path.join(runs, "checkpoints")) == []
 
-    status, out, err = run_main(["eval", "--data", str(data), "--workdir", runs, "--backbone", "resnet18",
+    status, out, err = run_cli(["eval", "--data", str(data), "--workdir", runs, "--backbone", "resnet18",
                                  "--no-pretrained"], capsys)
     assert status == 0, err
     rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["shapes", "other_shapes"]
 
     # The same work directory with another backbone: the files do not fit, and the error says why.
-    status, _, err = run_main(["eval", "--data", str(data), "--workdir", runs], capsys)
+    status, _, err = run_cli(["eval", "--data", str(data), "--workdir", runs], capsys)
     assert status == 2 and "backbone" in err
 
 
@@ -126,7 +114,7 @@ def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, cap
     files = {}
     for tag, extra in (("default", []), ("frozen", ["--lr", "adaptors=0", "--lr", "head=0.05"])):
         runs = str(tmp_path / tag)
-        status, out, err = run_main(["train", "--data", str(data), "--workdir", runs, "--epochs", "1"] + TINY + extra,
+        status, out, err = run_cli(["train", "--data", str(data), "--workdir", runs, "--epochs", "1"] + CLI_TINY + extra,
                                     capsys)
         assert status == 0, err
         files[tag] = os.path.join(runs, "domains", "da2", "shapes.safetensors")
@@ -156,7 +144,7 @@ def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, cap
 def test_bad_lr_says_what_is_allowed(tmp_path, capsys, argv, message):
     data = tmp_path / "shapes"
     write_image_folder(str(data), train_per_class=2, val_per_class=1, seed=0)
-    status, _, err = run_main(["train", "--data", str(data), "--workdir", str(tmp_path / "runs")] + TINY + argv,
+    status, _, err = run_cli(["train", "--data", str(data), "--workdir", str(tmp_path / "runs")] + CLI_TINY + argv,
                               capsys)
     assert status == 2 and message in err, err
     assert not (tmp_path / "runs" / "domains").exists()
@@ -165,7 +153,7 @@ def test_bad_lr_says_what_is_allowed(tmp_path, capsys, argv, message):
 def test_nano_table_runs_the_packages_own_code(tmp_path, monkeypatch, capsys):
     """nano-table needs no checkout: outside one it writes into the current directory."""
     monkeypatch.chdir(tmp_path)
-    status, out, err = run_main(["nano-table", "--models", "mobilenet_v2", "--batch-sizes", "2", "--methods",
+    status, out, err = run_cli(["nano-table", "--models", "mobilenet_v2", "--batch-sizes", "2", "--methods",
                                  "bias_lean", "--image-size", "32", "--steps", "1", "--tag", "tiny"], capsys)
     assert status == 0, err
     with open(str(tmp_path / "nano_tiny.json")) as f:

@@ -8,27 +8,16 @@ import os
 import pytest
 import torch
 
-from da2ext.cli import main
 from da2ext.training import NonFiniteTrainingError, loop
 from da2ext.training.workflow import build_model
 from da2ext.data.loaders import domain_loaders
-from helpers import IMAGE_SIZE, write_image_folder
+from helpers import CLI_TINY, IMAGE_SIZE, run_cli, write_image_folder
 
-TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     return write_image_folder(str(tmp_path_factory.mktemp("data") / "shapes"), train_per_class=4, val_per_class=2)
-
-
-def run_main(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def _tiny_run(shapes_dir, tmp_path, **kwargs):
@@ -81,33 +70,33 @@ def test_backbone_weights_with_a_nan_are_refused_naming_the_file(shapes_dir, tmp
     runs = str(tmp_path / "runs")
     argv = ["train", "--data", shapes_dir, "--workdir", runs, "--epochs", "1", "--backbone", "resnet18",
             "--image-size", "32", "--batch-size", "16", "--no-progress"]
-    status, _, err = run_main(argv + ["--weights", weights], capsys)
+    status, _, err = run_cli(argv + ["--weights", weights], capsys)
     assert status != 0 and "nan_weights.pt holds NaN or infinite values in 1 tensor(s): layer1.0.conv1.weight" in err
     assert "Traceback" not in err and not os.path.exists(os.path.join(runs, "domains"))
-    status, _, err = run_main(argv + ["--no-pretrained"], capsys)  # the work directory is still usable
+    status, _, err = run_cli(argv + ["--no-pretrained"], capsys)  # the work directory is still usable
     assert status == 0, err
 
 
 @pytest.mark.parametrize("scale", ["inf", "nan", "0", "-1"])
 def test_a_non_finite_or_non_positive_lr_scale_is_refused_by_the_parser(shapes_dir, tmp_path, capsys, scale):
-    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
-                               "--lr-scale", scale] + TINY, capsys)
+    status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
+                               "--lr-scale", scale] + CLI_TINY, capsys)
     assert status == 2 and "--lr-scale: expected a finite positive number" in err, err
 
 
 def test_a_learned_domain_is_not_learned_again_without_overwrite(shapes_dir, tmp_path, capsys):
     runs = str(tmp_path / "runs")
-    base = ["train", "--data", shapes_dir, "--workdir", runs] + TINY
-    assert run_main(base + ["--epochs", "1"], capsys)[0] == 0
+    base = ["train", "--data", shapes_dir, "--workdir", runs] + CLI_TINY
+    assert run_cli(base + ["--epochs", "1"], capsys)[0] == 0
     domain_file = os.path.join(runs, "domains", "da2", "shapes.safetensors")
     with open(domain_file, "rb") as f:
         learned = f.read()
-    status, _, err = run_main(base + ["--epochs", "2"], capsys)
+    status, _, err = run_cli(base + ["--epochs", "2"], capsys)
     assert status == 2 and "domain shapes was learned already with method da2" in err, err
     assert "what would change: epochs 1 -> 2" in err and "--overwrite" in err
     with open(domain_file, "rb") as f:
         assert f.read() == learned  # untouched
-    status, _, err = run_main(base + ["--epochs", "2", "--overwrite"], capsys)
+    status, _, err = run_cli(base + ["--epochs", "2", "--overwrite"], capsys)
     assert status == 0, err
     with open(os.path.join(runs, "metrics", "shapes-da2.json")) as f:
         assert json.load(f)["epochs"] == 2
@@ -125,8 +114,8 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_over(shapes_di
 
 
 def test_a_rate_adam_cannot_take_is_refused_by_name(shapes_dir, tmp_path, capsys):
-    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
-                               "--lr", "shifts=1e38"] + TINY, capsys)
+    status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
+                               "--lr", "shifts=1e38"] + CLI_TINY, capsys)
     assert status == 2 and "the rate of group shifts is 1e+38" in err and "Traceback" not in err, err
 
 
@@ -136,15 +125,15 @@ def test_a_rate_adam_cannot_take_is_refused_by_name(shapes_dir, tmp_path, capsys
     (["--seed", str(2 ** 32)], "--seed: expected an integer from 0 to 2**32 - 1"),
 ])
 def test_bad_device_or_seed_is_one_line_from_the_parser(shapes_dir, tmp_path, capsys, argv, message):
-    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs")] + TINY + argv,
+    status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs")] + CLI_TINY + argv,
                               capsys)
     assert status == 2 and message in err and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_one_line_from_the_parser(shapes_dir, tmp_path, capsys):
-    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
-                               "--device", "cuda"] + TINY, capsys)
+    status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"),
+                               "--device", "cuda"] + CLI_TINY, capsys)
     assert status == 2 and "torch sees no CUDA device here" in err, err
 
 
@@ -155,7 +144,7 @@ def test_an_unreadable_weights_file_is_one_line_naming_it(shapes_dir, tmp_path, 
     weights = str(tmp_path / ("garbage" + suffix))
     with open(weights, "wb") as f:
         f.write(os.urandom(100))
-    status, _, err = run_main(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"), "--backbone",
+    status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", str(tmp_path / "runs"), "--backbone",
                                "resnet18", "--weights", weights, "--image-size", "32", "--no-progress"], capsys)
     assert status == 2 and "garbage{} cannot be read as a state_dict file".format(suffix) in err, err
     assert "Traceback" not in err
