@@ -148,3 +148,38 @@ def test_an_unreadable_weights_file_is_one_line_naming_it(shapes_dir, tmp_path, 
                                "resnet18", "--weights", weights, "--image-size", "32", "--no-progress"], capsys)
     assert status == 2 and "garbage{} cannot be read as a state_dict file".format(suffix) in err, err
     assert "Traceback" not in err
+
+
+_HOLD_LOCK = """
+import sys, time
+from da2ext.domains.run_lock import run_lock
+with run_lock(sys.argv[1], "test"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="advisory locks are POSIX only")
+def test_a_second_run_of_a_domain_stops_at_once_and_a_killed_holder_frees_it(shapes_dir, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    from da2ext.training.workflow import WorkDir
+    runs = str(tmp_path / "runs")
+    lock = WorkDir(runs).lock_path("da2", "shapes")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, lock], stdout=subprocess.PIPE, cwd=repo,
+                              env=dict(os.environ, PYTHONPATH=repo))
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        argv = ["train", "--data", shapes_dir, "--workdir", runs, "--epochs", "1"] + CLI_TINY
+        status, _, err = run_cli(argv, capsys)
+        assert status == 2 and "domain shapes (method da2)" in err, err
+        assert "is being trained by another run (pid {} on".format(holder.pid) in err
+        assert not os.path.exists(os.path.join(runs, "domains"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    status, _, err = run_cli(argv, capsys)  # the kernel released the dead holder's lock
+    assert status == 0, err

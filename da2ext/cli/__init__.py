@@ -296,7 +296,7 @@ def _train(args):
     from ..data.loaders import DataError, check_domain_dir
     from ..domains.domain_file import DomainFileError
     from ..training.loop import NonFiniteTrainingError
-    from ..training.workflow import DomainExistsError, WorkDir, learn_domain, load_saved_domains
+    from ..training.workflow import DomainExistsError, RunLockedError, WorkDir, learn_domain, load_saved_domains
     name = args.domain or os.path.basename(os.path.normpath(args.data))
     if not name or name.startswith(".") or os.sep in name:
         raise CommandError("--domain: {!r} is not a usable domain name".format(name))
@@ -328,7 +328,7 @@ def _train(args):
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
                                learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite)
-    except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError) as error:
+    except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError, RunLockedError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
           "domain file {:.1f} KiB, {:.0f} s".format(

@@ -24,11 +24,13 @@ import torch
 from ..data.loaders import DataError, domain_loaders, val_loader
 from ..domains.domain_file import DomainFileError
 from ..domains.multidomain import MultiDomainModel
+from ..domains.run_lock import RunLockedError, run_lock
 from ..models import backbones
 from .loop import evaluate, recorded_learning_rates, train_domain
 from .lr_schedule import WARMUP_FRACTION
 
-__all__ = ["DomainExistsError", "WorkDir", "build_model", "evaluate_domain", "learn_domain", "load_saved_domains"]
+__all__ = ["DomainExistsError", "RunLockedError", "WorkDir", "build_model", "evaluate_domain", "learn_domain",
+           "load_saved_domains"]
 
 _DOMAIN_EXTENSIONS = (".safetensors", ".npz")
 
@@ -46,6 +48,9 @@ class WorkDir(object):
 
     def __init__(self, root):
         self.root = os.path.abspath(os.fspath(root))
+
+    def lock_path(self, method, name):
+        return os.path.join(self.root, "locks", "{}-{}.lock".format(name, method))
 
     def domain_dir(self, method):
         return os.path.join(self.root, "domains", method)
@@ -145,6 +150,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     warmup_fraction: the share of steps the rates ramp up over (da2ext.training.lr_schedule).
     overwrite=False raises DomainExistsError, saying what would change, when the
     domain was learned already in the work directory (and is not reused).
+    Another process learning the same domain and method in the same work
+    directory makes it raise RunLockedError at once (domains/run_lock.py).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -153,22 +160,24 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                     lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint,
                     learning_rates=recorded_learning_rates(learning_rates),
                     warmup_fraction=float(warmup_fraction))
-    if reuse and _reusable(workdir, model, name, expected):
-        model.load_domain(workdir.domain_path(method, name), name=name)
-        metrics = workdir.read_metrics(method, name)
-        metrics["reused"] = True
-        return metrics
-    if not overwrite and os.path.isfile(workdir.domain_path(method, name)):
-        raise DomainExistsError(_learned_already(workdir, model, name, expected))
-    train_loader, val_loader, class_names = domain_loaders(
-        data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size, subsample=subsample, seed=seed,
-        num_workers=num_workers)
-    model.add_domain(name, len(class_names), class_names)
-    metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
-                           checkpoint_path=workdir.checkpoint_path(method, name),
-                           metrics_path=workdir.metrics_path(method, name), progress=progress, seed=seed,
-                           domain_path=workdir.domain_path(method, name), settings=settings,
-                           learning_rates=learning_rates, warmup_fraction=warmup_fraction)
+    # One run per domain and work directory: a second one stops here, saying who holds it.
+    with run_lock(workdir.lock_path(method, name), "domain {} (method {}) in {}".format(name, method, workdir.root)):
+        if reuse and _reusable(workdir, model, name, expected):
+            model.load_domain(workdir.domain_path(method, name), name=name)
+            metrics = workdir.read_metrics(method, name)
+            metrics["reused"] = True
+            return metrics
+        if not overwrite and os.path.isfile(workdir.domain_path(method, name)):
+            raise DomainExistsError(_learned_already(workdir, model, name, expected))
+        train_loader, val_loader, class_names = domain_loaders(
+            data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size, subsample=subsample, seed=seed,
+            num_workers=num_workers)
+        model.add_domain(name, len(class_names), class_names)
+        metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
+                               checkpoint_path=workdir.checkpoint_path(method, name),
+                               metrics_path=workdir.metrics_path(method, name), progress=progress, seed=seed,
+                               domain_path=workdir.domain_path(method, name), settings=settings,
+                               learning_rates=learning_rates, warmup_fraction=warmup_fraction)
     metrics["reused"] = False
     return metrics
 
