@@ -183,3 +183,23 @@ def test_a_second_run_of_a_domain_stops_at_once_and_a_killed_holder_frees_it(sha
         holder.stdout.close()
     status, _, err = run_cli(argv, capsys)  # the kernel released the dead holder's lock
     assert status == 0, err
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run_and_nothing_else(shapes_dir, tmp_path, capsys):
+    from da2ext.training.workflow import WorkDir
+    runs = str(tmp_path / "runs")
+    work = WorkDir(runs)
+    stale, kept = [], []
+    for path in (work.domain_path("da2", "shapes"), work.metrics_path("da2", "shapes"),
+                 work.checkpoint_path("da2", "shapes")):
+        directory, base = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        stale.append(os.path.join(directory, "." + base + ".k1llEd.partial"))  # atomic_write's own pattern
+        kept.append(os.path.join(directory, "." + base + ".partial.notes"))  # not its pattern
+        kept.append(os.path.join(directory, ".other" + base + ".x.partial"))  # another file's
+    for path in stale + kept:
+        with open(path, "w") as f:
+            f.write("x")
+    status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", runs, "--epochs", "1"] + CLI_TINY, capsys)
+    assert status == 0, err
+    assert not any(os.path.exists(p) for p in stale) and all(os.path.exists(p) for p in kept)

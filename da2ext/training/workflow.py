@@ -18,10 +18,12 @@ writes the domain file), evaluate_domain.
 import glob
 import json
 import os
+import sys
 
 import torch
 
 from ..data.loaders import DataError, domain_loaders, val_loader
+from ..domains.atomic_file import remove_stale_partials
 from ..domains.domain_file import DomainFileError
 from ..domains.multidomain import MultiDomainModel
 from ..domains.run_lock import RunLockedError, run_lock
@@ -162,6 +164,11 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                     warmup_fraction=float(warmup_fraction))
     # One run per domain and work directory: a second one stops here, saying who holds it.
     with run_lock(workdir.lock_path(method, name), "domain {} (method {}) in {}".format(name, method, workdir.root)):
+        stale = [f for path in (workdir.domain_path(method, name), workdir.metrics_path(method, name),
+                                workdir.checkpoint_path(method, name)) for f in remove_stale_partials(path)]
+        if stale and progress:
+            print("removed {} unfinished temporary file(s) of an earlier, killed run of {}".format(len(stale), name),
+                  file=sys.stderr)
         if reuse and _reusable(workdir, model, name, expected):
             model.load_domain(workdir.domain_path(method, name), name=name)
             metrics = workdir.read_metrics(method, name)
