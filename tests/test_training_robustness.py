@@ -203,3 +203,25 @@ def test_a_killed_runs_temporary_files_are_removed_by_the_next_run_and_nothing_e
     status, _, err = run_cli(["train", "--data", shapes_dir, "--workdir", runs, "--epochs", "1"] + CLI_TINY, capsys)
     assert status == 0, err
     assert not any(os.path.exists(p) for p in stale) and all(os.path.exists(p) for p in kept)
+
+
+def test_16_bit_greyscale_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from da2ext.data.loaders import load_rgb
+    path = str(tmp_path / "grey16.png")
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(path)  # mid-grey at 16 bits
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_rgb(path))
+    assert pixels.shape == (4, 4, 3) and int(pixels.min()) == int(pixels.max()) == 128  # 32768 / 257, not 255
+
+
+def test_a_corrupt_image_stops_training_with_its_name(tmp_path, capsys):
+    data = tmp_path / "shapes"
+    write_image_folder(str(data), train_per_class=2, val_per_class=1, seed=0)
+    broken = data / "train" / "circle" / "broken.png"
+    with open(str(broken), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
+    status, _, err = run_cli(["train", "--data", str(data), "--workdir", str(tmp_path / "runs"), "--epochs", "1"]
+                             + CLI_TINY, capsys)
+    assert status == 2 and "cannot read image" in err and "broken.png" in err and "Traceback" not in err, err

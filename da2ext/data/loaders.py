@@ -31,6 +31,28 @@ def _torchvision():
     return torchvision
 
 
+# Pillow opens 16-bit greyscale PNGs and TIFFs as "I;16*" (or "I", 32-bit integers, in older
+# versions), and its convert("RGB") clips those values at 255 instead of scaling them: a
+# 16-bit image would come out nearly all white. They are scaled to 8 bits first.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def load_rgb(path):
+    """The image at `path` as an 8-bit RGB PIL image (16-bit greyscale scaled, not
+    clipped); DataError naming the file when it cannot be read as an image."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # truncated, corrupt, or not an image
+        raise DataError("cannot read image {}: {}".format(path, error))
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def image_transform(image_size, normalization, augment=False):
     """PIL image -> normalised float tensor 3 x image_size x image_size.
 
@@ -38,7 +60,7 @@ def image_transform(image_size, normalization, augment=False):
     (backbones.imagenet_normalization). augment: a light random crop after a
     small padding (off by default, for reproducible figures)."""
     transforms = _torchvision().transforms
-    # ImageFolder's loader gives RGB images already (grey and palette PNGs converted).
+    # load_rgb gives RGB images already (grey, 16-bit and palette images converted).
     steps = [transforms.Resize((image_size, image_size))]
     if augment:
         steps.append(transforms.RandomCrop(image_size, padding=max(1, image_size // 16), padding_mode="edge"))
@@ -54,7 +76,7 @@ def image_folder(split_dir, transform=None):
         raise DataError("{} is not a directory: a domain directory needs train/ and val/, each with one "
                         "sub-directory of images per class".format(split_dir))
     try:
-        dataset = _torchvision().datasets.ImageFolder(split_dir, transform=transform)
+        dataset = _torchvision().datasets.ImageFolder(split_dir, transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as error:  # no class folders, or no images in them
         raise DataError("{} holds no images in class sub-directories ({})".format(split_dir, error))
     if len(dataset) == 0:
