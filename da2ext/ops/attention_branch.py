@@ -21,15 +21,16 @@ MODES = ("add", "mul")
 IM2COL_MAX_PIXELS = 28 * 28
 
 
-def _aten_op(name):
+def aten_op(name):
+    """torch.ops.aten.<name>, or None where this torch has no such op."""
     try:
         return getattr(torch.ops.aten, name)
     except (AttributeError, RuntimeError):  # not in this torch
         return None
 
 
-_IM2COL_CONV2D = _aten_op("thnn_conv2d")
-IM2COL_CONV2D_BACKWARD = _aten_op("_slow_conv2d_backward")  # torch >= 1.11
+_IM2COL_CONV2D = aten_op("thnn_conv2d")
+IM2COL_CONV2D_BACKWARD = aten_op("_slow_conv2d_backward")  # torch >= 1.11
 
 
 def uses_im2col_conv(spatial):

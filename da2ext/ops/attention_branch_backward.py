@@ -6,19 +6,11 @@ gradients of the descriptors and of the six branch parameters.
 """
 import torch
 
-from .attention_branch import IM2COL_CONV2D_BACKWARD, uses_im2col_conv
+from .attention_branch import IM2COL_CONV2D_BACKWARD, aten_op, uses_im2col_conv
 
-
-def _find_convolution_backward():
-    # aten::convolution_backward (torch >= 1.11) computes the input, weight and bias
-    # gradients in one call, picking the same backend as autograd would.
-    try:
-        return torch.ops.aten.convolution_backward
-    except (AttributeError, RuntimeError):  # torch 1.10: no such op
-        return None
-
-
-_convolution_backward = _find_convolution_backward()
+# aten::convolution_backward (torch >= 1.11; None on the Jetson's 1.10) computes the input,
+# weight and bias gradients in one call, picking the same backend as autograd would.
+_convolution_backward = aten_op("convolution_backward")
 
 
 def _conv2d_backward(grad_output, spatial, weight, needs_input, needs_weight, needs_bias):
