@@ -113,26 +113,21 @@ def load_saved_domains(model, workdir, skip=()):
     return loaded
 
 
-def _reusable(workdir, model, name, expected):
-    """True if the domain file and metrics of `name` exist and were made with `expected` settings."""
-    path = workdir.domain_path(model.method.name, name)
-    metrics = workdir.read_metrics(model.method.name, name)
-    if metrics is None or not os.path.isfile(path):
-        return False
+def _changed_settings(metrics, expected):
+    """The keys of `expected` whose values differ from those recorded in a run's metrics."""
     recorded = metrics.get("settings", {})
-    return all(recorded.get(k) == v for k, v in expected.items())
+    return [k for k, v in sorted(expected.items()) if recorded.get(k) != v]
 
 
 class DomainExistsError(ValueError):
     """learn_domain(overwrite=False) found the domain learned already in the work directory."""
 
 
-def _learned_already(workdir, model, name, expected):
+def _learned_already(workdir, model, name, metrics, expected):
     """The message refusing to learn `name` again: what it was learned with and what would change."""
-    metrics = workdir.read_metrics(model.method.name, name) or {}
     recorded = metrics.get("settings", {})
-    changes = ["{} {!r} -> {!r}".format(k, recorded.get(k), v) for k, v in sorted(expected.items())
-               if k != "backbone_fingerprint" and recorded.get(k) != v]
+    changes = ["{} {!r} -> {!r}".format(k, recorded.get(k), expected[k]) if k != "backbone_fingerprint"
+               else "the backbone's weights" for k in _changed_settings(metrics, expected)]
     accuracy = metrics.get("final_val_accuracy")
     return ("domain {} was learned already with method {} in {}{}; learning it again replaces it ({}). Pass "
             "--overwrite (overwrite=True) to do so, or use another --domain or --workdir".format(
@@ -162,28 +157,30 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                     lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint,
                     learning_rates=recorded_learning_rates(learning_rates),
                     warmup_fraction=float(warmup_fraction))
+    domain_path = workdir.domain_path(method, name)
+    metrics_path = workdir.metrics_path(method, name)
+    checkpoint_path = workdir.checkpoint_path(method, name)
     # One run per domain and work directory: a second one stops here, saying who holds it.
     with run_lock(workdir.lock_path(method, name), "domain {} (method {}) in {}".format(name, method, workdir.root)):
-        stale = [f for path in (workdir.domain_path(method, name), workdir.metrics_path(method, name),
-                                workdir.checkpoint_path(method, name)) for f in remove_stale_partials(path)]
+        stale = [f for path in (domain_path, metrics_path, checkpoint_path) for f in remove_stale_partials(path)]
         if stale and progress:
             print("removed {} unfinished temporary file(s) of an earlier, killed run of {}".format(len(stale), name),
                   file=sys.stderr)
-        if reuse and _reusable(workdir, model, name, expected):
-            model.load_domain(workdir.domain_path(method, name), name=name)
-            metrics = workdir.read_metrics(method, name)
-            metrics["reused"] = True
-            return metrics
-        if not overwrite and os.path.isfile(workdir.domain_path(method, name)):
-            raise DomainExistsError(_learned_already(workdir, model, name, expected))
+        if os.path.isfile(domain_path):
+            earlier = workdir.read_metrics(method, name)
+            if reuse and earlier is not None and not _changed_settings(earlier, expected):
+                model.load_domain(domain_path, name=name)
+                earlier["reused"] = True
+                return earlier
+            if not overwrite:
+                raise DomainExistsError(_learned_already(workdir, model, name, earlier or {}, expected))
         train_loader, val_loader, class_names = domain_loaders(
             data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size, subsample=subsample, seed=seed,
             num_workers=num_workers)
         model.add_domain(name, len(class_names), class_names)
         metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
-                               checkpoint_path=workdir.checkpoint_path(method, name),
-                               metrics_path=workdir.metrics_path(method, name), progress=progress, seed=seed,
-                               domain_path=workdir.domain_path(method, name), settings=settings,
+                               checkpoint_path=checkpoint_path, metrics_path=metrics_path, progress=progress,
+                               seed=seed, domain_path=domain_path, settings=settings,
                                learning_rates=learning_rates, warmup_fraction=warmup_fraction)
     metrics["reused"] = False
     return metrics
