@@ -31,10 +31,14 @@ def _tiny_run(shapes_dir, tmp_path, **kwargs):
                                                             progress=False, **dict(paths, **kwargs))
 
 
+def _head_bias(model):
+    return [t for slot, t in model.domain_tensors("shapes").items() if slot.endswith("fc.bias")][0]
+
+
 def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing(shapes_dir, tmp_path):
     model, paths, train = _tiny_run(shapes_dir, tmp_path)
     with torch.no_grad():
-        [t for slot, t in model.domain_tensors("shapes").items() if slot.endswith("fc.bias")][0][0] = float("nan")
+        _head_bias(model)[0] = float("nan")
     with pytest.raises(NonFiniteTrainingError, match=r"loss of domain shapes became nan at epoch 1/2, step 1/\d+: "
                                                      r"the run stopped and saved nothing.*--lr-scale"):
         train()
@@ -44,7 +48,7 @@ def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing(shapes_dir, tmp_path
 
 def test_tensors_that_turn_non_finite_stop_a_run_before_its_checkpoint(shapes_dir, tmp_path, monkeypatch):
     model, paths, train = _tiny_run(shapes_dir, tmp_path)
-    bias = [t for slot, t in model.domain_tensors("shapes").items() if slot.endswith("fc.bias")][0]
+    bias = _head_bias(model)
     real_epoch = loop._train_epoch
 
     def epoch_that_leaves_an_infinity(run, *args):
