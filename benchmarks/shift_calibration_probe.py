@@ -1,0 +1,141 @@
+"""Probe: does re-estimating the frozen BN statistics on the new domain's training
+images (AdaBN) before the backbone is frozen help, and whom? (docs/design.md §5)
+
+Each configuration learns one domain (mnist_m by default) on the digits table's
+setting (720 training images, 64x64, 4 epochs, batch 64, EfficientNet-Lite0 with
+ImageNet weights, each method's default rates and warmup) once per seed:
+- none: the pretrained BN statistics, as every method uses today;
+- mean: each BN's running mean re-estimated on the domain's training images (one
+  forward pass in train mode, cumulative average), its running variance kept. For
+  a method that trains the BN shifts this only moves where the shifts start, so it
+  costs no memory and changes no file format, but it must be done per domain;
+- full: running mean and variance both re-estimated (AdaBN proper). Folding the
+  variance into the frozen conv changes the frozen weights per domain: a domain
+  would need its own backbone copy, so this row is an upper bound, not an option.
+
+    python -m da2ext prepare-digits /tmp/digits
+    python benchmarks/shift_calibration_probe.py --data /tmp/digits   # ~5 min on 2 cores
+
+Writes benchmarks/results/shift_calibration.{md,json}. Not a method of the package:
+the table's methods do not calibrate (the result says why not yet).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from da2ext.data.loaders import domain_loaders  # noqa: E402
+from da2ext.domains.atomic_file import atomic_write  # noqa: E402
+from da2ext.domains.multidomain import MultiDomainModel  # noqa: E402
+from da2ext.models import backbones  # noqa: E402
+from da2ext.training.loop import train_domain  # noqa: E402
+
+METHODS = ("bias_lean", "da2")
+STATISTICS = ("none", "mean", "full")
+
+
+def recalibrate_statistics(network, loader, which):
+    """Re-estimate every BN's running statistics of `network` on the images of
+    `loader` (train-mode forwards, cumulative average); which="mean" keeps the
+    pretrained running variances."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    variances = [m.running_var.clone() for m in norms]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    network.train()
+    with torch.no_grad():
+        for images, _ in loader:
+            network(images)
+    for m, variance, momentum in zip(norms, variances, momenta):
+        m.momentum = momentum
+        if which == "mean":
+            m.running_var.copy_(variance)
+    network.eval()
+
+
+def run_one(args, method, which, seed):
+    torch.manual_seed(seed)
+    network = backbones.create("efficientnet_lite0", pretrained=True)
+    train_loader, val_loader, classes = domain_loaders(
+        os.path.join(args.data, args.domain), image_size=64, batch_size=64, subsample=args.subsample, seed=seed)
+    if which != "none":
+        # Its own unshuffled pass, so that the training run's shuffling is the uncalibrated run's.
+        calibration = torch.utils.data.DataLoader(train_loader.dataset, batch_size=64, shuffle=False)
+        recalibrate_statistics(network, calibration, which)
+    model = MultiDomainModel(network, method)
+    model.add_domain(args.domain, len(classes), classes)
+    start = time.time()
+    metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed)
+    return {"method": method, "statistics": which, "seed": seed, "val_accuracy": metrics["final_val_accuracy"],
+            "seconds": round(time.time() - start, 1)}
+
+
+def _commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).decode().strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(records, args, argv):
+    lines = ["# Shift calibration probe (AdaBN before freezing)", "",
+             "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), each "
+             "method's default rates and warmup; val accuracy (%) per seed. Seeds {}: none of the digits table's. "
+             "Commit {}, {} ({} CPUs), torch {}. Rerun: `python benchmarks/shift_calibration_probe.py {}`.".format(
+                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), _commit(),
+                 platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)), "",
+             "statistics: none = pretrained; mean = running means re-estimated on the domain's training images "
+             "(free: it only moves where the trainable shifts start); full = means and variances (AdaBN; would need "
+             "per-domain frozen weights).", "",
+             "| method | statistics | {} | mean |".format(" | ".join("seed {}".format(s) for s in args.seeds)),
+             "| --- | --- | {} | --- |".format(" | ".join("---" for _ in args.seeds))]
+    for method in METHODS:
+        for which in STATISTICS:
+            accs = [r["val_accuracy"] for s in args.seeds for r in records
+                    if r["method"] == method and r["statistics"] == which and r["seed"] == s]
+            lines.append("| {} | {} | {} | {:.1f} |".format(method, which, " | ".join(
+                "{:.1f}".format(100 * a) for a in accs), 100 * sum(accs) / len(accs)))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="the digits domains (python -m da2ext prepare-digits DIR)")
+    parser.add_argument("--domain", default="mnist_m")
+    parser.add_argument("--seeds", default="0,3,4")
+    parser.add_argument("--subsample", type=int, default=720)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [(m, w, s) for m in METHODS for w in STATISTICS for s in args.seeds]
+    try:
+        from tqdm import tqdm
+        runs_iter = tqdm(runs, desc="probe runs", unit="run")
+    except ImportError:
+        runs_iter = runs
+    records = [run_one(args, m, w, s) for m, w, s in runs_iter]
+    if not os.path.isdir(args.out_dir):
+        os.makedirs(args.out_dir)
+    text = json.dumps({"commit": _commit(), "argv": argv, "records": records}, indent=1, sort_keys=True) + "\n"
+    atomic_write(os.path.join(args.out_dir, "shift_calibration.json"), lambda f: f.write(text), mode="w")
+    md = markdown(records, args, argv)
+    atomic_write(os.path.join(args.out_dir, "shift_calibration.md"), lambda f: f.write(md), mode="w")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
