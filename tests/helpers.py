@@ -313,6 +313,7 @@ def eager_steps(model, optimizer, data):
 
 # The command line (python -m da2ext ...) in-process, on a tiny random ResNet-18.
 CLI_TINY = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--no-progress"]
+CLI_TINY_EVAL = [a for a in CLI_TINY if a != "--no-progress"]  # eval shows no progress
 
 
 def run_cli(argv, capsys):

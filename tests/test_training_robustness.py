@@ -11,7 +11,7 @@ import torch
 from da2ext.training import NonFiniteTrainingError, loop
 from da2ext.training.workflow import build_model
 from da2ext.data.loaders import domain_loaders
-from helpers import CLI_TINY, IMAGE_SIZE, run_cli, write_image_folder
+from helpers import CLI_TINY, CLI_TINY_EVAL, IMAGE_SIZE, run_cli, write_image_folder
 
 
 
@@ -229,3 +229,46 @@ def test_a_corrupt_image_stops_training_with_its_name(tmp_path, capsys):
     status, _, err = run_cli(["train", "--data", str(data), "--workdir", str(tmp_path / "runs"), "--epochs", "1"]
                              + CLI_TINY, capsys)
     assert status == 2 and "cannot read image" in err and "broken.png" in err and "Traceback" not in err, err
+
+
+def _learn(data, runs, domain, capsys, *extra):
+    status, out, err = run_cli(["train", "--data", data, "--workdir", runs, "--domain", domain, "--epochs", "1"]
+                               + CLI_TINY + list(extra), capsys)
+    assert status == 0, err
+    return out, err
+
+
+def test_a_damaged_domain_file_costs_its_own_domain_not_the_work_directory(shapes_dir, tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    _learn(shapes_dir, runs, "first", capsys)
+    damaged = os.path.join(runs, "domains", "da2", "first.safetensors")
+    with open(damaged, "r+b") as f:  # truncated in the middle: not a readable safetensors file any more
+        f.truncate(os.path.getsize(damaged) // 2)
+    out, err = _learn(shapes_dir, runs, "second", capsys)
+    assert "warning: domain first skipped: " in err and "first.safetensors" in err and "damaged" in err, err
+    assert "another backbone" not in err
+    data_root = str(tmp_path / "eval_data")
+    os.makedirs(data_root)
+    os.symlink(shapes_dir, os.path.join(data_root, "second"))
+    status, out, err = run_cli(["eval", "--data", data_root, "--workdir", runs] + CLI_TINY_EVAL, capsys)
+    assert status == 1  # one domain could not be evaluated ...
+    assert "| first | - | - | - |" in out and "| second | 8 |" in out, out  # ... the other one was
+    assert "warning: domain first skipped" in err
+
+
+def test_eval_reads_past_a_corrupt_metrics_file(shapes_dir, tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    _learn(shapes_dir, runs, "shapes", capsys)
+    metrics = os.path.join(runs, "metrics", "shapes-da2.json")
+    with open(metrics, "w") as f:
+        f.write('{"settings": {"image_size": 3')  # cut off mid-write by another tool
+    # Without --image-size, eval reads the image size the run recorded: here it cannot, and uses 64.
+    status, out, err = run_cli(["eval", "--data", os.path.dirname(shapes_dir), "--workdir", runs, "--backbone",
+                                "resnet18", "--no-pretrained"], capsys)
+    assert status == 0, err
+    assert "| shapes | 8 |" in out and "metrics file {} cannot be read".format(metrics) in err
+    with open(metrics, "w") as f:
+        f.write("[1, 2]")  # JSON, but not the object a run writes
+    status, out, err = run_cli(["train", "--data", shapes_dir, "--workdir", runs, "--epochs", "1"] + CLI_TINY,
+                               capsys)
+    assert status == 2 and "was learned already" in err and "holds a JSON list" in err, err

@@ -103,6 +103,18 @@ def _methods_help():
         "training-memory budget")
 
 
+def _add_skip_bad_images(p):
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (counted and named on stderr) instead of stopping at "
+                        "the first")
+
+
+def _warn_unloadable(failed):
+    """One warning per domain file load_saved_domains could not load."""
+    for name, message in sorted(failed.items()):
+        print("warning: domain {} skipped: {}".format(name, message.replace("\n", " ")), file=sys.stderr)
+
+
 def _resolve_tail(args):
     """--train-last K / --memory-budget-mib M are spellings of da2_tail<K> / da2_budget<M>."""
     train_last, budget = getattr(args, "train_last", None), getattr(args, "memory_budget_mib", None)
@@ -204,6 +216,7 @@ def build_parser():
                             ", ".join(PARAMETER_GROUPS)))
     p.add_argument("--overwrite", action="store_true",
                    help="learn NAME again even if it was learned in the work directory with this method already")
+    _add_skip_bad_images(p)
     p.set_defaults(run=_train)
 
     p = commands.add_parser(
@@ -217,6 +230,7 @@ def build_parser():
                    help="image size (default: the one each domain was trained with, else 64)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
     p.add_argument("--domains", help="comma-separated domains to evaluate (default: all learned)")
+    _add_skip_bad_images(p)
     p.set_defaults(run=_eval)
 
     p = commands.add_parser(
@@ -321,13 +335,16 @@ def _train(args):
     except ValueError as error:
         raise CommandError("--lr: {}".format(error))
     try:
-        earlier = load_saved_domains(model, work, skip=(name,))
+        unloadable = {}
+        earlier = load_saved_domains(model, work, skip=(name,), failed=unloadable)
+        _warn_unloadable(unloadable)
         if earlier:
             print("domains learned earlier in {} (kept unchanged): {}".format(work.root, ", ".join(earlier)))
         metrics = learn_domain(model, work, name, args.data, epochs=args.epochs, batch_size=args.batch_size,
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
-                               learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite)
+                               learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite,
+                               skip_bad_images=args.skip_bad_images)
     except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError, RunLockedError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
@@ -341,31 +358,35 @@ def _train(args):
 
 def _eval(args):
     from ..data.loaders import DataError
-    from ..domains.domain_file import DomainFileError
     from ..training.workflow import WorkDir, evaluate_domain, load_saved_domains
     work = WorkDir(args.workdir)
     model = _build(args)
-    try:
-        names = load_saved_domains(model, work)
-    except DomainFileError as error:
-        raise CommandError(str(error))
+    unloadable = {}
+    names = load_saved_domains(model, work, failed=unloadable)
+    if not names and unloadable:  # nothing fits: most likely the wrong --backbone or --weights
+        raise CommandError("none of the {} domain file(s) in {} can be loaded; {}".format(
+            len(unloadable), work.domain_dir(args.method), unloadable[sorted(unloadable)[0]]))
+    _warn_unloadable(unloadable)
     if not names:
         raise CommandError("no {} domains in {}: learn one with python -m da2ext train".format(
             args.method, work.domain_dir(args.method)))
-    if args.domains:
-        names = _domain_list(args.domains, names)
+    selected = _domain_list(args.domains, names + sorted(unloadable)) if args.domains else names + sorted(unloadable)
+    names = [n for n in selected if n not in unloadable]
+    unloadable = [n for n in selected if n in unloadable]
     paths = dict(work.domain_files(args.method))
     print("| domain | val images | accuracy | loss | file size (KiB) |")
     print("| --- | --- | --- | --- | --- |")
-    failures = 0
+    failures = len(unloadable)
+    for name in unloadable:  # warned about above
+        print("| {} | - | - | - | {:.1f} |".format(name, os.path.getsize(paths[name]) / 1024.0))
     for name in names:
-        metrics = work.read_metrics(args.method, name) or {}
-        image_size = args.image_size or metrics.get("settings", {}).get("image_size", 64)
+        image_size = args.image_size or work.recorded_setting(args.method, name, "image_size", 64)
         data_dir = os.path.join(args.data, name)
         size_kib = os.path.getsize(paths[name]) / 1024.0
         try:
             accuracy, loss, images = evaluate_domain(model, name, data_dir, backbone=args.backbone,
-                                                     image_size=image_size, batch_size=args.batch_size)
+                                                     image_size=image_size, batch_size=args.batch_size,
+                                                     skip_bad_images=args.skip_bad_images)
         except DataError as error:
             failures += 1
             print("| {} | - | - | - | {:.1f} |".format(name, size_kib))

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from ..data.loaders import DataError, domain_loaders, val_loader
+from ..data.loaders import DataError, domain_loaders, report_skipped, val_loader
 from ..domains.atomic_file import remove_stale_partials
 from ..domains.domain_file import DomainFileError
 from ..domains.multidomain import MultiDomainModel
@@ -74,12 +74,35 @@ class WorkDir(object):
         return os.path.join(self.root, "checkpoints", "{}-{}.pt".format(name, method))
 
     def read_metrics(self, method, name):
-        """The metrics JSON of a learned domain, or None."""
+        """The metrics JSON of a learned domain; None when there is none, or when it
+        cannot be read (a warning names the file: the metrics only describe a run,
+        the domain file is what holds it)."""
         path = self.metrics_path(method, name)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                metrics = json.load(f)
+        except (OSError, ValueError) as error:  # ValueError: not JSON (truncated, overwritten, not UTF-8)
+            print("warning: metrics file {} cannot be read ({}); ignoring it".format(path, error), file=sys.stderr)
+            return None
+        if not isinstance(metrics, dict):
+            print("warning: metrics file {} holds a JSON {}, not an object; ignoring it".format(
+                path, type(metrics).__name__), file=sys.stderr)
+            return None
+        return metrics
+
+    def recorded_setting(self, method, name, key, default):
+        """One setting a learned domain's run recorded (its image size, say), or
+        `default` when there are no readable metrics or they lack it."""
+        value = recorded_settings(self.read_metrics(method, name)).get(key)
+        return default if value is None else value
+
+
+def recorded_settings(metrics):
+    """The "settings" of a run's metrics, {} when they are missing or not an object."""
+    settings = (metrics or {}).get("settings")
+    return settings if isinstance(settings, dict) else {}
 
 
 def build_model(backbone="efficientnet_lite0", method="da2", pretrained=True, weights=None, seed=0, device="cpu"):
@@ -97,9 +120,21 @@ def build_model(backbone="efficientnet_lite0", method="da2", pretrained=True, we
     return MultiDomainModel(network, method).to(device)
 
 
-def load_saved_domains(model, workdir, skip=()):
+def _domain_file_hint(error):
+    """The hint a DomainFileError gets: only a mismatch says anything about the backbone."""
+    if "fingerprint" in str(error) or "architecture" in str(error):
+        return "(it was learned with another backbone or weights: use the same --backbone, --weights and " \
+               "--no-pretrained as then, or another --workdir)"
+    return "(the file is damaged: learn that domain again with --overwrite, or remove it)"
+
+
+def load_saved_domains(model, workdir, skip=(), failed=None):
     """Load every domain file of the model's method from the work directory (but
-    those named in `skip`); returns their names."""
+    those named in `skip`); returns their names.
+
+    failed: None raises DomainFileError at the first file that cannot be loaded;
+    a dict instead collects {name: message} for those files and goes on with the
+    others (a damaged file then costs its own domain, not the work directory)."""
     loaded = []
     for name, path in workdir.domain_files(model.method.name):
         if name in skip or name in model.domains:
@@ -107,15 +142,18 @@ def load_saved_domains(model, workdir, skip=()):
         try:
             model.load_domain(path, name=name)
         except DomainFileError as error:
-            raise DomainFileError("{}\n(it was learned with another backbone or weights: use the same --backbone, "
-                                  "--weights and --no-pretrained as then, or another --workdir)".format(error))
+            message = "{}\n{}".format(error, _domain_file_hint(error))
+            if failed is None:
+                raise DomainFileError(message)
+            failed[name] = message
+            continue
         loaded.append(name)
     return loaded
 
 
 def _changed_settings(metrics, expected):
     """The keys of `expected` whose values differ from those recorded in a run's metrics."""
-    recorded = metrics.get("settings", {})
+    recorded = recorded_settings(metrics)
     return [k for k, v in sorted(expected.items()) if recorded.get(k) != v]
 
 
@@ -125,7 +163,7 @@ class DomainExistsError(ValueError):
 
 def _learned_already(workdir, model, name, metrics, expected):
     """The message refusing to learn `name` again: what it was learned with and what would change."""
-    recorded = metrics.get("settings", {})
+    recorded = recorded_settings(metrics)
     changes = ["{} {!r} -> {!r}".format(k, recorded.get(k), expected[k]) if k != "backbone_fingerprint"
                else "the backbone's weights" for k in _changed_settings(metrics, expected)]
     accuracy = metrics.get("final_val_accuracy")
@@ -138,7 +176,7 @@ def _learned_already(workdir, model, name, metrics, expected):
 
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
-                 learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True):
+                 learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True, skip_bad_images=False):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
@@ -149,6 +187,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     domain was learned already in the work directory (and is not reused).
     Another process learning the same domain and method in the same work
     directory makes it raise RunLockedError at once (domains/run_lock.py).
+    skip_bad_images: leave out the images that cannot be read (reported on
+    stderr) instead of stopping at the first (data.loaders.image_folder).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -176,7 +216,9 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                 raise DomainExistsError(_learned_already(workdir, model, name, earlier or {}, expected))
         train_loader, val_loader, class_names = domain_loaders(
             data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size, subsample=subsample, seed=seed,
-            num_workers=num_workers)
+            num_workers=num_workers, skip_bad_images=skip_bad_images)
+        report_skipped(train_loader.dataset)
+        report_skipped(val_loader.dataset)
         model.add_domain(name, len(class_names), class_names)
         metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
                                checkpoint_path=checkpoint_path, metrics_path=metrics_path, progress=progress,
@@ -186,11 +228,14 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     return metrics
 
 
-def evaluate_domain(model, name, data_dir, backbone="efficientnet_lite0", image_size=64, batch_size=64):
+def evaluate_domain(model, name, data_dir, backbone="efficientnet_lite0", image_size=64, batch_size=64,
+                    skip_bad_images=False):
     """(accuracy, mean cross-entropy, number of images) of the learned domain `name`
     on data_dir/val; DataError if that directory's classes are not the ones the
-    domain was learned with."""
-    loader, class_names = val_loader(data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size)
+    domain was learned with. skip_bad_images: as in learn_domain."""
+    loader, class_names = val_loader(data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size,
+                                     skip_bad_images=skip_bad_images)
+    report_skipped(loader.dataset)
     expected = model.domain_info(name)["class_names"]
     if expected is not None and list(expected) != list(class_names):
         raise DataError("{} has classes {}, the domain was learned with {}".format(data_dir, class_names, expected))
