@@ -221,12 +221,8 @@ class FrozenConvBNAct(nn.Module):
     """
 
     def __init__(self, weight, frozen_bias, shift, stride, padding, dilation, groups, tf_same, upper,
-                 train_shift=True, bn_folded=False):
+                 train_shift=True):
         super(FrozenConvBNAct, self).__init__()
-        # Whether a BN was folded in: only then is the output's mean a BN statistic that
-        # shift calibration (lean/shift_calibration.py) may re-centre.
-        self.bn_folded = bool(bn_folded)
-        self.calibration = None  # a ShiftCalibration while one runs
         self.register_buffer("weight", weight)
         self.register_buffer("frozen_bias", frozen_bias)
         self.shift = nn.Parameter(shift, requires_grad=train_shift)
@@ -271,8 +267,7 @@ class FrozenConvBNAct(nn.Module):
         # The bias and the trainable shift stay float32 under a float16 backbone.
         bias_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return cls(weight.to(dtype).contiguous(), frozen_bias.to(bias_dtype), shift.to(bias_dtype), conv.stride,
-                   (0, 0) if tf_same else conv.padding, conv.dilation, conv.groups, tf_same, upper, train_shift,
-                   bn_folded=bn is not None)
+                   (0, 0) if tf_same else conv.padding, conv.dilation, conv.groups, tf_same, upper, train_shift)
 
     def _weight_for(self, x):
         """The folded weight, held in the memory order that suits `x` (dense): channels_last
@@ -296,8 +291,6 @@ class FrozenConvBNAct(nn.Module):
 
     def forward(self, x):
         x = dense(x.to(self.weight.dtype))
-        if self.calibration is not None:
-            return self._calibrating_forward(x, None, self.upper)
         weight = self._weight_for(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.shift.requires_grad):
             if kernels_available(x.device.type) or self.upper is None:
@@ -319,23 +312,9 @@ class FrozenConvBNAct(nn.Module):
             raise ValueError("forward_add_activation is for a conv without activation or TF padding "
                              "(this one: activation upper={}, tf_same={})".format(self.upper, self.tf_same))
         x = dense(x.to(self.weight.dtype))
-        if self.calibration is not None:
-            return self._calibrating_forward(x, residual.to(self.weight.dtype), upper)
         return FrozenConvBNActFunction.apply(x, residual.to(self.weight.dtype), self._weight_for(x),
                                              self.frozen_bias, self.shift, self.stride, self.padding, self.dilation,
                                              self.groups, False, upper)
-
-    def _calibrating_forward(self, x, residual, upper):
-        """The forward while shift calibration runs (no autograd): the folded BN's
-        output re-centred on this batch's per-channel mean, as a BN with the
-        domain's mean would give; the calibration records the mean."""
-        with torch.no_grad():
-            y = self._conv(x, self.frozen_bias.to(self.weight.dtype))
-            batch_mean = self.calibration.record(self, y)
-            y = y + (self.shift - batch_mean).to(y.dtype).view(1, -1, 1, 1)
-            if residual is not None:
-                y = y + residual
-            return activate_inplace(y, upper)
 
     def _conv(self, x, bias):
         if self.tf_same:
