@@ -17,7 +17,10 @@ ImageNet weights, each method's default rates and warmup) once per seed:
     python benchmarks/shift_calibration_probe.py --data /tmp/digits   # ~5 min on 2 cores
 
 Writes benchmarks/results/shift_calibration.{md,json}. Not a method of the package:
-the table's methods do not calibrate (the result says why not yet).
+"mean" re-estimates the means under train-mode BN (each layer's input normalised
+by its batch's variance too), not under the frozen model that then trains; the
+consistent estimate, re-centring each frozen BN as the frozen model computes it,
+collapsed (benchmarks/results/shift_calibration_recentred.md, commit 04ba121).
 """
 import argparse
 import json
