@@ -1,4 +1,4 @@
-"""The command line: python -m da2ext {prepare-digits,train,eval,digits-demo,nano-table}.
+"""The command line: python -m da2ext {prepare-digits,train,eval,digits-demo,nano-table,info}.
 
     python -m da2ext prepare-digits data/digits
     python -m da2ext train --data data/digits/mnist --domain mnist --workdir runs/mine
@@ -255,7 +255,24 @@ def build_parser():
     commands.add_parser(
         "nano-table", help="the memory/time table of docs/design.md §4 (da2ext.cli.nano_table; nano-table --help "
                            "lists its arguments)")
+
+    p = commands.add_parser(
+        "info", help="what is installed: versions, the torch the extension was built against, the kernels "
+                     "per device, optional libraries",
+        description="Print da2ext's and torch's versions, the torch the extension was built against, which "
+                    "implementation runs the ops on each device, the CUDA architectures compiled, OpenMP, and "
+                    "the optional libraries present with what each enables. Exit status 1 when the extension "
+                    "was built against another torch.")
+    p.set_defaults(run=_info)
     return parser
+
+
+def _info(args):
+    from . import info
+    report = info.collect()
+    for line in info.format_report(report):
+        print(line)
+    return 1 if report["mismatch"] is not None else 0
 
 
 def _domain_list(text, allowed=None):

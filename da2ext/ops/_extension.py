@@ -4,10 +4,16 @@ The extension registers its ops with the torch dispatcher as torch.ops.da2ext.*.
 Where it is missing (a source checkout that was not built) or was built without
 CUDA kernels, the fused adaptor falls back to the pure-PyTorch reference: the
 same maths, more memory kept for backward. backend() tells which runs.
+
+An extension built against one torch and loaded under another either fails to
+load (an undefined symbol) or loads and may misbehave; either way the import
+warns, naming both versions and the rebuild command (build_mismatch).
 """
 import warnings
 
 import torch
+
+REBUILD_COMMAND = "pip install --no-build-isolation --no-deps --force-reinstall ."
 
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.da2ext.*)
@@ -18,6 +24,38 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
     _IMPORT_ERROR = error
 
 _warned = set()
+
+
+def recorded_build_info():
+    """What the extension was built with: from the extension itself when it loads
+    (_C.build_info()), else from the _build_info.py its build wrote beside it;
+    None when neither exists (a checkout that was never built)."""
+    if _C is not None and hasattr(_C, "build_info"):
+        return dict(_C.build_info())
+    try:
+        from .._build_info import BUILD_INFO
+    except ImportError:
+        return None
+    return dict(BUILD_INFO)
+
+
+def build_mismatch(info, running=None):
+    """The warning for an extension built against another torch than `running`
+    (torch.__version__ by default), or None when they agree or nothing is known."""
+    running = torch.__version__ if running is None else running
+    built = (info or {}).get("torch")
+    if not built or built == running:
+        return None
+    loaded = "it loaded, but may crash or compute wrongly" if _C is not None else \
+        "it cannot be loaded ({}), so the pure-PyTorch reference runs instead".format(_IMPORT_ERROR)
+    return ("da2ext: the compiled extension was built against torch {} but this is torch {}; {}. Rebuild it "
+            "against this torch, from da2ext's source directory: {} (add -e for a development install)".format(
+                built, running, loaded, REBUILD_COMMAND))
+
+
+_MISMATCH = build_mismatch(recorded_build_info())
+if _MISMATCH is not None:
+    warnings.warn(_MISMATCH, RuntimeWarning, stacklevel=2)
 
 
 def kernels_available(device_type):
