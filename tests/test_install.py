@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import da2ext
-from da2ext.ops._extension import REBUILD_COMMAND, build_mismatch, recorded_build_info
+from da2ext.ops import REBUILD_COMMAND, build_mismatch, recorded_build_info
 from helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(da2ext.__file__))
 # part; the package's __init__ any but data, methods and cli (checked below, by
 # importing it); __main__ only cli.
 ALLOWED = {
-    "ops": ("_C",),                       # the kernels' Python side; ops/_extension.py loads da2ext._C
+    "ops": ("_C", "_build_info"),         # the kernels' Python side; ops/_extension.py loads da2ext._C
+                                          # (and reads what its build recorded beside it)
     "nn": ("ops",),                       # the modules users put in models
     "profiling": (),                      # what autograd keeps and a step costs: a tool of every layer
     "lean": ("ops", "nn", "profiling"),   # the lean frozen backbone

@@ -14,8 +14,7 @@ import sys
 import torch
 
 from .. import __version__
-from ..ops import backend
-from ..ops._extension import build_mismatch, kernels_available, recorded_build_info
+from ..ops import backend, build_mismatch, kernels_available, recorded_build_info
 
 __all__ = ["OPTIONAL", "collect", "format_report"]
 

@@ -11,14 +11,15 @@ they are tested against.
     conv_passes.py                the frozen conv's forward and input-gradient passes
     memory_order.py               NCHW and channels_last as the kernels see them
     reference.py                  the pure-PyTorch reference of the adaptor
-    _extension.py                 loads da2ext._C; which backend runs (backend())
+    _extension.py                 loads da2ext._C; which backend runs (backend()); what the build
+                                  recorded (recorded_build_info, build_mismatch)
     _validation.py                the checks of a feature map against the adaptor's parameters
 
 The modules built on these ops are in da2ext.nn and da2ext.lean.
 """
-from ._extension import backend, kernels_available, warn_fallback
+from ._extension import REBUILD_COMMAND, backend, build_mismatch, kernels_available, recorded_build_info, warn_fallback
 from .packed_activation import packed_activation, packed_relu, packed_relu6
 from .residual_attention import residual_attention
 
-__all__ = ["backend", "kernels_available", "packed_activation", "packed_relu", "packed_relu6", "residual_attention",
-           "warn_fallback"]
+__all__ = ["REBUILD_COMMAND", "backend", "build_mismatch", "kernels_available", "packed_activation", "packed_relu",
+           "packed_relu6", "recorded_build_info", "residual_attention", "warn_fallback"]
