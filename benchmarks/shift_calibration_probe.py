@@ -5,22 +5,21 @@ Each configuration learns one domain (mnist_m by default) on the digits table's
 setting (720 training images, 64x64, 4 epochs, batch 64, EfficientNet-Lite0 with
 ImageNet weights, each method's default rates and warmup) once per seed:
 - none: the pretrained BN statistics, as every method uses today;
-- mean: each BN's running mean re-estimated on the domain's training images (one
-  forward pass in train mode, cumulative average), its running variance kept. For
-  a method that trains the BN shifts this only moves where the shifts start, so it
-  costs no memory and changes no file format, but it must be done per domain;
-- full: running mean and variance both re-estimated (AdaBN proper). Folding the
-  variance into the frozen conv changes the frozen weights per domain: a domain
-  would need its own backbone copy, so this row is an upper bound, not an option.
+- mean: `train --calibrate-shifts` (da2ext.calibrate_shifts): each frozen BN's
+  shift starts where AdaBN's running mean on the domain's training images puts it
+  (one pass with the BNs normalising as in train mode), its running variance kept.
+  It only moves where the trainable shifts start: no memory, no new tensor;
+- full: running mean and variance both re-estimated on the plain backbone before
+  the method freezes it (AdaBN proper). Folding the variance into the frozen conv
+  changes the frozen weights per domain: a domain would need its own backbone
+  copy, so this row is a bound on what the statistics can give, not an option.
 
     python -m da2ext prepare-digits /tmp/digits
     python benchmarks/shift_calibration_probe.py --data /tmp/digits   # ~5 min on 2 cores
 
-Writes benchmarks/results/shift_calibration.{md,json}. Not a method of the package:
-"mean" re-estimates the means under train-mode BN (each layer's input normalised
-by its batch's variance too), not under the frozen model that then trains; the
-consistent estimate, re-centring each frozen BN as the frozen model computes it,
-collapsed (benchmarks/results/shift_calibration_recentred.md, commit 04ba121).
+Writes benchmarks/results/shift_calibration.{md,json}. Re-centring each frozen BN on
+the mean its output has in the frozen model itself, instead of AdaBN's train-mode
+pass, collapsed (benchmarks/results/shift_calibration_recentred.md, commit 04ba121).
 """
 import argparse
 import json
@@ -47,12 +46,10 @@ METHODS = ("bias_lean", "da2")
 STATISTICS = ("none", "mean", "full")
 
 
-def recalibrate_statistics(network, loader, which):
+def recalibrate_statistics(network, loader):
     """Re-estimate every BN's running statistics of `network` on the images of
-    `loader` (train-mode forwards, cumulative average); which="mean" keeps the
-    pretrained running variances."""
+    `loader` (train-mode forwards, cumulative average)."""
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    variances = [m.running_var.clone() for m in norms]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -61,10 +58,8 @@ def recalibrate_statistics(network, loader, which):
     with torch.no_grad():
         for images, _ in loader:
             network(images)
-    for m, variance, momentum in zip(norms, variances, momenta):
+    for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-        if which == "mean":
-            m.running_var.copy_(variance)
     network.eval()
 
 
@@ -73,14 +68,14 @@ def run_one(args, method, which, seed):
     network = backbones.create("efficientnet_lite0", pretrained=True)
     train_loader, val_loader, classes = domain_loaders(
         os.path.join(args.data, args.domain), image_size=64, batch_size=64, subsample=args.subsample, seed=seed)
-    if which != "none":
+    if which == "full":
         # Its own unshuffled pass, so that the training run's shuffling is the uncalibrated run's.
-        calibration = torch.utils.data.DataLoader(train_loader.dataset, batch_size=64, shuffle=False)
-        recalibrate_statistics(network, calibration, which)
+        recalibrate_statistics(network, torch.utils.data.DataLoader(train_loader.dataset, batch_size=64))
     model = MultiDomainModel(network, method)
     model.add_domain(args.domain, len(classes), classes)
     start = time.time()
-    metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed)
+    metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed,
+                           calibrate_shifts=which == "mean")
     return {"method": method, "statistics": which, "seed": seed, "val_accuracy": metrics["final_val_accuracy"],
             "seconds": round(time.time() - start, 1)}
 
@@ -99,9 +94,10 @@ def markdown(records, args, argv):
              "Commit {}, {} ({} CPUs), torch {}. Rerun: `python benchmarks/shift_calibration_probe.py {}`.".format(
                  args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), _commit(),
                  platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)), "",
-             "statistics: none = pretrained; mean = running means re-estimated on the domain's training images "
-             "(free: it only moves where the trainable shifts start); full = means and variances (AdaBN; would need "
-             "per-domain frozen weights).", "",
+             "statistics: none = pretrained; mean = `--calibrate-shifts`, the shifts started where AdaBN's running "
+             "means on the domain's training images put them (free: no memory, no new tensor); full = means and "
+             "variances re-estimated before freezing (AdaBN; would need per-domain frozen weights: a bound, not an "
+             "option).", "",
              "| method | statistics | {} | mean |".format(" | ".join("seed {}".format(s) for s in args.seeds)),
              "| --- | --- | {} | --- |".format(" | ".join("---" for _ in args.seeds))]
     for method in METHODS:

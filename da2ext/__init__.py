@@ -12,6 +12,7 @@ from .domains.multidomain import MultiDomainModel
 from .lean.adapt import adapt
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.lean_max_pool import LeanMaxPool2d
+from .lean.shift_calibration import calibrate_shifts
 from .lean.trainable import print_trainable_parameters, trainable_parameters
 from .models import backbones
 from .nn import PackedReLU, PackedReLU6, ResidualAttentionAdaptor
@@ -34,6 +35,7 @@ __all__ = [
     "SavedTensorCounter",
     "adapt",
     "backend",
+    "calibrate_shifts",
     "packed_activation",
     "packed_relu",
     "packed_relu6",

@@ -29,7 +29,7 @@ ALLOWED = {
     "domains": ("lean", "methods", "profiling"),  # MultiDomainModel and what goes to disk
     "models": ("domains.safe_load",),     # the backbones (their weight files load through safe_load)
     "data": ("models",),                  # a domain's images, normalised as its backbone expects
-    "training": ("data", "domains", "models", "profiling"),  # workflow -> loop
+    "training": ("data", "domains", "lean", "models", "profiling"),  # workflow -> loop (lean: shift calibration)
 }
 
 

@@ -164,6 +164,10 @@ def _add_training_arguments(parser, epochs=4):
                              "(default: {:g}; 0: none)".format(WARMUP_FRACTION))
     parser.add_argument("--subsample", type=_positive_int, metavar="N",
                         help="use at most N images per split, spread over the classes (quick runs, CI)")
+    parser.add_argument("--calibrate-shifts", action="store_true",
+                        help="before the first step, start each frozen BN's shift where the running mean AdaBN "
+                             "estimates on the domain's training images puts it (one pass; no memory kept, no new "
+                             "tensors)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -361,7 +365,7 @@ def _train(args):
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
                                learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite,
-                               skip_bad_images=args.skip_bad_images)
+                               skip_bad_images=args.skip_bad_images, calibrate_shifts=args.calibrate_shifts)
     except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError, RunLockedError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
@@ -403,7 +407,7 @@ def _eval(args):
         try:
             accuracy, loss, images = evaluate_domain(model, name, data_dir, backbone=args.backbone,
                                                      image_size=image_size, batch_size=args.batch_size,
-                                                     skip_bad_images=args.skip_bad_images)
+                                                     skip_bad_images=args.skip_bad_images, calibrate_shifts=args.calibrate_shifts)
         except DataError as error:
             failures += 1
             print("| {} | - | - | - | {:.1f} |".format(name, size_kib))
@@ -420,6 +424,7 @@ def _digits_demo(args):
             workdir=args.workdir, epochs=args.epochs, subsample=args.subsample,
             domains=_domain_list(args.domains, DOMAIN_NAMES), method=args.method, image_size=args.image_size,
             batch_size=args.batch_size, lr_scale=args.lr_scale, warmup_fraction=args.warmup, seed=args.seed,
+            calibrate_shifts=args.calibrate_shifts,
             train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain, backbone=args.backbone,
             pretrained=_pretrained(args), weights=args.weights, device=args.device, progress=not args.no_progress)
     except ValueError as error:

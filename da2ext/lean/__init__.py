@@ -6,6 +6,7 @@ an adaptor after every block.
     frozen_conv.py     FrozenConvBNAct: a frozen conv + folded BN + activation
     frozen_blocks.py   FrozenBlock: every supported residual block, frozen and lean
     lean_max_pool.py   LeanMaxPool2d: a max pool that keeps one byte per output element for backward
+    shift_calibration.py  calibrate_shifts(): a new domain's BN shifts started from AdaBN's means
     trainable_tail.py  TrainableTail: the last blocks trained in full, within a memory budget
     trainable.py       what a model trains, by parameter group (adaptors, shifts, head, tail)
 

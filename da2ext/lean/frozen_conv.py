@@ -221,10 +221,15 @@ class FrozenConvBNAct(nn.Module):
     """
 
     def __init__(self, weight, frozen_bias, shift, stride, padding, dilation, groups, tf_same, upper,
-                 train_shift=True):
+                 train_shift=True, bn_train_mode=None):
         super(FrozenConvBNAct, self).__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("frozen_bias", frozen_bias)
+        # (|gamma|, eps * scale^2) per channel of the folded BN, or None without one: what the BN in
+        # train mode would compute from the folded output (domain statistics, lean/domain_statistics.py).
+        # Not saved in state_dict (persistent=False): it follows from the weights.
+        self.register_buffer("bn_train_mode", bn_train_mode, persistent=False)
+        self.statistics = None  # a DomainStatistics while one is estimated
         self.shift = nn.Parameter(shift, requires_grad=train_shift)
         self.stride = tuple(stride)
         self.padding = tuple(padding)
@@ -261,13 +266,16 @@ class FrozenConvBNAct(nn.Module):
                 weight = weight * scale.view(-1, 1, 1, 1)
                 frozen_bias = (conv_bias - bn.running_mean.detach().double()) * scale
                 shift = beta
+                bn_train_mode = torch.stack([gamma.abs(), bn.eps * scale * scale])
             else:
                 frozen_bias = torch.zeros_like(conv_bias)
                 shift = conv_bias
+                bn_train_mode = None
         # The bias and the trainable shift stay float32 under a float16 backbone.
         bias_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return cls(weight.to(dtype).contiguous(), frozen_bias.to(bias_dtype), shift.to(bias_dtype), conv.stride,
-                   (0, 0) if tf_same else conv.padding, conv.dilation, conv.groups, tf_same, upper, train_shift)
+                   (0, 0) if tf_same else conv.padding, conv.dilation, conv.groups, tf_same, upper, train_shift,
+                   None if bn_train_mode is None else bn_train_mode.to(bias_dtype))
 
     def _weight_for(self, x):
         """The folded weight, held in the memory order that suits `x` (dense): channels_last
@@ -291,6 +299,8 @@ class FrozenConvBNAct(nn.Module):
 
     def forward(self, x):
         x = dense(x.to(self.weight.dtype))
+        if self.statistics is not None:
+            return self._train_mode_bn_forward(x, None, self.upper)
         weight = self._weight_for(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.shift.requires_grad):
             if kernels_available(x.device.type) or self.upper is None:
@@ -312,9 +322,33 @@ class FrozenConvBNAct(nn.Module):
             raise ValueError("forward_add_activation is for a conv without activation or TF padding "
                              "(this one: activation upper={}, tf_same={})".format(self.upper, self.tf_same))
         x = dense(x.to(self.weight.dtype))
+        if self.statistics is not None:
+            return self._train_mode_bn_forward(x, residual.to(self.weight.dtype), upper)
         return FrozenConvBNActFunction.apply(x, residual.to(self.weight.dtype), self._weight_for(x),
                                              self.frozen_bias, self.shift, self.stride, self.padding, self.dilation,
                                              self.groups, False, upper)
+
+    def _train_mode_bn_forward(self, x, residual, upper):
+        """The forward as if the folded BN ran in train mode (normalised with this
+        batch's mean and variance), without autograd, while domain statistics are
+        estimated; records the batch's per-channel mean of the folded output.
+
+        With y = conv(x, folded weight) + frozen_bias = (r - mu) * scale, where r
+        is the conv's output and mu the running mean, BN in train mode gives
+        (r - mean(r)) / sqrt(var(r) + eps) * gamma + beta
+        = (y - mean(y)) * |gamma| / sqrt(var(y) + eps * scale^2) + beta."""
+        with torch.no_grad():
+            y = self._conv(x, self.frozen_bias.to(self.weight.dtype))
+            variance, mean = torch.var_mean(y.float() if y.dtype == torch.float16 else y, dim=(0, 2, 3),
+                                            unbiased=False)
+            self.statistics.record(self, mean, y.shape[0])
+            gamma_abs, eps_scale2 = self.bn_train_mode.to(mean.dtype)
+            factor = gamma_abs / torch.sqrt(variance + eps_scale2)
+            y = (y - mean.to(y.dtype).view(1, -1, 1, 1)) * factor.to(y.dtype).view(1, -1, 1, 1) + \
+                self.shift.to(y.dtype).view(1, -1, 1, 1)
+            if residual is not None:
+                y = y + residual
+            return activate_inplace(y, upper)
 
     def _conv(self, x, bias):
         if self.tf_same:

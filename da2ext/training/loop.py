@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..domains.atomic_file import atomic_write
 from ..domains.checkpoint import load_checkpoint, save_checkpoint
+from ..lean.shift_calibration import calibrate_shifts
 from ..profiling import SavedTensorCounter, device_of, model_state, synchronize
 from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 
@@ -258,6 +259,17 @@ def _train_epoch(run, epoch, epochs, device, progress):
     return loss_sum / total, correct / float(total)
 
 
+def _calibrate(model, train_loader, device, progress):
+    """calibrate_shifts over the training images in order (a loader of its own, so
+    that the training loader's shuffling is an uncalibrated run's)."""
+    ordered = torch.utils.data.DataLoader(train_loader.dataset, batch_size=train_loader.batch_size, shuffle=False)
+    model.train()
+    count = calibrate_shifts(model, (inputs.to(device) for inputs, _ in ordered))
+    _log("calibrated the shifts of {} BN layer(s) on {} training images".format(count, len(train_loader.dataset)),
+         progress)
+    return count
+
+
 def _check_finite(run, epoch, epochs):
     """A run whose trainable tensors hold a NaN or an infinity stops here, before its checkpoint is written."""
     bad = [slot for slot, t in run.model.domain_tensors(run.domain).items()
@@ -277,7 +289,7 @@ def _write_json(path, record):
 
 def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, checkpoint_path=None,
                  metrics_path=None, progress=True, seed=0, domain_path=None, settings=None, learning_rates=None,
-                 warmup_fraction=WARMUP_FRACTION):
+                 warmup_fraction=WARMUP_FRACTION, calibrate_shifts=False):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
     train_loader: shuffles with its own seeded generator (data/loaders.py: domain_loaders)
@@ -292,6 +304,10 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     metrics_path: the metrics as JSON, written at the end.
     domain_path: where the trained domain is saved (model.save_domain), if given.
     seed: seeds torch's global RNG at the start (anything random in a forward).
+    calibrate_shifts: before the first step, start the BN shifts where the running
+        means AdaBN estimates on the training images put them
+        (da2ext.lean.shift_calibration; one pass without autograd); recorded in
+        the settings when set.
     settings: further JSON-able values the run depends on (image size, data
         directory, ...): recorded in the metrics, compared before resuming.
 
@@ -310,6 +326,8 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
     extra["warmup_fraction"] = float(warmup_fraction)
     if learning_rates:  # absent otherwise, so that earlier checkpoints still resume
         extra["learning_rates"] = recorded_learning_rates(learning_rates)
+    if calibrate_shifts:  # the same
+        extra["calibrate_shifts"] = True
     run = _Run(model, domain, train_loader, epochs, lr_scale,
                _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates,
                warmup_fraction)
@@ -318,6 +336,9 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         directory = os.path.dirname(os.path.abspath(checkpoint_path))
         if not os.path.isdir(directory):
             os.makedirs(directory)
+    calibrated = None
+    if calibrate_shifts and run.epochs_done == 0:  # a resumed run's checkpoint holds calibrated shifts
+        calibrated = _calibrate(model, train_loader, device, progress)
 
     for epoch in range(run.epochs_done, int(epochs)):
         start = time.perf_counter()
@@ -363,6 +384,7 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         "settings": run.settings,
         "resumed_from_epoch": run.resumed_from_epoch,
         "device": str(device),
+        "calibrated_layers": calibrated,
     }
     if metrics_path is not None:
         _write_json(metrics_path, metrics)

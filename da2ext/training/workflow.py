@@ -151,10 +151,18 @@ def load_saved_domains(model, workdir, skip=(), failed=None):
     return loaded
 
 
+# What a run records only when it is not the default (loop.train_domain), so that older runs compare equal.
+_SETTING_DEFAULTS = {"calibrate_shifts": False}
+
+
+def _recorded(recorded, key):
+    return recorded.get(key, _SETTING_DEFAULTS.get(key))
+
+
 def _changed_settings(metrics, expected):
     """The keys of `expected` whose values differ from those recorded in a run's metrics."""
     recorded = recorded_settings(metrics)
-    return [k for k, v in sorted(expected.items()) if recorded.get(k) != v]
+    return [k for k, v in sorted(expected.items()) if _recorded(recorded, k) != v]
 
 
 class DomainExistsError(ValueError):
@@ -164,7 +172,7 @@ class DomainExistsError(ValueError):
 def _learned_already(workdir, model, name, metrics, expected):
     """The message refusing to learn `name` again: what it was learned with and what would change."""
     recorded = recorded_settings(metrics)
-    changes = ["{} {!r} -> {!r}".format(k, recorded.get(k), expected[k]) if k != "backbone_fingerprint"
+    changes = ["{} {!r} -> {!r}".format(k, _recorded(recorded, k), expected[k]) if k != "backbone_fingerprint"
                else "the backbone's weights" for k in _changed_settings(metrics, expected)]
     accuracy = metrics.get("final_val_accuracy")
     return ("domain {} was learned already with method {} in {}{}; learning it again replaces it ({}). Pass "
@@ -176,7 +184,8 @@ def _learned_already(workdir, model, name, metrics, expected):
 
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
-                 learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True, skip_bad_images=False):
+                 learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True, skip_bad_images=False,
+                 calibrate_shifts=False):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
@@ -189,6 +198,7 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     directory makes it raise RunLockedError at once (domains/run_lock.py).
     skip_bad_images: leave out the images that cannot be read (reported on
     stderr) instead of stopping at the first (data.loaders.image_folder).
+    calibrate_shifts: start the BN shifts at the domain's means (loop.train_domain).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -197,6 +207,7 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                     lr_scale=float(lr_scale), seed=int(seed), backbone_fingerprint=model.backbone_fingerprint,
                     learning_rates=recorded_learning_rates(learning_rates),
                     warmup_fraction=float(warmup_fraction))
+    expected["calibrate_shifts"] = bool(calibrate_shifts)
     domain_path = workdir.domain_path(method, name)
     metrics_path = workdir.metrics_path(method, name)
     checkpoint_path = workdir.checkpoint_path(method, name)
@@ -223,7 +234,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
         metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
                                checkpoint_path=checkpoint_path, metrics_path=metrics_path, progress=progress,
                                seed=seed, domain_path=domain_path, settings=settings,
-                               learning_rates=learning_rates, warmup_fraction=warmup_fraction)
+                               learning_rates=learning_rates, warmup_fraction=warmup_fraction,
+                               calibrate_shifts=calibrate_shifts)
     metrics["reused"] = False
     return metrics
 
