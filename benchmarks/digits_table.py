@@ -12,7 +12,9 @@ backward + gradients + Adam state) on ResNet-50 and EfficientNet-Lite0.
 
 Before the table, each method's learning rates are scaled by the factor of
 --sweep-scales that does best on --sweep-domain with seed 0 (every group of the
-method scaled alike, so their ratios stay the method's own).
+method scaled alike, so their ratios stay the method's own). --calibrate-shifts
+starts the BN shifts of every method that trains them where AdaBN's running means
+on the domain put them (train --calibrate-shifts), and only those methods' runs.
 
     python benchmarks/digits_table.py --subsample 720 --sweep-jobs 2   # the committed table: ~1.5 h on 2 cores
     python benchmarks/digits_table.py --methods da2,bias --seeds 1 --subsample 480
@@ -62,6 +64,22 @@ def _run_dir(workdir, method, domain, seed, lr_scale=1.0, stage="runs"):
     return os.path.join(workdir, stage, "seed{}".format(seed), method + scale, domain)
 
 
+_CALIBRATES = {}
+
+
+def calibrates(args, method):
+    """Whether --calibrate-shifts moves anything in `method`'s model (it trains frozen BNs' shifts): built
+    once on a random-weight backbone of the table's architecture."""
+    if not args.calibrate_shifts:
+        return False
+    if method not in _CALIBRATES:
+        from da2ext.lean.shift_calibration import calibrated_layers
+        from da2ext.models import backbones
+        model = methods.get(method).build(backbones.create(args.backbone, pretrained=False), 10)
+        _CALIBRATES[method] = bool(calibrated_layers(model.train()))
+    return _CALIBRATES[method]
+
+
 def _train_command(args, method, domain, seed, lr_scale, run_dir):
     command = [sys.executable, "-m", "da2ext", "train", "--data", os.path.join(args.data, domain),
                "--domain", domain, "--workdir", run_dir, "--method", method, "--backbone", args.backbone,
@@ -74,6 +92,8 @@ def _train_command(args, method, domain, seed, lr_scale, run_dir):
         command += ["--weights", args.weights]
     if args.no_pretrained:
         command += ["--no-pretrained"]
+    if calibrates(args, method):
+        command += ["--calibrate-shifts"]
     return command
 
 
@@ -102,6 +122,8 @@ def run_training(args, method, domain, seed, lr_scale=1.0, stage="runs", threads
                 "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
                 "subsample": args.subsample, "data": os.path.abspath(args.data), "lr_scale": float(lr_scale),
                 "method_learning_rates": methods.get(method).learning_rates, "warmup_fraction": WARMUP_FRACTION}
+    if calibrates(args, method):  # only then: the other runs stay those of a table without it
+        settings["calibrate_shifts"] = True
     if os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -466,15 +488,19 @@ def parse_args(argv):
     parser.add_argument("--subsample", type=int, default=None, help="training images per domain (default: all)")
     parser.add_argument("--workdir", default=os.path.join("runs", "digits_table"))
     parser.add_argument("--no-nano", action="store_true", help="skip the ResNet-50 nano memory column")
-    parser.add_argument("--sweep-scales", default="0.3,1,3",
+    parser.add_argument("--sweep-scales", default="0.3,1,3,10",
                         help="learning-rate scales tried per method on --sweep-domain before the benchmark, each "
                              "multiplying all of the method's group rates (their ratios kept); 1 alone: no sweep "
-                             "(default: 0.3,1,3: the methods' rates are centred on an earlier 0.1-10 sweep's choice)")
+                             "(default: 0.3,1,3,10: the rates are centred on an earlier 0.1-10 sweep's choice; 10 "
+                             "because several methods chose the edge 3 at 166e4f1)")
     parser.add_argument("--sweep-domain", help="the sweep's domain (default: mnist_m if present, else the first)")
     parser.add_argument("--sweep-jobs", type=int, default=1,
                         help="sweep runs at once, the CPU threads shared among them (default: 1)")
     parser.add_argument("--tag", default="digits", help="results file names: <tag>.json/.md/.png")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--calibrate-shifts", action="store_true",
+                        help="start the BN shifts of every method that trains them from AdaBN's running means on "
+                             "the domain (train --calibrate-shifts)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.methods = _list(args.methods)
@@ -531,10 +557,14 @@ def main(argv=None):
 
     summary = summarise(records, args.methods, args.domains)
     setting = ("Backbone {} ({}), {}x{} inputs, batch {}, {} epochs, {} training images per domain, Adam with "
-               "each method's learning rates, warmed up over the first tenth of the steps, then one cosine decay.".format(
+               "each method's learning rates, warmed up over the first tenth of the steps, then one cosine decay.{}".format(
                    args.backbone, "weights " + args.weights if args.weights else
                    ("random weights" if args.no_pretrained else "ImageNet weights"), args.image_size,
-                   args.image_size, args.batch_size, args.epochs, args.subsample or "all"))
+                   args.image_size, args.batch_size, args.epochs, args.subsample or "all",
+                   " Shift calibration (--calibrate-shifts): the BN shifts of {} start where AdaBN's running means on "
+                   "each domain's training images put them.".format(", ".join(
+                       m for m in args.methods if calibrates(args, m)) or "no method") if args.calibrate_shifts
+                   else ""))
     if sweep:
         setting += (" lr scale: the factor on the method's learning rates that gave the best val accuracy among "
                     "{} on {} with seed 0 (same epochs and images; {}_sweep.json).".format(

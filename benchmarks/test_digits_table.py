@@ -111,3 +111,17 @@ def test_the_nano_columns_count_what_each_method_keeps_and_trains():
         key = backbone + "_training_bytes"
         # ft's gradients and Adam state alone are 3x its weights; the tail trains one block of them
         assert nano["bias_lean"][key] < nano["da2_tail1"][key] < nano["ft"][key]
+
+
+def test_calibrate_shifts_reaches_only_the_methods_that_train_bn_shifts(tmp_path):
+    for split in ("train", "val"):
+        os.makedirs(str(tmp_path / "mnist" / split))
+    args = digits_table.parse_args(["--methods", "ft,last,bias_lean,da2", "--data", str(tmp_path), "--backbone",
+                                    "resnet18", "--no-pretrained", "--calibrate-shifts"])
+    chosen = dict((m, digits_table.calibrates(args, m)) for m in ("ft", "last", "bias_lean", "da2"))
+    assert chosen == {"ft": False, "last": False, "bias_lean": True, "da2": True}
+    command = digits_table._train_command(args, "da2", "mnist", 1, 1.0, str(tmp_path / "run"))
+    assert "--calibrate-shifts" in command
+    assert "--calibrate-shifts" not in digits_table._train_command(args, "ft", "mnist", 1, 1.0, str(tmp_path))
+    args.calibrate_shifts = False
+    assert not digits_table.calibrates(args, "da2")
