@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -48,6 +47,7 @@ from da2ext.methods.method import Method  # noqa: E402
 from da2ext.ops.reference import ResidualAttentionAdaptor as ReferenceAdaptor  # noqa: E402
 from da2ext.training.workflow import build_model  # noqa: E402
 from da2ext.training import train_domain  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 SHIFT_RATE = HEAD_RATE = 3e-3
 STEP3 = (("rank4_expand", 0.03), ("rank4_expand", 0.01))
@@ -216,8 +216,7 @@ def _mean(values):
 
 
 def save(args, records, chosen, seconds):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, stdout=subprocess.PIPE,
-                            universal_newlines=True).stdout.strip()
+    commit = git_commit(("da2ext", "csrc", "benchmarks/adaptor_design_probe.py"))
     meta = {"commit": commit, "command": "python benchmarks/adaptor_design_probe.py " + " ".join(sys.argv[1:]),
             "machine": "{} ({} CPUs)".format(platform.machine(), os.cpu_count()), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "domain": args.domain, "subsample": args.subsample,

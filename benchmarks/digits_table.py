@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from da2ext import methods  # noqa: E402
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 from da2ext.training.lr_schedule import WARMUP_FRACTION  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 MIB = float(2 ** 20)
 RECORD_KEYS = ("method", "domain", "seed", "val_accuracy", "saved_bytes", "peak_rss_bytes", "step_time",
@@ -354,18 +355,6 @@ def check_targets(summary, sweep_domain="mnist_m"):
     return lines
 
 
-def _commit():
-    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown"."""
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                         stderr=subprocess.DEVNULL).decode().strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "da2ext", "csrc", "benchmarks/digits_table.py"],
-                                cwd=HERE, stderr=subprocess.DEVNULL) != 0
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
-
-
 def _fmt_bytes(value, unit=MIB, digits=1):
     return "-" if value is None else "{:.{}f}".format(value / unit, digits)
 
@@ -575,7 +564,7 @@ def main(argv=None):
             "run_seconds": int(math.fsum(r["total_time"] for r in records)),
             "sweep_seconds": int(math.fsum(r["total_time"] for r in sweep)), "sweep_jobs": args.sweep_jobs,
             "sweep_scales": args.sweep_scales if sweep else None, "sweep_domain": args.sweep_domain,
-            "commit": _commit(), "command": "python benchmarks/digits_table.py " + " ".join(
+            "commit": git_commit(("da2ext", "csrc", "benchmarks/digits_table.py")), "command": "python benchmarks/digits_table.py " + " ".join(
                 sys.argv[1:] if argv is None else argv)}
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)

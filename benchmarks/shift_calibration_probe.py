@@ -22,10 +22,8 @@ the mean its output has in the frozen model itself, instead of AdaBN's train-mod
 pass, collapsed (benchmarks/results/shift_calibration_recentred.md, commit 04ba121).
 """
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -37,10 +35,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from da2ext.data.loaders import domain_loaders  # noqa: E402
-from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 from da2ext.domains.multidomain import MultiDomainModel  # noqa: E402
 from da2ext.models import backbones  # noqa: E402
 from da2ext.training.loop import train_domain  # noqa: E402
+from probe_runs import add_probe_arguments, write_results  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 METHODS = ("bias_lean", "da2")
 STATISTICS = ("none", "mean", "full")
@@ -80,19 +79,12 @@ def run_one(args, method, which, seed):
             "seconds": round(time.time() - start, 1)}
 
 
-def _commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).decode().strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(records, args, argv):
-    lines = ["# Shift calibration probe (AdaBN before freezing)", "",
+    lines = ["# Shift calibration probe", "",
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), each "
              "method's default rates and warmup; val accuracy (%) per seed. Seeds {}: none of the digits table's. "
              "Commit {}, {} ({} CPUs), torch {}. Rerun: `python benchmarks/shift_calibration_probe.py {}`.".format(
-                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), _commit(),
+                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), git_commit(("da2ext", "csrc", "benchmarks/shift_calibration_probe.py")),
                  platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)), "",
              "statistics: none = pretrained; mean = `--calibrate-shifts`, the shifts started where AdaBN's running "
              "means on the domain's training images put them (free: no memory, no new tensor); full = means and "
@@ -112,14 +104,8 @@ def markdown(records, args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="the digits domains (python -m da2ext prepare-digits DIR)")
-    parser.add_argument("--domain", default="mnist_m")
-    parser.add_argument("--seeds", default="0,3,4")
-    parser.add_argument("--subsample", type=int, default=720)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    add_probe_arguments(parser)
     args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
     runs = [(m, w, s) for m in METHODS for w in STATISTICS for s in args.seeds]
     try:
         from tqdm import tqdm
@@ -127,13 +113,7 @@ def main(argv=None):
     except ImportError:
         runs_iter = runs
     records = [run_one(args, m, w, s) for m, w, s in runs_iter]
-    if not os.path.isdir(args.out_dir):
-        os.makedirs(args.out_dir)
-    text = json.dumps({"commit": _commit(), "argv": argv, "records": records}, indent=1, sort_keys=True) + "\n"
-    atomic_write(os.path.join(args.out_dir, "shift_calibration.json"), lambda f: f.write(text), mode="w")
-    md = markdown(records, args, argv)
-    atomic_write(os.path.join(args.out_dir, "shift_calibration.md"), lambda f: f.write(md), mode="w")
-    print(md)
+    write_results(args.out_dir, "shift_calibration", "shift_calibration_probe.py", argv, records, markdown(records, args, argv))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
+from probe_runs import add_probe_arguments, write_results  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 OLD_DA2 = {"adaptors": 0.1, "shifts": 3e-3, "head": 3e-3}
 NEW_DA2 = {"adaptors": 0.1, "shifts": 1e-2, "head": 1e-2}
@@ -94,19 +96,12 @@ def run_one(args, config, seed, threads):
     return record
 
 
-def _commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT).decode().strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(records, args, argv):
     lines = ["# Training recipe probe", "",
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), Adam; "
              "val accuracy (%) per seed and their mean. Seeds {}: none of the digits table's (1, 2). Commit {}, {} "
              "({} CPUs), torch {}. Rerun: `python benchmarks/training_recipe_probe.py {}`.".format(
-                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), _commit(),
+                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), git_commit(("da2ext", "csrc", "benchmarks/training_recipe_probe.py")),
                  platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)),
              "", "cosine: one cosine decay over the run; warmup: the rates ramp up linearly over the first 10 % of "
              "the steps, then the cosine (da2ext.training.lr_schedule). Tail rates A (the tail methods' before this "
@@ -126,16 +121,10 @@ def markdown(records, args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="the digits domains (python -m da2ext prepare-digits DIR)")
-    parser.add_argument("--domain", default="mnist_m")
-    parser.add_argument("--seeds", default="0,3,4")
-    parser.add_argument("--subsample", type=int, default=720)
-    parser.add_argument("--epochs", type=int, default=4)
+    add_probe_arguments(parser)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", default=os.path.join("runs", "training_recipe"))
-    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
     runs = [(config, seed) for config in CONFIGS for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     try:
@@ -154,13 +143,7 @@ def main(argv=None):
         records = list(pool.map(one, runs))
     if bar is not None:
         bar.close()
-    if not os.path.isdir(args.out_dir):
-        os.makedirs(args.out_dir)
-    text = json.dumps({"commit": _commit(), "argv": argv, "records": records}, indent=1, sort_keys=True) + "\n"
-    atomic_write(os.path.join(args.out_dir, "training_recipe.json"), lambda f: f.write(text), mode="w")
-    md = markdown(records, args, argv)
-    atomic_write(os.path.join(args.out_dir, "training_recipe.md"), lambda f: f.write(md), mode="w")
-    print(md)
+    write_results(args.out_dir, "training_recipe", "training_recipe_probe.py", argv, records, markdown(records, args, argv))
 
 
 if __name__ == "__main__":
