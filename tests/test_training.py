@@ -88,9 +88,13 @@ class _Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("calibrate", [False, True], ids=["plain", "calibrate_shifts"])
+def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, monkeypatch, calibrate):
+    """A resumed run continues bit-identically; with calibrate_shifts, the checkpoint
+    holds the calibrated shifts and the resumed run does not calibrate again."""
     uninterrupted = _model()
-    reference = _trained(uninterrupted, "shapes", shapes_dir, 2)
+    reference = _trained(uninterrupted, "shapes", shapes_dir, 2, calibrate_shifts=calibrate)
+    assert (reference["calibrated_layers"] or 0) > 0 if calibrate else reference["calibrated_layers"] is None
 
     checkpoint_path = str(tmp_path / "run.pt")
     save = loop.save_checkpoint
@@ -101,13 +105,14 @@ def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, 
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
-        _trained(_model(), "shapes", shapes_dir, 2, checkpoint_path=checkpoint_path)
+        _trained(_model(), "shapes", shapes_dir, 2, checkpoint_path=checkpoint_path, calibrate_shifts=calibrate)
     monkeypatch.setattr(loop, "save_checkpoint", save)
     assert os.path.exists(checkpoint_path)
 
     resumed_model = _model()  # a new process would build everything again
-    resumed = _trained(resumed_model, "shapes", shapes_dir, 2, checkpoint_path=checkpoint_path)
-    assert resumed["resumed_from_epoch"] == 1
+    resumed = _trained(resumed_model, "shapes", shapes_dir, 2, checkpoint_path=checkpoint_path,
+                       calibrate_shifts=calibrate)
+    assert resumed["resumed_from_epoch"] == 1 and resumed["calibrated_layers"] is None
     assert resumed["val_accuracy"] == reference["val_accuracy"]
     assert resumed["train_loss"] == reference["train_loss"]
     expected, actual = _weights(uninterrupted, "shapes"), _weights(resumed_model, "shapes")
@@ -117,7 +122,7 @@ def test_resume_after_interruption_gives_the_same_weights(shapes_dir, tmp_path, 
     # A checkpoint of other settings is not resumed from: the run starts over and replaces it.
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupted):
-        _trained(_model(), "shapes", shapes_dir, 3, checkpoint_path=checkpoint_path)
+        _trained(_model(), "shapes", shapes_dir, 3, checkpoint_path=checkpoint_path, calibrate_shifts=calibrate)
     state = loop.load_checkpoint(checkpoint_path)
     assert state["epochs_done"] == 1 and state["settings"]["epochs"] == 3
 
