@@ -28,7 +28,8 @@ def test_a_tiny_run_writes_records_table_and_plot_and_resumes(tiny_digits, tmp_p
     out = str(tmp_path / "out")
     argv = ["--methods", "last,da2", "--data", tiny_digits, "--seeds", "1", "--epochs", "1",
             "--batch-size", "16", "--image-size", "32", "--workdir", str(tmp_path / "work"), "--out-dir", out,
-            "--tag", "tiny", "--no-nano", "--no-progress", "--sweep-scales", "0.5,1", "--sweep-jobs", "2"]
+            "--tag", "tiny", "--no-nano", "--no-progress", "--sweep-scales", "0.5,1", "--sweep-jobs", "2",
+            "--sweep-extend", "0"]
     assert digits_table.main(argv) == 0
     with open(os.path.join(out, "tiny.json")) as f:
         records = json.load(f)
@@ -125,3 +126,36 @@ def test_calibrate_shifts_reaches_only_the_methods_that_train_bn_shifts(tmp_path
     assert "--calibrate-shifts" not in digits_table._train_command(args, "ft", "mnist", 1, 1.0, str(tmp_path))
     args.calibrate_shifts = False
     assert not digits_table.calibrates(args, "da2")
+
+
+def test_the_sweep_goes_beyond_an_end_while_the_best_is_there(tmp_path, monkeypatch):
+    for split in ("train", "val"):
+        os.makedirs(str(tmp_path / "mnist_m" / split))
+    args = digits_table.parse_args(["--methods", "da2,bias_lean,ft", "--data", str(tmp_path)])
+    accuracy = {"da2": lambda s: -abs(s - 1.0),            # best at 1: no extension
+                "bias_lean": lambda s: s,                  # rising: 10 and 30 tried, 30 stays an edge
+                "ft": lambda s: -s}                        # falling: 0.1 and 0.03 tried
+    ran = []
+
+    def fake_run_all(args, jobs, bar, stage, runs, threads=None):
+        ran.extend(runs)
+        return [{"method": m, "lr_scale": scale, "val_accuracy": accuracy[m](scale)} for m, _, _, scale in runs]
+
+    monkeypatch.setattr(digits_table, "_run_all", fake_run_all)
+    chosen, records, tried = digits_table.sweep_learning_rates(args)
+    assert chosen == {"da2": 1.0, "bias_lean": 30.0, "ft": 0.03}
+    assert tried == {"da2": [0.3, 1.0, 3.0], "bias_lean": [0.3, 1.0, 3.0, 10.0, 30.0],
+                     "ft": [0.03, 0.1, 0.3, 1.0, 3.0]}
+    assert len(ran) == len(records) == 9 + 4
+
+
+def test_the_sweep_leaves_da2s_adaptor_rate_as_the_method_sets_it(tmp_path):
+    for split in ("train", "val"):
+        os.makedirs(str(tmp_path / "mnist" / split))
+    args = digits_table.parse_args(["--methods", "da2,bias_lean", "--data", str(tmp_path)])
+    command = digits_table._train_command(args, "da2", "mnist", 0, 3.0, str(tmp_path / "run"))
+    rate = float(command[command.index("--lr") + 1].split("=")[1])
+    assert command[command.index("--lr") + 1].startswith("adaptors=")
+    assert rate * 3.0 == pytest.approx(0.1)  # --lr-scale 3 brings it back to da2's own 0.1
+    assert "--lr" not in digits_table._train_command(args, "da2", "mnist", 0, 1.0, str(tmp_path / "run"))
+    assert "--lr" not in digits_table._train_command(args, "bias_lean", "mnist", 0, 3.0, str(tmp_path / "run"))
