@@ -365,7 +365,8 @@ def _train(args):
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
                                learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite,
-                               skip_bad_images=args.skip_bad_images, calibrate_shifts=args.calibrate_shifts)
+                               skip_bad_images=args.skip_bad_images,
+                               calibrate_shifts=args.calibrate_shifts)
     except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError, RunLockedError) as error:
         raise CommandError(str(error))
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
@@ -407,7 +408,7 @@ def _eval(args):
         try:
             accuracy, loss, images = evaluate_domain(model, name, data_dir, backbone=args.backbone,
                                                      image_size=image_size, batch_size=args.batch_size,
-                                                     skip_bad_images=args.skip_bad_images, calibrate_shifts=args.calibrate_shifts)
+                                                     skip_bad_images=args.skip_bad_images)
         except DataError as error:
             failures += 1
             print("| {} | - | - | - | {:.1f} |".format(name, size_kib))
