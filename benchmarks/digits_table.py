@@ -80,10 +80,10 @@ def _fixed_rates(method):
 _CALIBRATES = {}
 
 
-def calibrates(args, method):
+def calibrates(args, method, asked=True):
     """Whether --calibrate-shifts moves anything in `method`'s model (it trains frozen BNs' shifts): built
-    once on a random-weight backbone of the table's architecture."""
-    if not args.calibrate_shifts:
+    once on a random-weight backbone of the table's architecture. asked: and whether the table asks for it."""
+    if asked and not args.calibrate_shifts:
         return False
     if method not in _CALIBRATES:
         from da2ext.lean.shift_calibration import calibrated_layers
@@ -105,8 +105,9 @@ def _train_command(args, method, domain, seed, lr_scale, run_dir):
         command += ["--weights", args.weights]
     if args.no_pretrained:
         command += ["--no-pretrained"]
-    if calibrates(args, method):
-        command += ["--calibrate-shifts"]
+    if calibrates(args, method, asked=False):
+        # Said either way: the command's default may change, a cached run must not.
+        command += ["--calibrate-shifts" if args.calibrate_shifts else "--no-calibrate-shifts"]
     for group, rate in sorted(_fixed_rates(method).items() if float(lr_scale) != 1.0 else ()):
         # rate / lr_scale: the CLI's --lr-scale multiplies it back to the method's rate
         command += ["--lr", "{}={!r}".format(group, rate / float(lr_scale))]

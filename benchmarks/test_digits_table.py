@@ -123,9 +123,11 @@ def test_calibrate_shifts_reaches_only_the_methods_that_train_bn_shifts(tmp_path
     assert chosen == {"ft": False, "last": False, "bias_lean": True, "da2": True}
     command = digits_table._train_command(args, "da2", "mnist", 1, 1.0, str(tmp_path / "run"))
     assert "--calibrate-shifts" in command
-    assert "--calibrate-shifts" not in digits_table._train_command(args, "ft", "mnist", 1, 1.0, str(tmp_path))
+    ft_command = digits_table._train_command(args, "ft", "mnist", 1, 1.0, str(tmp_path))
+    assert "--calibrate-shifts" not in ft_command and "--no-calibrate-shifts" not in ft_command
     args.calibrate_shifts = False
     assert not digits_table.calibrates(args, "da2")
+    assert "--no-calibrate-shifts" in digits_table._train_command(args, "da2", "mnist", 1, 1.0, str(tmp_path))
 
 
 def test_the_sweep_goes_beyond_an_end_while_the_best_is_there(tmp_path, monkeypatch):

@@ -124,12 +124,12 @@ def test_train_calibrate_shifts_is_recorded_and_is_part_of_what_a_run_is(tmp_pat
     from helpers import CLI_TINY, run_cli, write_image_folder
     data = write_image_folder(str(tmp_path / "shapes"), train_per_class=4, val_per_class=2)
     runs = str(tmp_path / "runs")
-    status, out, err = run_cli(["train", "--data", data, "--workdir", runs, "--epochs", "1", "--calibrate-shifts"]
-                               + CLI_TINY, capsys)
+    status, out, err = run_cli(["train", "--data", data, "--workdir", runs, "--epochs", "1"] + CLI_TINY, capsys)
     assert status == 0, err
     with open(os.path.join(runs, "metrics", "shapes-da2.json")) as f:
         metrics = json.load(f)
     assert metrics["settings"]["calibrate_shifts"] is True and metrics["calibrated_layers"] > 0
-    # Without the flag it is another run: refused without --overwrite, naming the change.
-    status, _, err = run_cli(["train", "--data", data, "--workdir", runs, "--epochs", "1"] + CLI_TINY, capsys)
+    # Calibration is the default; without it it is another run: refused without --overwrite, naming the change.
+    status, _, err = run_cli(["train", "--data", data, "--workdir", runs, "--epochs", "1", "--no-calibrate-shifts"]
+                             + CLI_TINY, capsys)
     assert status == 2 and "calibrate_shifts True -> False" in err, err

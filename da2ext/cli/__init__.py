@@ -164,10 +164,12 @@ def _add_training_arguments(parser, epochs=4):
                              "(default: {:g}; 0: none)".format(WARMUP_FRACTION))
     parser.add_argument("--subsample", type=_positive_int, metavar="N",
                         help="use at most N images per split, spread over the classes (quick runs, CI)")
-    parser.add_argument("--calibrate-shifts", action="store_true",
+    parser.add_argument("--calibrate-shifts", dest="calibrate_shifts", action="store_true", default=True,
                         help="before the first step, start each frozen BN's shift where the running mean AdaBN "
                              "estimates on the domain's training images puts it (one pass; no memory kept, no new "
-                             "tensors)")
+                             "tensors; the default)")
+    parser.add_argument("--no-calibrate-shifts", dest="calibrate_shifts", action="store_false",
+                        help="start the shifts at their pretrained values instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 

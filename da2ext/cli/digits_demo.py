@@ -72,7 +72,7 @@ def _say(message, out):
 def run_digits_demo(workdir="runs/digits", epochs=4, subsample=None, domains=DOMAINS, method="da2", image_size=64,
                     batch_size=64, lr_scale=1.0, warmup_fraction=WARMUP_FRACTION, seed=0, train_per_domain=1440, val_per_domain=360,
                     backbone="efficientnet_lite0", pretrained=True, weights=None, device="cpu", progress=True,
-                    out=sys.stdout, calibrate_shifts=False):
+                    out=sys.stdout, calibrate_shifts=True):
     """Prepare the digits domains in WORKDIR/data, learn them in order, evaluate
     them all; write WORKDIR/results.json and results.md and return the results."""
     started = time.time()
@@ -118,15 +118,15 @@ def run_digits_demo(workdir="runs/digits", epochs=4, subsample=None, domains=DOM
     table = results_table(rows)
     results = {"method": method, "backbone": backbone, "pretrained": bool(pretrained and weights is None),
                "weights": weights, "epochs": epochs, "image_size": image_size, "batch_size": batch_size,
-               "subsample": subsample, "seed": seed, "domains": rows,
+               "subsample": subsample, "seed": seed, "calibrate_shifts": bool(calibrate_shifts), "domains": rows,
                "earlier_domains_unchanged": unchanged, "domain_files_reproduce_logits": files_reproduce,
                "wall_time": time.time() - started, "torch": torch.__version__, "threads": torch.get_num_threads()}
     atomic_write(os.path.join(work.root, "results.json"),
                  lambda f: f.write(json.dumps(results, indent=1, sort_keys=True) + "\n"), mode="w")
     summary = "\n".join([
-        "{} on {} ({}), {} epoch(s), {}x{} images, batch {}:".format(
+        "{} on {} ({}), {} epoch(s), {}x{} images, batch {}{}:".format(
             method, backbone, "ImageNet weights" if results["pretrained"] else (weights or "random weights"),
-            epochs, image_size, image_size, batch_size),
+            epochs, image_size, image_size, batch_size, ", shifts calibrated" if calibrate_shifts else ""),
         "", table, "",
         "earlier domains unchanged: {}".format("yes" if unchanged else "NO"),
         "domain files reproduce the logits: {}".format("yes" if files_reproduce else "NO"),

@@ -185,7 +185,7 @@ def _learned_already(workdir, model, name, metrics, expected):
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
                  learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True, skip_bad_images=False,
-                 calibrate_shifts=False):
+                 calibrate_shifts=True):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
@@ -198,7 +198,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     directory makes it raise RunLockedError at once (domains/run_lock.py).
     skip_bad_images: leave out the images that cannot be read (reported on
     stderr) instead of stopping at the first (data.loaders.image_folder).
-    calibrate_shifts: start the BN shifts at the domain's means (loop.train_domain).
+    calibrate_shifts: start the BN shifts where AdaBN's running means on the
+    domain put them (loop.train_domain; on by default, as in `train`).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
