@@ -36,7 +36,7 @@ OPTIONAL = (
 
 def _distribution_version(distribution):
     try:
-        from importlib import metadata  # Python >= 3.8
+        from importlib import metadata  # novermin (Python >= 3.8; older ones take the ImportError)
     except ImportError:
         return None
     try:
