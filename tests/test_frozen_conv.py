@@ -115,7 +115,12 @@ def test_folded_parameters_and_dtypes():
     assert torch.allclose(frozen.frozen_bias, -bn.running_mean * scale, rtol=1e-14, atol=1e-15)
     assert torch.equal(frozen.shift.detach(), bn.bias.detach())
     assert [n for n, _ in frozen.named_parameters()] == ["shift"]
-    assert sorted(n for n, _ in frozen.named_buffers()) == ["frozen_bias", "weight"]
+    assert sorted(n for n, _ in frozen.named_buffers()) == ["bn_train_mode", "frozen_bias", "weight"]
+    assert sorted(frozen.state_dict()) == ["frozen_bias", "shift", "weight"]  # bn_train_mode is not saved
+    # What shift calibration needs to normalise as the BN in train mode: |gamma| and eps * scale^2.
+    assert torch.allclose(frozen.bn_train_mode[0], bn.weight.abs(), rtol=1e-14, atol=0)
+    assert torch.allclose(frozen.bn_train_mode[1], bn.eps * scale * scale, rtol=1e-14, atol=0)
+    assert FrozenConvBNAct.fold(conv, None, nn.ReLU()).bn_train_mode is None
     half = FrozenConvBNAct.fold(conv.float(), bn.float(), nn.ReLU(), dtype=torch.float16)
     assert half.weight.dtype == torch.float16
     assert half.frozen_bias.dtype == torch.float32 and half.shift.dtype == torch.float32
