@@ -209,9 +209,8 @@ def check_domain_dir(data_dir, splits=("train", "val")):
                         "of images per class".format(data_dir, " or ".join(m + "/" for m in missing)))
 
 
-def _check_domain_dir(data_dir, batch_size):
-    if not os.path.isdir(data_dir):
-        raise DataError("domain directory {} does not exist".format(data_dir))
+def _check_domain_dir(data_dir, batch_size, splits):
+    check_domain_dir(data_dir, splits)  # a missing split is named before any image is read
     if int(batch_size) < 1:
         raise ValueError("batch_size must be >= 1, got {}".format(batch_size))
 
@@ -232,7 +231,7 @@ def val_loader(data_dir, backbone="efficientnet_lite0", image_size=64, batch_siz
                num_workers=0, skip_bad_images=False):
     """(loader, class_names) of data_dir/val alone, in directory order (for evaluation)."""
     data_dir = os.fspath(data_dir)
-    _check_domain_dir(data_dir, batch_size)
+    _check_domain_dir(data_dir, batch_size, ("val",))
     val = _val_dataset(data_dir, backbone, image_size, subsample, seed, skip_bad_images)
     return _loader(val, batch_size, False, seed, num_workers), _classes(val)
 
@@ -249,7 +248,7 @@ def domain_loaders(data_dir, backbone="efficientnet_lite0", image_size=64, batch
     image_folder (report_skipped prints what was left out).
     """
     data_dir = os.fspath(data_dir)
-    _check_domain_dir(data_dir, batch_size)
+    _check_domain_dir(data_dir, batch_size, ("train", "val"))
     train = image_folder(os.path.join(data_dir, "train"),
                          image_transform(image_size, imagenet_normalization(backbone), augment), skip_bad_images)
     val = _val_dataset(data_dir, backbone, image_size, subsample, seed, skip_bad_images)
