@@ -119,6 +119,34 @@ def test_importing_under_another_torch_warns_and_info_says_so():
     assert REBUILD_COMMAND in result.stdout and "MISMATCH" in result.stdout
 
 
+def test_an_extension_that_cannot_load_under_another_torch_is_named_from_its_build_record():
+    """The usual failure after a torch upgrade: the extension's import dies on an undefined
+    symbol. The record written beside it still names both versions; the reference runs."""
+    if recorded_build_info() is None:
+        pytest.skip("the extension was not built (a bare source checkout)")
+    script = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+
+        class UndefinedSymbol(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "da2ext._C":
+                    raise ImportError("da2ext/_C.so: undefined symbol: _ZN3c1015SmallVectorBase")
+                return None
+
+        sys.meta_path.insert(0, UndefinedSymbol())
+        import torch
+        torch.__version__ = "9.9.9"
+        warnings.simplefilter("always")
+        import da2ext
+        print("backend", da2ext.backend("cpu"))
+    """)
+    result = _run([sys.executable, "-c", script], cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "built against torch {} but this is torch 9.9.9".format(torch.__version__) in result.stdout
+    assert "cannot be loaded (da2ext/_C.so: undefined symbol" in result.stdout and REBUILD_COMMAND in result.stdout
+    assert "backend reference" in result.stdout
+
+
 def test_info_reports_versions_backends_and_optional_libraries(capsys):
     status, out, err = run_cli(["info"], capsys)
     assert status == 0, err
