@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -26,11 +25,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from da2ext.data.loaders import domain_loaders  # noqa: E402
-from da2ext.domains.multidomain import MultiDomainModel  # noqa: E402
-from da2ext.models import backbones  # noqa: E402
-from da2ext.training.loop import train_domain  # noqa: E402
-from probe_runs import add_probe_arguments, write_results  # noqa: E402
+from probe_runs import add_probe_arguments, progress, train_once, write_results  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 # (method, rates in place of the method's)
@@ -43,17 +38,9 @@ def _label(method, rates):
 
 
 def run_one(args, method, rates, seed):
-    torch.manual_seed(seed)
-    network = backbones.create("efficientnet_lite0", pretrained=True)
-    train_loader, val_loader, classes = domain_loaders(
-        os.path.join(args.data, args.domain), image_size=64, batch_size=64, subsample=args.subsample, seed=seed)
-    model = MultiDomainModel(network, method)
-    model.add_domain(args.domain, len(classes), classes)
-    start = time.time()
-    metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed,
-                           learning_rates=rates, calibrate_shifts=True)
-    return {"config": _label(method, rates), "method": method, "rates": rates, "seed": seed,
-            "val_accuracy": metrics["final_val_accuracy"], "seconds": round(time.time() - start, 1)}
+    accuracy, seconds = train_once(args, method, seed, learning_rates=rates, calibrate_shifts=True)
+    return {"config": _label(method, rates), "method": method, "rates": rates, "seed": seed, "val_accuracy": accuracy,
+            "seconds": seconds}
 
 
 def markdown(records, args, argv):
@@ -81,12 +68,7 @@ def main(argv=None):
     add_probe_arguments(parser)
     args = parser.parse_args(argv)
     runs = [(method, rates, seed) for method, rates in CONFIGS for seed in args.seeds]
-    try:
-        from tqdm import tqdm
-        runs = tqdm(runs, desc="probe runs", unit="run")
-    except ImportError:
-        pass
-    records = [run_one(args, method, rates, seed) for method, rates, seed in runs]
+    records = [run_one(args, method, rates, seed) for method, rates, seed in progress(runs)]
     write_results(args.out_dir, "da2_rates", "da2_rates_probe.py", argv, records, markdown(records, args, argv))
 
 

@@ -1,17 +1,26 @@
 """What the single-domain probes share (training_recipe_probe.py,
-shift_calibration_probe.py): their common arguments, and how they write
-benchmarks/results/<stem>.{json,md} with the commit they ran at."""
+shift_calibration_probe.py, da2_rates_probe.py): their common arguments, one
+in-process training run on the digits table's setting, a progress bar over the
+runs, and how they write benchmarks/results/<stem>.{json,md} with the commit
+they ran at."""
 import json
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import torch  # noqa: E402
+
+from da2ext.data.loaders import domain_loaders  # noqa: E402
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
+from da2ext.domains.multidomain import MultiDomainModel  # noqa: E402
+from da2ext.models import backbones  # noqa: E402
+from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
-__all__ = ["add_probe_arguments", "write_results"]
+__all__ = ["add_probe_arguments", "progress", "train_once", "write_results"]
 
 
 def add_probe_arguments(parser):
@@ -22,6 +31,34 @@ def add_probe_arguments(parser):
     parser.add_argument("--subsample", type=int, default=720)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+
+
+def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
+    """Learn args.domain once with `method` on a fresh ImageNet EfficientNet-Lite0 (64x64,
+    batch 64, args.subsample images, args.epochs epochs), in this process. prepare_backbone:
+    called with (backbone, train_loader) before the method rewrites it; train_kwargs go to
+    train_domain. Returns (val accuracy, seconds)."""
+    torch.manual_seed(seed)
+    network = backbones.create("efficientnet_lite0", pretrained=True)
+    train_loader, val_loader, classes = domain_loaders(
+        os.path.join(args.data, args.domain), image_size=64, batch_size=64, subsample=args.subsample, seed=seed)
+    if prepare_backbone is not None:
+        prepare_backbone(network, train_loader)
+    model = MultiDomainModel(network, method)
+    model.add_domain(args.domain, len(classes), classes)
+    start = time.time()
+    metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed,
+                           **train_kwargs)
+    return metrics["final_val_accuracy"], round(time.time() - start, 1)
+
+
+def progress(runs):
+    """`runs` with a tqdm bar when tqdm is there."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return runs
+    return tqdm(runs, desc="probe runs", unit="run")
 
 
 def write_results(out_dir, stem, script, argv, records, markdown):

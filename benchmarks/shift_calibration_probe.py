@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,11 +33,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from da2ext.data.loaders import domain_loaders  # noqa: E402
-from da2ext.domains.multidomain import MultiDomainModel  # noqa: E402
-from da2ext.models import backbones  # noqa: E402
-from da2ext.training.loop import train_domain  # noqa: E402
-from probe_runs import add_probe_arguments, write_results  # noqa: E402
+from probe_runs import add_probe_arguments, progress, train_once, write_results  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 METHODS = ("bias_lean", "da2")
@@ -62,21 +57,15 @@ def recalibrate_statistics(network, loader):
     network.eval()
 
 
+def _full_adabn(network, train_loader):
+    # Its own unshuffled pass, so that the training run's shuffling is the uncalibrated run's.
+    recalibrate_statistics(network, torch.utils.data.DataLoader(train_loader.dataset, batch_size=64))
+
+
 def run_one(args, method, which, seed):
-    torch.manual_seed(seed)
-    network = backbones.create("efficientnet_lite0", pretrained=True)
-    train_loader, val_loader, classes = domain_loaders(
-        os.path.join(args.data, args.domain), image_size=64, batch_size=64, subsample=args.subsample, seed=seed)
-    if which == "full":
-        # Its own unshuffled pass, so that the training run's shuffling is the uncalibrated run's.
-        recalibrate_statistics(network, torch.utils.data.DataLoader(train_loader.dataset, batch_size=64))
-    model = MultiDomainModel(network, method)
-    model.add_domain(args.domain, len(classes), classes)
-    start = time.time()
-    metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed,
-                           calibrate_shifts=which == "mean")
-    return {"method": method, "statistics": which, "seed": seed, "val_accuracy": metrics["final_val_accuracy"],
-            "seconds": round(time.time() - start, 1)}
+    accuracy, seconds = train_once(args, method, seed, prepare_backbone=_full_adabn if which == "full" else None,
+                                   calibrate_shifts=which == "mean")
+    return {"method": method, "statistics": which, "seed": seed, "val_accuracy": accuracy, "seconds": seconds}
 
 
 def markdown(records, args, argv):
@@ -107,12 +96,7 @@ def main(argv=None):
     add_probe_arguments(parser)
     args = parser.parse_args(argv)
     runs = [(m, w, s) for m in METHODS for w in STATISTICS for s in args.seeds]
-    try:
-        from tqdm import tqdm
-        runs_iter = tqdm(runs, desc="probe runs", unit="run")
-    except ImportError:
-        runs_iter = runs
-    records = [run_one(args, m, w, s) for m, w, s in runs_iter]
+    records = [run_one(args, m, w, s) for m, w, s in progress(runs)]
     write_results(args.out_dir, "shift_calibration", "shift_calibration_probe.py", argv, records, markdown(records, args, argv))
 
 
