@@ -275,10 +275,7 @@ def build_parser():
 
 def _info(args):
     from . import info
-    report = info.collect()
-    for line in info.format_report(report):
-        print(line)
-    return 1 if report["mismatch"] is not None else 0
+    return info.main()
 
 
 def _domain_list(text, allowed=None):
@@ -395,28 +392,27 @@ def _eval(args):
         raise CommandError("no {} domains in {}: learn one with python -m da2ext train".format(
             args.method, work.domain_dir(args.method)))
     selected = _domain_list(args.domains, names + sorted(unloadable)) if args.domains else names + sorted(unloadable)
-    names = [n for n in selected if n not in unloadable]
-    unloadable = [n for n in selected if n in unloadable]
     paths = dict(work.domain_files(args.method))
     print("| domain | val images | accuracy | loss | file size (KiB) |")
     print("| --- | --- | --- | --- | --- |")
-    failures = len(unloadable)
-    for name in unloadable:  # warned about above
-        print("| {} | - | - | - | {:.1f} |".format(name, os.path.getsize(paths[name]) / 1024.0))
-    for name in names:
-        image_size = args.image_size or work.recorded_setting(args.method, name, "image_size", 64)
-        data_dir = os.path.join(args.data, name)
+    failures = 0
+    for name in selected:
         size_kib = os.path.getsize(paths[name]) / 1024.0
-        try:
-            accuracy, loss, images = evaluate_domain(model, name, data_dir, backbone=args.backbone,
-                                                     image_size=image_size, batch_size=args.batch_size,
-                                                     skip_bad_images=args.skip_bad_images)
-        except DataError as error:
+        result = None
+        if name not in unloadable:  # those were warned about above
+            image_size = args.image_size or work.recorded_setting(args.method, name, "image_size", 64)
+            try:
+                result = evaluate_domain(model, name, os.path.join(args.data, name), backbone=args.backbone,
+                                         image_size=image_size, batch_size=args.batch_size,
+                                         skip_bad_images=args.skip_bad_images)
+            except DataError as error:
+                print("  {}: {}".format(name, error), file=sys.stderr)
+        if result is None:
             failures += 1
             print("| {} | - | - | - | {:.1f} |".format(name, size_kib))
-            print("  {}: {}".format(name, error), file=sys.stderr)
-            continue
-        print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, images, 100.0 * accuracy, loss, size_kib))
+        else:
+            accuracy, loss, images = result
+            print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, images, 100.0 * accuracy, loss, size_kib))
     return 1 if failures else 0
 
 

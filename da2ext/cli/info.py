@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..ops import backend, build_mismatch, kernels_available, recorded_build_info
 
-__all__ = ["OPTIONAL", "collect", "format_report"]
+__all__ = ["OPTIONAL", "collect", "format_report", "main"]
 
 # (import name, distribution name, what it enables)
 OPTIONAL = (
@@ -115,7 +115,10 @@ def format_report(report):
 
 
 def main(out=None):
+    """Print the report to `out` (stdout); the exit status: 1 when the extension was built
+    against another torch, else 0."""
     out = out or sys.stdout
-    for line in format_report(collect()):
+    report = collect()
+    for line in format_report(report):
         out.write(line + "\n")
-    return 0
+    return 1 if report["mismatch"] is not None else 0

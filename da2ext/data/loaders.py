@@ -147,8 +147,10 @@ def image_folder(split_dir, transform=None, skip_bad_images=False):
         raise DataError("{} holds no images in class sub-directories ({})".format(split_dir, error))
     dataset.skipped_images = []
     if skip_bad_images:
-        kept = [sample for sample in dataset.samples if _readable(sample[0])]
-        dataset.skipped_images = sorted(set(p for p, _ in dataset.samples) - set(p for p, _ in kept))
+        kept = []
+        for sample in dataset.samples:  # sorted by path already
+            (kept if _readable(sample[0]) else dataset.skipped_images).append(sample)
+        dataset.skipped_images = [path for path, _ in dataset.skipped_images]
         dataset.samples = dataset.imgs = kept
         dataset.targets = [target for _, target in kept]
     if len(dataset) == 0:
