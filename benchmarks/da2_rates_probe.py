@@ -14,7 +14,6 @@ images, 64x64, 4 epochs, batch 64, EfficientNet-Lite0 with ImageNet weights).
 
 Writes benchmarks/results/da2_rates.{md,json}.
 """
-import argparse
 import os
 import platform
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from probe_runs import add_probe_arguments, progress, train_once, write_results  # noqa: E402
+from probe_runs import run_probe, train_once  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 # (method, rates in place of the method's)
@@ -62,14 +61,12 @@ def markdown(records, args, argv):
     return "\n".join(lines) + "\n"
 
 
+def _runs(args):
+    return [(method, rates, seed) for method, rates in CONFIGS for seed in args.seeds]
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_probe_arguments(parser)
-    args = parser.parse_args(argv)
-    runs = [(method, rates, seed) for method, rates in CONFIGS for seed in args.seeds]
-    records = [run_one(args, method, rates, seed) for method, rates, seed in progress(runs)]
-    write_results(args.out_dir, "da2_rates", "da2_rates_probe.py", argv, records, markdown(records, args, argv))
+    run_probe(argv, __doc__.split("\n\n")[0], _runs, run_one, markdown, "da2_rates", "da2_rates_probe.py")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ shift_calibration_probe.py, da2_rates_probe.py): their common arguments, one
 in-process training run on the digits table's setting, a progress bar over the
 runs, and how they write benchmarks/results/<stem>.{json,md} with the commit
 they ran at."""
+import argparse
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ from da2ext.models import backbones  # noqa: E402
 from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
-__all__ = ["add_probe_arguments", "progress", "train_once", "write_results"]
+__all__ = ["add_probe_arguments", "progress", "run_probe", "train_once", "write_results"]
 
 
 def add_probe_arguments(parser):
@@ -70,3 +71,15 @@ def write_results(out_dir, stem, script, argv, records, markdown):
     atomic_write(os.path.join(out_dir, stem + ".json"), lambda f: f.write(text), mode="w")
     atomic_write(os.path.join(out_dir, stem + ".md"), lambda f: f.write(markdown), mode="w")
     print(markdown)
+
+
+def run_probe(argv, description, runs_of, run_one, markdown, stem, script):
+    """An in-process probe's whole command: parse the common arguments, run
+    run_one(args, *run) for each run of runs_of(args) with a progress bar, and write
+    results/<stem>.{json,md} (markdown(records, args, argv) the table)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=description)
+    add_probe_arguments(parser)
+    args = parser.parse_args(argv)
+    records = [run_one(args, *run) for run in progress(runs_of(args))]
+    write_results(args.out_dir, stem, script, argv, records, markdown(records, args, argv))

@@ -21,7 +21,6 @@ Writes benchmarks/results/shift_calibration.{md,json}. Re-centring each frozen B
 the mean its output has in the frozen model itself, instead of AdaBN's train-mode
 pass, collapsed (benchmarks/results/shift_calibration_recentred.md, commit 04ba121).
 """
-import argparse
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from probe_runs import add_probe_arguments, progress, train_once, write_results  # noqa: E402
+from probe_runs import run_probe, train_once  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 METHODS = ("bias_lean", "da2")
@@ -90,14 +89,12 @@ def markdown(records, args, argv):
     return "\n".join(lines) + "\n"
 
 
+def _runs(args):
+    return [(m, w, s) for m in METHODS for w in STATISTICS for s in args.seeds]
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_probe_arguments(parser)
-    args = parser.parse_args(argv)
-    runs = [(m, w, s) for m in METHODS for w in STATISTICS for s in args.seeds]
-    records = [run_one(args, m, w, s) for m, w, s in progress(runs)]
-    write_results(args.out_dir, "shift_calibration", "shift_calibration_probe.py", argv, records, markdown(records, args, argv))
+    run_probe(argv, __doc__.split("\n\n")[0], _runs, run_one, markdown, "shift_calibration", "shift_calibration_probe.py")
 
 
 if __name__ == "__main__":
