@@ -25,6 +25,13 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
 
 _warned = set()
 
+# What torch.compile and torch.export need to trace the ops (fake_kernels.py).
+FAKE_KERNELS = ()
+if _C is not None:
+    from .fake_kernels import register_fake_kernels
+
+    FAKE_KERNELS = register_fake_kernels()
+
 
 def recorded_build_info():
     """What the extension was built with: from the extension itself when it loads
