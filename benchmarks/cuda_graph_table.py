@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
 from nano_table import MODELS, MethodSetup, available_models, methods_with_ft  # noqa: E402
+from provenance import rerun_command  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
 METHODS = ("ft", "bias", "bias_lean", "da2")
@@ -95,19 +96,6 @@ def measure_group(model_name, method_names, batch_size, device, steps):
     return rows
 
 
-def _rerun_arguments(argv):
-    """The command line's arguments without --out-dir (where this run wrote is not how to rerun it)."""
-    kept, skip = [], False
-    for argument in argv:
-        if skip:
-            skip = False
-        elif argument == "--out-dir":
-            skip = True
-        elif not argument.startswith("--out-dir="):
-            kept.append(argument)
-    return kept
-
-
 def markdown(records, meta):
     lines = ["# Step time eager and as one CUDA graph (da2ext.CUDAGraphStep)", "",
              "{} · torch {} · da2ext {} · nano setting (224x224, 100 classes, SGD momentum) · median of {} steps per "
@@ -155,8 +143,8 @@ def main(argv=None):
                         model_name, batch_size, r["method"], 1e3 * r["eager_step_time"],
                         1e3 * r["graphed_step_time"]), flush=True)
     meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "da2ext": da2ext.__version__,
-            "steps": args.steps, "command": " ".join(["python benchmarks/cuda_graph_table.py"] + _rerun_arguments(
-                argv if argv is not None else sys.argv[1:]))}
+            "steps": args.steps, "command": rerun_command("benchmarks/cuda_graph_table.py",
+                                                   argv if argv is not None else sys.argv[1:])}
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)
     with open(os.path.join(args.out_dir, "cuda_graph_{}.json".format(args.tag)), "w") as f:

@@ -1,9 +1,9 @@
-"""Where a results file came from: the commit its script ran at (benchmarks/results/*
-name it beside their command and machine)."""
+"""Where a results file came from: the commit its script ran at and the command
+that reruns it (benchmarks/results/* name both beside the machine)."""
 import os
 import subprocess
 
-__all__ = ["git_commit"]
+__all__ = ["git_commit", "rerun_command"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,3 +19,16 @@ def git_commit(code_paths=("da2ext", "csrc")):
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+changes" if dirty else "")
+
+
+def rerun_command(script, argv):
+    """`python <script> <argv>` without --out-dir: where a run wrote is not how to rerun it."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--out-dir":
+            skip = True
+        elif not argument.startswith("--out-dir="):
+            kept.append(argument)
+    return " ".join(["python", script] + kept)
