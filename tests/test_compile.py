@@ -54,6 +54,25 @@ def test_compiled_adaptor_matches_eager(rank, mode, order):
         assert relative_error(q.grad, p.grad) < 1e-5, name
 
 
+def test_a_compiled_adaptor_takes_a_dynamic_batch_and_map_size():
+    # dynamic=True traces symbolic sizes: a last batch of another size or another
+    # input resolution reuses the graph (fake kernels and the branch's conv take SymInts).
+    torch.manual_seed(0)
+    adaptor = da2ext.ResidualAttentionAdaptor(16, reduction=4, rank=4)
+    with torch.no_grad():
+        adaptor.gamma.normal_(std=0.5)
+    compiled = torch.compile(adaptor, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(3, 16, 9, 7), (5, 16, 12, 12), (1, 16, 30, 30)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        leaf = x.detach().clone().requires_grad_()
+        expected = adaptor(leaf)
+        expected.sum().backward()
+        assert relative_error(y, expected) < 1e-6
+        assert relative_error(x.grad, leaf.grad) < 1e-5
+
+
 def da2ext_ops_run(step):
     """The da2ext kernels that ran in `step()`, counted by torch.profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -126,3 +145,21 @@ def test_compiled_adaptor_without_kernels_compiles_the_reference(monkeypatch):
         expected = adaptor(x)
     compiled = torch.compile(adaptor, fullgraph=True, backend="aot_eager")
     assert relative_error(compiled(x), expected) < 1e-6
+
+
+@pytest.mark.skipif(not hasattr(torch, "export"), reason="torch.export needs torch >= 2.1")
+def test_torch_export_sees_the_ops_of_an_adapted_model_with_a_dynamic_batch():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = da2ext.adapt(torchvision.models.resnet18(), 10, rank=4).eval()
+    with torch.no_grad():
+        for adaptor in (m for m in model.modules() if isinstance(m, da2ext.ResidualAttentionAdaptor)):
+            adaptor.gamma.normal_(std=0.5)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes={"x": {0: batch}})
+    targets = set(str(node.target) for node in exported.graph.nodes)
+    assert {"da2ext.descriptor_pool.default", "da2ext.attention_apply.default"} <= targets
+    for size in (1, 5):
+        x = torch.randn(size, 3, 64, 64)
+        with torch.no_grad():
+            assert relative_error(exported.module()(x), model(x)) < 1e-6

@@ -33,9 +33,18 @@ _IM2COL_CONV2D = aten_op("thnn_conv2d")
 IM2COL_CONV2D_BACKWARD = aten_op("_slow_conv2d_backward")  # torch >= 1.11
 
 
+def _tracing():
+    """Whether torch.compile or torch.export is tracing (False on torch without them)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def uses_im2col_conv(spatial):
-    """Whether the spatial conv over `spatial` (N x 2 x H x W) runs the im2col kernel."""
-    return (_IM2COL_CONV2D is not None and spatial.device.type == "cpu" and
+    """Whether the spatial conv over `spatial` (N x 2 x H x W) runs the im2col kernel.
+
+    Not while tracing: the im2col ops have no fake kernel for symbolic shapes (a
+    dynamic batch), and a compiler picks its own convolution anyway."""
+    return (_IM2COL_CONV2D is not None and spatial.device.type == "cpu" and not _tracing() and
             spatial.dtype in (torch.float32, torch.float64) and
             spatial.shape[-1] * spatial.shape[-2] <= IM2COL_MAX_PIXELS)
 
