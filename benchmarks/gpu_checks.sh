@@ -13,8 +13,8 @@
 # system compiler there.
 #
 # Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
-# tables nano_<TAG>, adaptor_<TAG> and cuda_graph_<TAG> (.json and .md) and the
-# pytest-benchmark results packed_activation_<TAG>.json into $OUT (12 files: a lent
+# tables nano_<TAG>, adaptor_<TAG>, cuda_graph_<TAG> and compile_<TAG> (.json and .md) and the
+# pytest-benchmark results packed_activation_<TAG>.json into $OUT (14 files: a lent
 # machine returns 8, so tar them there). Every step has
 # its own time limit, so a slow one cannot starve the rest; the exit status is the
 # number of failed steps.
@@ -84,6 +84,11 @@ grep -E "RACECHECK SUMMARY|ERROR SUMMARY|mismatches" "$OUT/racecheck.log"
 
 step "step time eager and as one CUDA graph (CUDAGraphStep)"
 timeout 240 $PY benchmarks/cuda_graph_table.py --tag "$TAG" --out-dir "$OUT"
+check
+
+step "torch.compile against eager, mode reduce-overhead (CUDA graphs), ResNet-18 and Lite0"
+timeout 300 $PY benchmarks/compile_table.py --device cuda --mode reduce-overhead --steps 20 --tag "$TAG" \
+  --out-dir "$OUT"
 check
 
 step "compute-sanitizer initcheck (uninitialised reads; informational)"
