@@ -8,7 +8,7 @@ Each (model, method) is built twice from the same seed: one model runs eager,
 the other through torch.compile(model, fullgraph=True, mode=--mode), the
 optimizer step eager in both. The first compiled step traces and compiles
 (its time, less an eager step's, is the compile cost, with the compilers'
-on-disk caches off); then the two are timed
+on-disk caches empty); then the two are timed
 round-robin, so a slow moment of the machine hits both. Figures per row:
 the first step's loss in both (they must agree: the same weights and batch),
 the median step times and their ratio, the steps after which compiling has
@@ -24,7 +24,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -72,20 +74,29 @@ class ComparedSetups(object):
 
 
 def compile_from_scratch():
-    """Turn off the compilers' on-disk caches: a graph compiled by an earlier run (of
-    this table, or of the tests) would make the compile cost look like nothing."""
+    """Send the compilers' on-disk caches to a new empty directory (returned) and
+    turn off those that skip compiling altogether: a graph or kernel compiled by an
+    earlier run (of this table, or of the tests) would make the compile cost look
+    like nothing. Kernels compiled earlier in this process stay in memory."""
     import torch._functorch.config
     import torch._inductor.config
+    directory = tempfile.mkdtemp(prefix="da2ext-compile-table-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
     torch._inductor.config.fx_graph_cache = False
     torch._inductor.config.autotune_local_cache = False
     torch._functorch.config.enable_autograd_cache = False
+    return directory
 
 
 def measure(model_name, method_name, batch_size, image_size, device, mode, steps):
     torch._dynamo.reset()
-    compile_from_scratch()
-    setups = ComparedSetups(model_name, method_name, batch_size, image_size, device, mode)
-    eager_loss, compiled_loss, first_eager, first_compiled, eager_kept, compiled_kept = setups.first_steps()
+    cache = compile_from_scratch()
+    try:
+        setups = ComparedSetups(model_name, method_name, batch_size, image_size, device, mode)
+        eager_loss, compiled_loss, first_eager, first_compiled, eager_kept, compiled_kept = setups.first_steps()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     setups.compiled.timed_step()  # a second compiled step: mode="reduce-overhead" records its graph here
     eager_times, compiled_times = [], []
     for _ in range(steps):
@@ -111,7 +122,7 @@ def markdown(records, meta):
              "compiling step".format(meta["device"], meta["torch"], meta["da2ext"], meta["commit"],
                                      meta["image_size"], meta["image_size"], meta["mode"], meta["steps"]),
              "", "Rerun: `{}`".format(meta["command"]), "",
-             "compile s: the first compiled step less an eager step, the compilers' caches off; pays after: the steps whose saving "
+             "compile s: the first compiled step less an eager step, the compilers' on-disk caches empty; pays after: the steps whose saving "
              "covers it; kept: what the step keeps for backward (weights excluded).", "",
              "| model | batch | method | first loss eager / compiled | eager s | compiled s | speed-up | compile s "
              "| pays after | kept eager MiB | kept compiled MiB |",
