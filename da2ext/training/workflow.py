@@ -26,13 +26,14 @@ from ..data.loaders import DataError, domain_loaders, report_skipped, val_loader
 from ..domains.atomic_file import remove_stale_partials
 from ..domains.domain_file import DomainFileError
 from ..domains.multidomain import MultiDomainModel
+from ..domains.preprocessing import make_preprocessing
 from ..domains.run_lock import RunLockedError, run_lock
 from ..models import backbones
 from .loop import evaluate, recorded_learning_rates, train_domain
 from .lr_schedule import WARMUP_FRACTION
 
-__all__ = ["DomainExistsError", "RunLockedError", "WorkDir", "build_model", "evaluate_domain", "learn_domain",
-           "load_saved_domains"]
+__all__ = ["DomainExistsError", "RunLockedError", "WorkDir", "build_model", "domain_file_hint", "evaluate_domain",
+           "learn_domain", "load_saved_domains"]
 
 _DOMAIN_EXTENSIONS = (".safetensors", ".npz")
 
@@ -120,7 +121,7 @@ def build_model(backbone="efficientnet_lite0", method="da2", pretrained=True, we
     return MultiDomainModel(network, method).to(device)
 
 
-def _domain_file_hint(error):
+def domain_file_hint(error):
     """The hint a DomainFileError gets: only a mismatch says anything about the backbone."""
     if "fingerprint" in str(error) or "architecture" in str(error):
         return "(it was learned with another backbone or weights: use the same --backbone, --weights and " \
@@ -142,7 +143,7 @@ def load_saved_domains(model, workdir, skip=(), failed=None):
         try:
             model.load_domain(path, name=name)
         except DomainFileError as error:
-            message = "{}\n{}".format(error, _domain_file_hint(error))
+            message = "{}\n{}".format(error, domain_file_hint(error))
             if failed is None:
                 raise DomainFileError(message)
             failed[name] = message
@@ -231,7 +232,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
             num_workers=num_workers, skip_bad_images=skip_bad_images)
         report_skipped(train_loader.dataset)
         report_skipped(val_loader.dataset)
-        model.add_domain(name, len(class_names), class_names)
+        model.add_domain(name, len(class_names), class_names,
+                         make_preprocessing(image_size, backbones.imagenet_normalization(backbone)))
         metrics = train_domain(model, name, train_loader, val_loader, epochs, lr_scale=lr_scale,
                                checkpoint_path=checkpoint_path, metrics_path=metrics_path, progress=progress,
                                seed=seed, domain_path=domain_path, settings=settings,

@@ -1,0 +1,188 @@
+"""Inference latency of an adapted domain against the plain pretrained backbone, on the CPU.
+
+    python benchmarks/inference_table.py --tag cpu-2cores
+    python benchmarks/inference_table.py --image-sizes 64 --batch-sizes 1 --runs 20
+
+Rows, per image size and batch: the adapted model in PyTorch (MultiDomainModel,
+lean modules, eval mode, no autograd), its exported ONNX file in ONNX Runtime
+(da2ext.deploy.export_domain: BNs folded, shifts baked in, adaptors as standard
+ops), and the plain pretrained backbone (timm's tf_efficientnet_lite0 with its
+ImageNet weights and 1000-class head) in PyTorch and exported the same way.
+The adaptors' inference overhead is the adapted ONNX model's latency over the
+plain backbone's ONNX latency. Each model is run --runs times after warm-up,
+round-robin over the models so that a slow moment of the machine hits them all;
+figures are medians. The domain's tensors are random (adaptors with non-zero
+gamma, rank 4, shifts moved): latency does not depend on their values.
+
+Writes benchmarks/results/inference_<tag>.json and .md, with the commit, the
+command and the machine.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import da2ext  # noqa: E402
+from da2ext.deploy import export_domain  # noqa: E402
+from da2ext.deploy.export import INPUT_NAME, OUTPUT_NAME  # noqa: E402
+from da2ext.domains.preprocessing import make_preprocessing  # noqa: E402
+from da2ext.models import backbones  # noqa: E402
+from provenance import git_commit, rerun_command  # noqa: E402
+from step_time_processes import median  # noqa: E402
+
+ROWS = ("adapted, PyTorch", "adapted, ONNX Runtime", "backbone, PyTorch", "backbone, ONNX Runtime")
+
+
+def adapted_domain(image_size, seed=0):
+    """A MultiDomainModel on the ImageNet Lite0 with one 10-class domain whose
+    tensors are random (what latency sees of a learned one)."""
+    model = da2ext.MultiDomainModel(backbones.efficientnet_lite0(pretrained=True))
+    model.add_domain("bench", 10, [str(i) for i in range(10)],
+                     make_preprocessing(image_size, backbones.imagenet_normalization("efficientnet_lite0")))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.domain_tensors("bench").values():
+            if tensor.is_floating_point():
+                tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+    model.set_domain("bench")
+    return model.eval()
+
+
+def onnx_session(path, threads):
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def export_backbone(path, image_size):
+    """The plain pretrained Lite0 (its own head) as ONNX, exported as export_domain exports a domain."""
+    network = backbones.efficientnet_lite0(pretrained=True).eval()
+    example = torch.zeros(2, 3, image_size, image_size)
+    program = torch.onnx.export(network, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                                output_names=[OUTPUT_NAME], external_data=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    program.save(path)
+    return network
+
+
+def runners(image_size, directory, threads):
+    """{row: a function of a batch (N x 3 x S x S float32 tensor)}."""
+    adapted = adapted_domain(image_size)
+    adapted_path = os.path.join(directory, "adapted.onnx")
+    export_domain(adapted, "bench", adapted_path, "onnx")
+    backbone_path = os.path.join(directory, "backbone.onnx")
+    backbone = export_backbone(backbone_path, image_size)
+    sessions = {"adapted": onnx_session(adapted_path, threads), "backbone": onnx_session(backbone_path, threads)}
+
+    def torch_runner(model):
+        def run(batch):
+            with torch.no_grad():
+                return model(batch)
+        return run
+
+    def onnx_runner(session):
+        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+
+    return {ROWS[0]: torch_runner(adapted), ROWS[1]: onnx_runner(sessions["adapted"]),
+            ROWS[2]: torch_runner(backbone), ROWS[3]: onnx_runner(sessions["backbone"])}, adapted
+
+
+def measure(image_size, batch_sizes, runs, warmup, threads):
+    records = []
+    with tempfile.TemporaryDirectory() as directory:
+        run_by_row, adapted = runners(image_size, directory, threads)
+        for batch_size in batch_sizes:
+            batch = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                expected = adapted(batch)
+            onnx_error = float((torch.from_numpy(run_by_row[ROWS[1]](batch)) - expected).abs().max())
+            times = dict((row, []) for row in ROWS)
+            for _ in range(warmup):
+                for row in ROWS:
+                    run_by_row[row](batch)
+            for _ in range(runs):
+                for row in ROWS:
+                    start = time.perf_counter()
+                    run_by_row[row](batch)
+                    times[row].append(time.perf_counter() - start)
+            latency = dict((row, median(values)) for row, values in times.items())
+            for row in ROWS:
+                records.append({"image_size": image_size, "batch_size": batch_size, "model": row,
+                                "latency": latency[row], "latencies": times[row],
+                                "vs_backbone_onnx": latency[row] / latency[ROWS[3]],
+                                "adapted_onnx_max_logit_error": onnx_error})
+            print("{}x{} batch {:3d}: ".format(image_size, image_size, batch_size) + "  ".join(
+                "{} {:.2f} ms".format(row, 1e3 * latency[row]) for row in ROWS) +
+                "  (adaptors' overhead in ONNX Runtime: {:.2f}x)".format(latency[ROWS[1]] / latency[ROWS[3]]),
+                flush=True)
+    return records
+
+
+def markdown(records, meta):
+    lines = ["# Inference latency: an adapted domain against the plain pretrained backbone", "",
+             "{} · torch {} · onnxruntime {} · da2ext {} at {} · EfficientNet-Lite0 (ImageNet weights), da2 "
+             "(rank-4 adaptors after every block) · median of {} runs after {} warm-up, round-robin".format(
+                 meta["device"], meta["torch"], meta["onnxruntime"], meta["da2ext"], meta["commit"], meta["runs"],
+                 meta["warmup"]),
+             "", "Rerun: `{}`".format(meta["command"]), "",
+             "vs backbone ONNX: latency over the plain backbone's in ONNX Runtime at the same size and batch "
+             "(the adapted ONNX row is the adaptors' inference overhead).", "",
+             "| input | batch | model | latency ms | vs backbone ONNX |", "| --- | --- | --- | --- | --- |"]
+    for r in records:
+        lines.append("| {0}x{0} | {1} | {2} | {3:.2f} | {4:.2f}x |".format(
+            r["image_size"], r["batch_size"], r["model"], 1e3 * r["latency"], r["vs_backbone_onnx"]))
+    errors = sorted(set((r["image_size"], r["batch_size"], r["adapted_onnx_max_logit_error"]) for r in records))
+    lines += ["", "Largest logit difference, adapted ONNX Runtime against PyTorch: " + "; ".join(
+        "{0}x{0} batch {1}: {2:.1e}".format(*e) for e in errors) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-sizes", default="64,224", help="input sizes (default: 64, the digits domains', "
+                                                                "and 224)")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per model (median)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime's intra-op threads (default 0: its own choice, one per core)")
+    parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    try:
+        import onnxruntime
+    except ImportError:
+        parser.error("needs onnxruntime (pip install onnxruntime onnx onnxscript)")
+    records = []
+    for image_size in [int(s) for s in args.image_sizes.split(",")]:
+        records += measure(image_size, [int(b) for b in args.batch_sizes.split(",")], args.runs, args.warmup,
+                           args.threads)
+    meta = {"device": "CPU ({}, {} threads)".format(platform.processor() or platform.machine(),
+                                                    torch.get_num_threads()),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "da2ext": da2ext.__version__,
+            "commit": git_commit(), "runs": args.runs, "warmup": args.warmup,
+            "command": rerun_command("benchmarks/inference_table.py", sys.argv[1:] if argv is None else argv)}
+    if not os.path.isdir(args.out_dir):
+        os.makedirs(args.out_dir)
+    with open(os.path.join(args.out_dir, "inference_{}.json".format(args.tag)), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    table = markdown(records, meta)
+    with open(os.path.join(args.out_dir, "inference_{}.md".format(args.tag)), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
