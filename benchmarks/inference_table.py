@@ -10,8 +10,10 @@ ops), and the plain pretrained backbone (timm's tf_efficientnet_lite0 with its
 ImageNet weights and 1000-class head) in PyTorch and exported the same way.
 The adaptors' inference overhead is the adapted ONNX model's latency over the
 plain backbone's ONNX latency. Each model is run --runs times after warm-up,
-round-robin over the models so that a slow moment of the machine hits them all;
-figures are medians. The domain's tensors are random (adaptors with non-zero
+round-robin over the models in blocks of 10 runs (each block after one untimed
+run, so that one model's threads have gone quiet before the next is timed;
+ONNX Runtime's threads do not spin-wait), so that a slow moment of the machine
+hits them all; figures are medians. The domain's tensors are random (adaptors with non-zero
 gamma, rank 4, shifts moved): latency does not depend on their values.
 
 Writes benchmarks/results/inference_<tag>.json and .md, with the commit, the
@@ -39,6 +41,7 @@ from da2ext.models import backbones  # noqa: E402
 from provenance import git_commit, rerun_command  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
+BLOCK = 10  # runs of one model in a row (round-robin by blocks)
 ROWS = ("adapted, PyTorch", "adapted, ONNX Runtime", "backbone, PyTorch", "backbone, ONNX Runtime")
 
 
@@ -60,6 +63,8 @@ def adapted_domain(image_size, seed=0):
 def onnx_session(path, threads):
     import onnxruntime
     options = onnxruntime.SessionOptions()
+    # Threads that spin-wait after a run would take the cores from the next model's run.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -69,7 +74,7 @@ def export_backbone(path, image_size):
     """The plain pretrained Lite0 (its own head) as ONNX, exported as export_domain exports a domain."""
     network = backbones.efficientnet_lite0(pretrained=True).eval()
     example = torch.zeros(2, 3, image_size, image_size)
-    program = torch.onnx.export(network, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+    program = torch.onnx.export(network, (example,), None, dynamo=True, verbose=False, input_names=[INPUT_NAME],
                                 output_names=[OUTPUT_NAME], external_data=False,
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     program.save(path)
@@ -108,14 +113,16 @@ def measure(image_size, batch_sizes, runs, warmup, threads):
                 expected = adapted(batch)
             onnx_error = float((torch.from_numpy(run_by_row[ROWS[1]](batch)) - expected).abs().max())
             times = dict((row, []) for row in ROWS)
-            for _ in range(warmup):
-                for row in ROWS:
+            for row in ROWS:
+                for _ in range(warmup):
                     run_by_row[row](batch)
-            for _ in range(runs):
-                for row in ROWS:
-                    start = time.perf_counter()
+            for _ in range(0, runs, BLOCK):
+                for row in ROWS:  # each model in turn, a block of runs at a time, its first untimed
                     run_by_row[row](batch)
-                    times[row].append(time.perf_counter() - start)
+                    for _ in range(BLOCK):
+                        start = time.perf_counter()
+                        run_by_row[row](batch)
+                        times[row].append(time.perf_counter() - start)
             latency = dict((row, median(values)) for row, values in times.items())
             for row in ROWS:
                 records.append({"image_size": image_size, "batch_size": batch_size, "model": row,
@@ -132,9 +139,10 @@ def measure(image_size, batch_sizes, runs, warmup, threads):
 def markdown(records, meta):
     lines = ["# Inference latency: an adapted domain against the plain pretrained backbone", "",
              "{} · torch {} · onnxruntime {} · da2ext {} at {} · EfficientNet-Lite0 (ImageNet weights), da2 "
-             "(rank-4 adaptors after every block) · median of {} runs after {} warm-up, round-robin".format(
+             "(rank-4 adaptors after every block) · median of {} runs after {} warm-up, round-robin in blocks "
+             "of {}".format(
                  meta["device"], meta["torch"], meta["onnxruntime"], meta["da2ext"], meta["commit"], meta["runs"],
-                 meta["warmup"]),
+                 meta["warmup"], BLOCK),
              "", "Rerun: `{}`".format(meta["command"]), "",
              "vs backbone ONNX: latency over the plain backbone's in ONNX Runtime at the same size and batch "
              "(the adapted ONNX row is the adaptors' inference overhead).", "",
@@ -153,7 +161,7 @@ def main(argv=None):
     parser.add_argument("--image-sizes", default="64,224", help="input sizes (default: 64, the digits domains', "
                                                                 "and 224)")
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--runs", type=int, default=50, help="timed runs per model (median)")
+    parser.add_argument("--runs", type=int, default=100, help="timed runs per model (median; a multiple of 10)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime's intra-op threads (default 0: its own choice, one per core)")

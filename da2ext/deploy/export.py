@@ -54,7 +54,7 @@ def _onnx_bytes(network, example, metadata):
     except ImportError:
         raise ImportError("exporting to ONNX needs the onnx package: pip install onnx onnxscript")
     if _has_torch_export_onnx():
-        program = torch.onnx.export(network, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+        program = torch.onnx.export(network, (example,), None, dynamo=True, verbose=False, input_names=[INPUT_NAME],
                                      output_names=[OUTPUT_NAME], opset_version=_ONNX_OPSET, external_data=False,
                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
         proto = program.model_proto
