@@ -122,8 +122,9 @@ def markdown(records, meta):
              "compiling step".format(meta["device"], meta["torch"], meta["da2ext"], meta["commit"],
                                      meta["image_size"], meta["image_size"], meta["mode"], meta["steps"]),
              "", "Rerun: `{}`".format(meta["command"]), "",
-             "compile s: the first compiled step less an eager step, the compilers' on-disk caches empty; pays after: the steps whose saving "
-             "covers it; kept: what the step keeps for backward (weights excluded).", "",
+             "compile s: the first compiled step less an eager step, the compilers' on-disk caches empty; "
+             "pays after: the steps whose saving covers it; kept: what the step keeps for backward (weights "
+             "excluded).", "",
              "| model | batch | method | first loss eager / compiled | eager s | compiled s | speed-up | compile s "
              "| pays after | kept eager MiB | kept compiled MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

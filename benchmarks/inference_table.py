@@ -60,9 +60,10 @@ def adapted_domain(image_size, seed=0):
     return model.eval()
 
 
-def onnx_session(path, threads):
+def onnx_session(path, threads, profile=False):
     import onnxruntime
     options = onnxruntime.SessionOptions()
+    options.enable_profiling = profile
     # Threads that spin-wait after a run would take the cores from the next model's run.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -103,8 +104,28 @@ def runners(image_size, directory, threads):
             ROWS[2]: torch_runner(backbone), ROWS[3]: onnx_runner(sessions["backbone"])}, adapted
 
 
-def measure(image_size, batch_sizes, runs, warmup, threads):
-    records = []
+def kernel_time_by_op(path, batch, threads, runs=20):
+    """ONNX Runtime's own profile of `runs` runs of the model at `path`: microseconds
+    per run spent in each operator type's kernels (its layout reorders included)."""
+    session = onnx_session(path, threads, profile=True)
+    for _ in range(runs):
+        session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+    trace = session.end_profiling()
+    try:
+        with open(trace) as f:
+            events = json.load(f)
+    finally:
+        os.remove(trace)
+    totals = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / float(runs)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def measure(image_size, batch_sizes, runs, warmup, threads, profile=False):
+    records, profiles = [], {}
     with tempfile.TemporaryDirectory() as directory:
         run_by_row, adapted = runners(image_size, directory, threads)
         for batch_size in batch_sizes:
@@ -133,10 +154,31 @@ def measure(image_size, batch_sizes, runs, warmup, threads):
                 "{} {:.2f} ms".format(row, 1e3 * latency[row]) for row in ROWS) +
                 "  (adaptors' overhead in ONNX Runtime: {:.2f}x)".format(latency[ROWS[1]] / latency[ROWS[3]]),
                 flush=True)
-    return records
+        if profile:
+            batch = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+            profiles[image_size] = dict((name, kernel_time_by_op(os.path.join(directory, name + ".onnx"), batch,
+                                                                 threads)) for name in ("adapted", "backbone"))
+    return records, profiles
 
 
-def markdown(records, meta):
+def profile_markdown(profiles):
+    """Per image size, batch 1: each operator type's kernel time in both ONNX models."""
+    lines = []
+    for image_size, by_model in sorted(profiles.items()):
+        ops = sorted(set(by_model["adapted"]) | set(by_model["backbone"]),
+                     key=lambda op: -(by_model["adapted"].get(op, 0) + by_model["backbone"].get(op, 0)))
+        lines += ["", "ONNX Runtime's profile at {0}x{0}, batch 1 (kernel time per run, microseconds; the "
+                      "profiler's own cost included):".format(image_size), "",
+                  "| operator | adapted | backbone |", "| --- | --- | --- |"]
+        for op in ops:
+            lines.append("| {} | {:.0f} | {:.0f} |".format(op, by_model["adapted"].get(op, 0.0),
+                                                            by_model["backbone"].get(op, 0.0)))
+        lines.append("| total | {:.0f} | {:.0f} |".format(sum(by_model["adapted"].values()),
+                                                          sum(by_model["backbone"].values())))
+    return lines
+
+
+def markdown(records, meta, profiles=None):
     lines = ["# Inference latency: an adapted domain against the plain pretrained backbone", "",
              "{} · torch {} · onnxruntime {} · da2ext {} at {} · EfficientNet-Lite0 (ImageNet weights), da2 "
              "(rank-4 adaptors after every block) · median of {} runs after {} warm-up, round-robin in blocks "
@@ -153,6 +195,7 @@ def markdown(records, meta):
     errors = sorted(set((r["image_size"], r["batch_size"], r["adapted_onnx_max_logit_error"]) for r in records))
     lines += ["", "Largest logit difference, adapted ONNX Runtime against PyTorch: " + "; ".join(
         "{0}x{0} batch {1}: {2:.1e}".format(*e) for e in errors) + "."]
+    lines += profile_markdown(profiles or {})
     return "\n".join(lines) + "\n"
 
 
@@ -165,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime's intra-op threads (default 0: its own choice, one per core)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile both ONNX models at batch 1 (ONNX Runtime's kernel time per operator type)")
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -172,10 +217,12 @@ def main(argv=None):
         import onnxruntime
     except ImportError:
         parser.error("needs onnxruntime (pip install onnxruntime onnx onnxscript)")
-    records = []
+    records, profiles = [], {}
     for image_size in [int(s) for s in args.image_sizes.split(",")]:
-        records += measure(image_size, [int(b) for b in args.batch_sizes.split(",")], args.runs, args.warmup,
-                           args.threads)
+        rows, profile = measure(image_size, [int(b) for b in args.batch_sizes.split(",")], args.runs, args.warmup,
+                                args.threads, args.profile)
+        records += rows
+        profiles.update(profile)
     meta = {"device": "CPU ({}, {} threads)".format(platform.processor() or platform.machine(),
                                                     torch.get_num_threads()),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "da2ext": da2ext.__version__,
@@ -184,8 +231,8 @@ def main(argv=None):
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)
     with open(os.path.join(args.out_dir, "inference_{}.json".format(args.tag)), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = markdown(records, meta)
+        json.dump({"meta": meta, "records": records, "onnx_profiles": profiles}, f, indent=1)
+    table = markdown(records, meta, profiles)
     with open(os.path.join(args.out_dir, "inference_{}.md".format(args.tag)), "w") as f:
         f.write(table)
     print(table)
