@@ -72,6 +72,8 @@ FAMILIES = {
     "mobilenet_v2": (lambda: _torchvision().models.mobilenet_v2(), (2, 3, 67, 61), False),
     "tf_efficientnet_lite0": (lambda: import_timm().create_model("tf_efficientnet_lite0"), (2, 3, 67, 61), True),
     "mobilenetv2_100": (lambda: import_timm().create_model("mobilenetv2_100"), (2, 3, 64, 64), True),
+    "timm_resnet18": (lambda: import_timm().create_model("resnet18"), (2, 3, 67, 61), True),    # BasicBlock
+    "timm_resnet26": (lambda: import_timm().create_model("resnet26"), (2, 3, 67, 61), True),    # Bottleneck
 }
 FAMILY_NAMES = sorted(FAMILIES)
 
@@ -116,7 +118,7 @@ def make_original(family, seed=0, dtype=torch.float32):
 def head_of(model):
     """The classifier Linear (the original's or the adapted model's Head)."""
     family = supported_family(model)
-    if family == "resnet":
+    if family in ("resnet", "timm_resnet"):
         return model.fc
     if family == "mobilenet_v2":
         return model.classifier[-1]

@@ -39,6 +39,7 @@ def _torchvision_blocks():
 
 def _timm_blocks():
     timm = pytest.importorskip("timm")
+    from timm.models import resnet as timm_resnet
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
     lite0 = timm.create_model("tf_efficientnet_lite0")
     return {
@@ -50,12 +51,17 @@ def _timm_blocks():
         "depthwise_separable_pw_act": (lambda: DepthwiseSeparableConv(16, 24, stride=2, pw_act=True,
                                                                        act_layer=nn.ReLU6), 16),
         "inverted_residual_residual": (lambda: InvertedResidual(16, 16, exp_ratio=4.0, act_layer=nn.ReLU), 16),
+        "timm_basic": (lambda: timm_resnet.BasicBlock(16, 16), 16),
+        "timm_bottleneck_projection": (lambda: timm_resnet.Bottleneck(
+            16, 8, stride=2, downsample=nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False),
+                                                      nn.BatchNorm2d(32))), 16),
     }
 
 
 TORCHVISION_BLOCKS = sorted(_torchvision_blocks())
 TIMM_BLOCKS = ["lite0_depthwise_separable", "lite0_inverted_residual_stride2", "lite0_inverted_residual_residual",
-               "depthwise_separable_residual", "depthwise_separable_pw_act", "inverted_residual_residual"]
+               "depthwise_separable_residual", "depthwise_separable_pw_act", "inverted_residual_residual",
+               "timm_basic", "timm_bottleneck_projection"]
 
 
 def _check_block_keeps_packed_bits(block, channels):
@@ -185,3 +191,16 @@ def test_adapted_mobile_networks_keep_the_packed_bit_floor(family):
     with SavedTensorCounter(exclude=model_state(model)) as counter:
         model(x)
     assert masks + head < counter.saved_bytes < 3 * (masks + head)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_a_timm_resnet_keeps_what_the_torchvision_resnet_keeps(depth):
+    timm = pytest.importorskip("timm")
+    kept = []
+    name = "resnet{}".format(depth)
+    for original in (getattr(torchvision.models, name)(), timm.create_model(name)):
+        model = adapt_quietly(original, 10, rank=4)
+        with SavedTensorCounter(exclude=model_state(model)) as counter:
+            model(torch.randn(2, 3, 64, 64))
+        kept.append(counter.saved_bytes)
+    assert kept[0] == kept[1] > 0

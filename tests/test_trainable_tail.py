@@ -12,6 +12,7 @@ import da2ext
 from da2ext import methods
 from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, forward_backward, make_original, named_trainable,
                      randomize_common_trainable, relative_error, shift_parameters)
+from da2ext.lean.adapt import supported_family
 from da2ext.lean.trainable import parameter_groups
 from da2ext.lean.trainable_tail import TrainableTail, training_bytes
 
@@ -55,7 +56,7 @@ def test_the_tail_is_the_last_blocks_and_the_final_conv(family, statistics):
     blocks = da2ext.adapt(copy.deepcopy(original), 10, train_last=0)
     tailed = adapt_quietly(copy.deepcopy(original), 10, train_last=3, tail_statistics=statistics)
     tails = _tail_modules(tailed)
-    has_final_conv = family != "resnet18"
+    has_final_conv = supported_family(original) not in ("resnet", "timm_resnet")
     assert len(tails) == 3 + has_final_conv
     assert not _tail_modules(blocks)
     groups = parameter_groups(tailed)

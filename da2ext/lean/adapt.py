@@ -84,7 +84,8 @@ def _input_in_backbone_order(cpu_channels_last, module, inputs):
 
 def supported_family(model):
     """"resnet", "mobilenet_v2" (torchvision), "timm_efficientnet" (timm's
-    EfficientNet class: tf_efficientnet_lite*, mobilenetv2_*, ...) or None."""
+    EfficientNet class: tf_efficientnet_lite*, mobilenetv2_*, ...), "timm_resnet"
+    (timm's ResNet class: resnet18..152, resnext*, ...) or None."""
     import torchvision
     if isinstance(model, torchvision.models.ResNet):
         return "resnet"
@@ -93,6 +94,8 @@ def supported_family(model):
     cls = type(model)
     if cls.__name__ == "EfficientNet" and cls.__module__.startswith("timm."):
         return "timm_efficientnet"
+    if cls.__name__ == "ResNet" and cls.__module__.startswith("timm."):
+        return "timm_resnet"
     return None
 
 
@@ -179,7 +182,7 @@ class _Rewriter(object):
 
 def _count_blocks(model, family):
     """How many blocks get an adaptor, in forward order (what train_last counts)."""
-    if family == "resnet":
+    if family in ("resnet", "timm_resnet"):
         return sum(len(getattr(model, name)) for name in ("layer1", "layer2", "layer3", "layer4"))
     if family == "mobilenet_v2":
         from torchvision.models.mobilenetv2 import InvertedResidual
@@ -187,14 +190,22 @@ def _count_blocks(model, family):
     return sum(len(stage) for stage in model.blocks)
 
 
-def _adapt_resnet(model, rewriter):
+def _adapt_resnet(model, rewriter, activation_name="relu"):
+    """torchvision's ResNet (stem activation `relu`) or timm's (`act1`; a deep stem,
+    conv1 a Sequential, runs unchanged)."""
     if rewriter.lean:
-        stem = rewriter.conv_bn_act("conv1", model.conv1, model.bn1, model.relu)
+        stem = None
+        if isinstance(model.conv1, nn.Conv2d):
+            stem = rewriter.conv_bn_act("conv1", model.conv1, model.bn1, getattr(model, activation_name))
+        else:  # its BNs must stay in eval mode
+            model.conv1 = rewriter._unchanged("conv1", model.conv1, "a deep stem")
         if stem is not None:
-            model.conv1, model.bn1, model.relu = stem, nn.Identity(), nn.Identity()
+            model.conv1, model.bn1 = stem, nn.Identity()
+            setattr(model, activation_name, nn.Identity())
         else:
             model.bn1 = rewriter._unchanged("bn1", model.bn1)
-        model.maxpool = LeanMaxPool2d.from_module(model.maxpool)
+        if isinstance(model.maxpool, nn.MaxPool2d) and not model.maxpool.return_indices:
+            model.maxpool = LeanMaxPool2d.from_module(model.maxpool)
     else:
         model.bn1 = rewriter._unchanged("bn1", model.bn1)
     for layer_name in ("layer1", "layer2", "layer3", "layer4"):
@@ -241,7 +252,7 @@ def _adapt_timm_efficientnet(model, rewriter):
 def head_in_features(model):
     """Width of the features the classifier of a supported model reads."""
     family = supported_family(model)
-    if family == "resnet":
+    if family in ("resnet", "timm_resnet"):
         return model.fc.in_features
     if family == "mobilenet_v2":
         return model.classifier[-1].in_features
@@ -262,6 +273,9 @@ def replace_head(model, num_classes):
 def _set_head(model, family, head):
     if family == "resnet":
         model.fc = head
+    elif family == "timm_resnet":
+        model.fc = head
+        model.num_classes = head.out_features
     elif family == "mobilenet_v2":
         model.classifier[-1] = head
     else:
@@ -275,7 +289,9 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
-        EfficientNet class (tf_efficientnet_lite0..4, mobilenetv2_*), with
+        ResNet class (resnet18..152, resnext*; ReLU blocks without
+        squeeze-excitation are made lean, others run unchanged) or EfficientNet
+        class (tf_efficientnet_lite0..4, mobilenetv2_*), with
         whatever weights the user has. Its BN layers' running statistics are used
         (eval mode), folded into the convs once, here.
     num_classes: the new head's size.
@@ -318,8 +334,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     """
     family = supported_family(model)
     if family is None:
-        raise TypeError("adapt: model must be a torchvision ResNet or MobileNetV2 or a timm EfficientNet "
-                        "(tf_efficientnet_lite*, mobilenetv2_*), got {}".format(type(model).__name__))
+        raise TypeError("adapt: model must be a torchvision ResNet or MobileNetV2, or a timm ResNet or "
+                        "EfficientNet (tf_efficientnet_lite*, mobilenetv2_*), got {}".format(type(model).__name__))
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError("adapt: num_classes must be a positive int, got {!r}".format(num_classes))
     if mode not in ("add", "mul"):
@@ -381,7 +397,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
                          tail_statistics=tail_statistics)
     with torch.no_grad():
         in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
-                       "timm_efficientnet": _adapt_timm_efficientnet}[family](model, rewriter)
+                       "timm_efficientnet": _adapt_timm_efficientnet,
+                       "timm_resnet": functools.partial(_adapt_resnet, activation_name="act1")}[family](model, rewriter)
     tails = [m for m in model.modules() if isinstance(m, TrainableTail)]  # in forward order
     if tails and tail_statistics == "final":
         tails[-1].statistics = "last"  # applied by the model.train() below

@@ -1,5 +1,5 @@
 """Frozen, lean versions of the residual blocks of torchvision's ResNets and
-MobileNetV2 and of timm's EfficientNet family (docs/design.md §3).
+MobileNetV2 and of timm's ResNets and EfficientNet family (docs/design.md §3).
 
 Every one of these blocks has the same shape: a chain of conv-BN-activation
 layers, an optional shortcut (identity or a conv-BN), an add, an optional final
@@ -124,6 +124,28 @@ def _freeze_resnet_block(block, convs, train_shift, dtype):
     return FrozenBlock(nn.Sequential(*main), shortcut, activation_upper(block.relu))
 
 
+def _check_inference_identity(block, names):
+    """Parts of a timm block that must do nothing at inference: absent, Identity, or
+    a training-time regulariser (drop_path: stochastic depth) that is a no-op in eval."""
+    for name in names:
+        part = getattr(block, name, None)
+        if part is None or isinstance(part, nn.Identity) or name == "drop_path":
+            continue
+        raise NotImplementedError("{} is {}, not Identity".format(name, type(part).__name__))
+
+
+def _freeze_timm_resnet_block(block, layers, final_activation, train_shift, dtype):
+    """timm's BasicBlock/Bottleneck: conv-BN-act layers (the last one's activation comes
+    after the add, as `final_activation`), an optional conv-BN downsample."""
+    _check_inference_identity(block, ("drop_block", "aa", "se", "drop_path"))
+    main = [freeze_conv_bn_act(getattr(block, conv), getattr(block, bn), getattr(block, act) if act else None,
+                               train_shift, dtype) for conv, bn, act in layers]
+    shortcut = "identity"
+    if block.downsample is not None:
+        shortcut = _freeze_conv_norm_activation(block.downsample, train_shift, dtype)
+    return FrozenBlock(nn.Sequential(*main), shortcut, activation_upper(getattr(block, final_activation)))
+
+
 def _freeze_torchvision_inverted_residual(block, train_shift, dtype):
     main, pending_conv = [], None
     for layer in block.conv:
@@ -168,6 +190,12 @@ def freeze_block(block, train_shift=True, dtype=torch.float32):
         return _freeze_resnet_block(block, (("conv1", "bn1"), ("conv2", "bn2")), train_shift, dtype)
     if isinstance(block, InvertedResidual):
         return _freeze_torchvision_inverted_residual(block, train_shift, dtype)
+    if is_timm(block, "Bottleneck"):
+        return _freeze_timm_resnet_block(block, (("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"),
+                                                 ("conv3", "bn3", None)), "act3", train_shift, dtype)
+    if is_timm(block, "BasicBlock"):
+        return _freeze_timm_resnet_block(block, (("conv1", "bn1", "act1"), ("conv2", "bn2", None)), "act2",
+                                         train_shift, dtype)
     if is_timm(block, "DepthwiseSeparableConv"):
         return _freeze_timm_block(block, (("conv_dw", "bn1"), ("conv_pw", "bn2")), train_shift, dtype)
     if is_timm(block, "InvertedResidual"):
