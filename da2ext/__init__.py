@@ -11,6 +11,7 @@ from .domains.domain_file import DomainFileError
 from .domains.multidomain import MultiDomainModel
 from .lean.adapt import adapt
 from .lean.frozen_conv import FrozenConvBNAct
+from .lean.insert_adaptors import insert_adaptors
 from .lean.lean_max_pool import LeanMaxPool2d
 from .lean.shift_calibration import calibrate_shifts
 from .lean.trainable import print_trainable_parameters, trainable_parameters
@@ -36,6 +37,7 @@ __all__ = [
     "adapt",
     "backend",
     "calibrate_shifts",
+    "insert_adaptors",
     "packed_activation",
     "packed_relu",
     "packed_relu6",

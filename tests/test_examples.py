@@ -23,6 +23,7 @@ TIMEOUT_S = 300
 SCRIPT_ARGS = {
     "adapt_resnet_block.py": ["--steps", "15", "--batch-size", "32", "--image-size", "64"],
     "train_domain.py": ["--epochs", "1", "--train-images", "64", "--val-images", "40"],
+    "insert_adaptors.py": ["--steps", "3", "--batch-size", "8"],
 }
 
 
@@ -66,8 +67,16 @@ def check_train_domain(output):
     search(r"^reloaded from the file: val accuracy .* \(the same\)$", output)
 
 
+def check_insert_adaptors(output):
+    assert "adaptors after: trunk_output.block1, trunk_output.block2, trunk_output.block3, " \
+           "trunk_output.block4" in output
+    assert "features unchanged before training: True" in output
+    assert re.search(r"step +3: loss \d", output)
+
+
 OUTPUT_CHECKS = {
     "adapt_resnet_block.py": check_adapt_resnet_block,
+    "insert_adaptors.py": check_insert_adaptors,
     "train_domain.py": check_train_domain,
 }
 

@@ -2,7 +2,8 @@
 rewritten so that backward through it keeps only packed activation bits, with
 an adaptor after every block.
 
-    adapt.py           adapt(): the rewrite of a torchvision ResNet/MobileNetV2 or timm EfficientNet
+    adapt.py           adapt(): the rewrite of a torchvision ResNet/MobileNetV2 or timm ResNet/EfficientNet
+    insert_adaptors.py insert_adaptors(): adaptors after modules of any model, chosen by the user
     frozen_conv.py     FrozenConvBNAct: a frozen conv + folded BN + activation
     frozen_blocks.py   FrozenBlock: every supported residual block, frozen and lean
     lean_max_pool.py   LeanMaxPool2d: a max pool that keeps one byte per output element for backward
