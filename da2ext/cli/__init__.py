@@ -218,6 +218,9 @@ def build_parser():
     p.add_argument("--workdir", default="runs", metavar="RUNS", help="work directory (default: runs)")
     _add_model_arguments(p)
     _add_training_arguments(p)
+    p.add_argument("--dist-timeout", type=_positive_int, default=300, metavar="S",
+                   help="under torchrun: seconds a process waits for the others at a collective before it fails "
+                        "(a process that died; default: 300)")
     p.add_argument("--lr", type=_group_rate, action="append", metavar="GROUP=RATE",
                    help="Adam rate for one parameter group ({}) in place of the method's, before --lr-scale; "
                         "repeatable. adaptors=0 keeps da2's adaptors as they start (an ablation)".format(
@@ -364,10 +367,25 @@ def _prepare_digits(args):
 
 
 def _train(args):
+    """One process, or one of a torch.distributed group when torchrun started it."""
+    from ..training.distributed import DistributedRun
+    distributed = DistributedRun.from_environment(args.device, args.dist_timeout)
+    if distributed is not None:
+        args.device = str(distributed.device)  # cuda:LOCAL_RANK under torchrun
+    try:
+        return _train_process(args, distributed)
+    finally:
+        if distributed is not None:
+            distributed.close()
+
+
+def _train_process(args, distributed):
     from ..data.loaders import DataError, check_domain_dir
     from ..domains.domain_file import DomainFileError
     from ..training.loop import NonFiniteTrainingError
     from ..training.workflow import DomainExistsError, RunLockedError, WorkDir, learn_domain, load_saved_domains
+    main = distributed is None or distributed.is_main
+    print_main = print if main else (lambda *args, **kwargs: None)  # one process speaks for the group
     name = args.domain or os.path.basename(os.path.normpath(args.data))
     if not name or name.startswith(".") or os.sep in name:
         raise CommandError("--domain: {!r} is not a usable domain name".format(name))
@@ -379,7 +397,7 @@ def _train(args):
     model = _build(args)
     tail = getattr(model.model, "da2ext_tail", {})
     if "memory_budget_mib" in tail:
-        print("memory budget {} MiB: training the last {} block(s), {:.1f} MiB at batch {}, {}x{} ({})".format(
+        print_main("memory budget {} MiB: training the last {} block(s), {:.1f} MiB at batch {}, {}x{} ({})".format(
             tail["memory_budget_mib"], tail["train_last"], tail["training_bytes"] / MIB, tail["budget_input_shape"][0],
             tail["budget_input_shape"][2], tail["budget_input_shape"][3],
             "fits" if tail["fits"] else "the lean model alone does not fit"))
@@ -396,19 +414,22 @@ def _train(args):
         earlier = load_saved_domains(model, work, skip=(name,), failed=unloadable)
         _warn_unloadable(unloadable)
         if earlier:
-            print("domains learned earlier in {} (kept unchanged): {}".format(work.root, ", ".join(earlier)))
+            print_main("domains learned earlier in {} (kept unchanged): {}".format(work.root, ", ".join(earlier)))
         metrics = learn_domain(model, work, name, args.data, epochs=args.epochs, batch_size=args.batch_size,
                                image_size=args.image_size, lr_scale=args.lr_scale, subsample=args.subsample,
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
                                learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite,
                                skip_bad_images=args.skip_bad_images,
-                               calibrate_shifts=args.calibrate_shifts)
+                               calibrate_shifts=args.calibrate_shifts, distributed=distributed)
     except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError, RunLockedError) as error:
         raise CommandError(str(error))
+    if not main:
+        return 0
     print("{} ({}): val accuracy {:.2f} %, kept for backward {:.1f} MiB, {:,} trainable parameters, "
-          "domain file {:.1f} KiB, {:.0f} s".format(
+          "domain file {:.1f} KiB, {:.0f} s{}".format(
               name, metrics["method"], 100.0 * metrics["final_val_accuracy"], metrics["saved_bytes"] / MIB,
-              metrics["trainable_params"], metrics["file_bytes"] / 1024.0, metrics["total_time"]))
+              metrics["trainable_params"], metrics["file_bytes"] / 1024.0, metrics["total_time"],
+              "" if distributed is None else ", {} processes".format(distributed.world_size)))
     print("domain file: {}".format(work.domain_path(model.method.name, name)))
     print("metrics: {}".format(work.metrics_path(model.method.name, name)))
     return 0

@@ -58,9 +58,11 @@ def _progress_bar(loader, description, enabled):
     return tqdm(total=len(loader), desc=description, unit="batch", leave=True, dynamic_ncols=True)
 
 
-def evaluate(model, domain, loader):
+def evaluate(model, domain, loader, distributed=None):
     """(accuracy, mean cross-entropy) of domain `domain` on the loader's images,
-    in eval mode and without autograd; the model's mode and active domain come back afterwards."""
+    in eval mode and without autograd; the model's mode and active domain come back afterwards.
+    distributed: a DistributedRun whose processes each hold a share of the images
+    (DistributedRun.val_loader): their sums are added up, every process gets the total."""
     device = device_of(model)
     was_training = model.training
     correct, total, loss_sum = 0, 0, 0.0
@@ -75,6 +77,10 @@ def evaluate(model, domain, loader):
                 total += labels.numel()
         finally:
             model.train(was_training)
+    if distributed is not None:
+        sums = distributed.all_reduce_sum(torch.tensor([loss_sum, correct, total], dtype=torch.float64,
+                                                       device=distributed.device))
+        loss_sum, correct, total = float(sums[0]), int(sums[1]), int(sums[2])
     if total == 0:
         raise ValueError("evaluate: the loader gave no images")
     return correct / float(total), loss_sum / total
@@ -136,8 +142,9 @@ class _Run(object):
     """The state of one training run that a checkpoint carries."""
 
     def __init__(self, model, domain, train_loader, epochs, lr_scale, settings, learning_rates=None,
-                 warmup_fraction=WARMUP_FRACTION):
+                 warmup_fraction=WARMUP_FRACTION, forward=None):
         self.model = model
+        self.forward = model if forward is None else forward  # a DistributedDataParallel wrapper, in a group
         self.domain = domain
         self.train_loader = train_loader
         self.settings = settings
@@ -218,6 +225,9 @@ def _resume(run, checkpoint_path, progress):
 def _train_epoch(run, epoch, epochs, device, progress):
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     model.train()
+    run.forward.train()
+    if hasattr(run.train_loader.sampler, "set_epoch"):  # DistributedSampler: the epoch's order from seed and epoch
+        run.train_loader.sampler.set_epoch(epoch)
     bar = _progress_bar(run.train_loader, "{} {}/{}".format(run.domain, epoch + 1, epochs), progress)
     loss_sum, correct, total = 0.0, 0, 0
     try:
@@ -229,11 +239,11 @@ def _train_epoch(run, epoch, epochs, device, progress):
             if run.saved_bytes is None:
                 # Counted once: what this forward keeps for backward, the model's own tensors excluded.
                 with SavedTensorCounter(exclude=model_state(model)) as counter:
-                    logits = model(images)
+                    logits = run.forward(images)
                     loss = F.cross_entropy(logits, labels)
                 run.saved_bytes = counter.saved_bytes
             else:
-                logits = model(images)
+                logits = run.forward(images)
                 loss = F.cross_entropy(logits, labels)
             loss.backward()
             optimizer.step()
@@ -259,10 +269,11 @@ def _train_epoch(run, epoch, epochs, device, progress):
     return loss_sum / total, correct / float(total)
 
 
-def _calibrate(model, train_loader, device, progress):
-    """calibrate_shifts over the training images in order (a loader of its own, so
-    that the training loader's shuffling is an uncalibrated run's)."""
-    ordered = torch.utils.data.DataLoader(train_loader.dataset, batch_size=train_loader.batch_size, shuffle=False)
+def _calibrate(model, train_loader, device, progress, batch_size):
+    """calibrate_shifts over all the training images in order, `batch_size` at a time
+    (a loader of its own, so that the training loader's shuffling is an uncalibrated
+    run's; every process of a group does the same pass, with the group's batch)."""
+    ordered = torch.utils.data.DataLoader(train_loader.dataset, batch_size=batch_size, shuffle=False)
     model.train()
     count = calibrate_shifts(model, (inputs.to(device) for inputs, _ in ordered))
     _log("calibrated the shifts of {} BN layer(s) on {} training images".format(count, len(train_loader.dataset)),
@@ -289,7 +300,7 @@ def _write_json(path, record):
 
 def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, checkpoint_path=None,
                  metrics_path=None, progress=True, seed=0, domain_path=None, settings=None, learning_rates=None,
-                 warmup_fraction=WARMUP_FRACTION, calibrate_shifts=False):
+                 warmup_fraction=WARMUP_FRACTION, calibrate_shifts=False, distributed=None):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
     train_loader: shuffles with its own seeded generator (data/loaders.py: domain_loaders)
@@ -310,6 +321,12 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         the settings when set.
     settings: further JSON-able values the run depends on (image size, data
         directory, ...): recorded in the metrics, compared before resuming.
+    distributed: a DistributedRun (training/distributed.py) when this process is
+        one of a torch.distributed group: each process trains on its share of
+        the loaders' images (train_loader's batch size per process), gradients
+        are averaged by DistributedDataParallel, evaluation sums are added up,
+        and only process 0 writes the checkpoint, metrics and domain file.
+        world_size is recorded in the settings.
 
     Metrics: method, domain, epochs, per-epoch train_loss, train_accuracy,
     val_loss, val_accuracy, saved_bytes (kept for backward on one batch),
@@ -328,23 +345,30 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         extra["learning_rates"] = recorded_learning_rates(learning_rates)
     if calibrate_shifts:  # the same
         extra["calibrate_shifts"] = True
+    forward, writes = None, True
+    if distributed is not None:
+        extra["world_size"] = distributed.world_size
+        train_loader, val_loader = distributed.train_loader(train_loader, seed), distributed.val_loader(val_loader)
+        forward, writes = distributed.wrap(model.model), distributed.is_main
+        progress = progress and writes
     run = _Run(model, domain, train_loader, epochs, lr_scale,
                _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates,
-               warmup_fraction)
+               warmup_fraction, forward)
     if checkpoint_path is not None:
         _resume(run, checkpoint_path, progress)
         directory = os.path.dirname(os.path.abspath(checkpoint_path))
-        if not os.path.isdir(directory):
+        if writes and not os.path.isdir(directory):
             os.makedirs(directory)
     calibrated = None
     if calibrate_shifts and run.epochs_done == 0:  # a resumed run's checkpoint holds calibrated shifts
-        calibrated = _calibrate(model, train_loader, device, progress)
+        world_size = 1 if distributed is None else distributed.world_size
+        calibrated = _calibrate(model, train_loader, device, progress, train_loader.batch_size * world_size)
 
     for epoch in range(run.epochs_done, int(epochs)):
         start = time.perf_counter()
         train_loss, train_accuracy = _train_epoch(run, epoch, epochs, device, progress)
         _check_finite(run, epoch, epochs)
-        val_accuracy, val_loss = evaluate(model, domain, val_loader)
+        val_accuracy, val_loss = evaluate(model, domain, val_loader, distributed)
         run.history["epoch_seconds"].append(time.perf_counter() - start)
         for key, value in (("train_loss", train_loss), ("train_accuracy", train_accuracy),
                            ("val_loss", val_loss), ("val_accuracy", val_accuracy)):
@@ -353,11 +377,13 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         _log("{} epoch {}/{}: train loss {:.4f} acc {:.4f}, val loss {:.4f} acc {:.4f}, kept for backward "
              "{:.1f} MiB".format(domain, epoch + 1, epochs, train_loss, train_accuracy, val_loss, val_accuracy,
                                  run.saved_bytes / MIB), progress)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and writes:
             save_checkpoint(checkpoint_path, run.state())
+        if distributed is not None:
+            distributed.barrier()  # the checkpoint is complete before any process goes on
 
     file_bytes = None
-    if domain_path is not None:
+    if domain_path is not None and writes:
         directory = os.path.dirname(os.path.abspath(domain_path))
         if not os.path.isdir(directory):
             os.makedirs(directory)
@@ -385,9 +411,12 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         "resumed_from_epoch": run.resumed_from_epoch,
         "device": str(device),
         "calibrated_layers": calibrated,
+        "world_size": 1 if distributed is None else distributed.world_size,
     }
-    if metrics_path is not None:
+    if metrics_path is not None and writes:
         _write_json(metrics_path, metrics)
-    if domain_path is not None and checkpoint_path is not None and os.path.exists(checkpoint_path):
+    if domain_path is not None and checkpoint_path is not None and writes and os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)  # the domain file holds the result now
+    if distributed is not None:
+        distributed.barrier()  # the files are in place when any process returns
     return metrics

@@ -15,6 +15,7 @@ backbone from da2ext.models in a MultiDomainModel), load_saved_domains,
 learn_domain (the loaders of da2ext.data, then loop.train_domain, which
 writes the domain file), evaluate_domain.
 """
+import contextlib
 import glob
 import json
 import os
@@ -186,7 +187,7 @@ def _learned_already(workdir, model, name, metrics, expected):
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
                  learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True, skip_bad_images=False,
-                 calibrate_shifts=True):
+                 calibrate_shifts=True, distributed=None):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
@@ -201,6 +202,9 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     stderr) instead of stopping at the first (data.loaders.image_folder).
     calibrate_shifts: start the BN shifts where AdaBN's running means on the
     domain put them (loop.train_domain; on by default, as in `train`).
+    distributed: a DistributedRun (training/distributed.py) when this process is
+    one of a group learning the domain together; process 0 alone holds the run
+    lock and writes.
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -213,9 +217,14 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     domain_path = workdir.domain_path(method, name)
     metrics_path = workdir.metrics_path(method, name)
     checkpoint_path = workdir.checkpoint_path(method, name)
-    # One run per domain and work directory: a second one stops here, saying who holds it.
-    with run_lock(workdir.lock_path(method, name), "domain {} (method {}) in {}".format(name, method, workdir.root)):
-        stale = [f for path in (domain_path, metrics_path, checkpoint_path) for f in remove_stale_partials(path)]
+    main = distributed is None or distributed.is_main
+    # One run per domain and work directory: a second one stops here, saying who holds it. In a group,
+    # process 0 holds it for all; the others fail at their first collective if it cannot.
+    lock = run_lock(workdir.lock_path(method, name), "domain {} (method {}) in {}".format(name, method, workdir.root)) \
+        if main else _held_elsewhere()
+    with lock:
+        stale = [f for path in (domain_path, metrics_path, checkpoint_path) for f in remove_stale_partials(path)] \
+            if main else []
         if stale and progress:
             print("removed {} unfinished temporary file(s) of an earlier, killed run of {}".format(len(stale), name),
                   file=sys.stderr)
@@ -238,9 +247,15 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                                checkpoint_path=checkpoint_path, metrics_path=metrics_path, progress=progress,
                                seed=seed, domain_path=domain_path, settings=settings,
                                learning_rates=learning_rates, warmup_fraction=warmup_fraction,
-                               calibrate_shifts=calibrate_shifts)
+                               calibrate_shifts=calibrate_shifts, distributed=distributed)
     metrics["reused"] = False
     return metrics
+
+
+@contextlib.contextmanager
+def _held_elsewhere():
+    """The run lock of a process that is not process 0 of its group: held by process 0."""
+    yield
 
 
 def evaluate_domain(model, name, data_dir, backbone="efficientnet_lite0", image_size=64, batch_size=64,
