@@ -20,7 +20,6 @@ Writes benchmarks/results/compile_<tag>.json and .md, with the commit, the
 command and the machine.
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import da2ext  # noqa: E402
 from da2ext.profiling import model_state, synchronize  # noqa: E402
 from nano_table import MethodSetup, available_models  # noqa: E402
-from provenance import git_commit, rerun_command  # noqa: E402
+from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
 MODELS = ("resnet18", "efficientnet_lite0")
@@ -169,15 +168,8 @@ def main(argv=None):
     meta = {"device": device_name, "torch": torch.__version__, "da2ext": da2ext.__version__,
             "commit": git_commit(), "mode": args.mode, "steps": args.steps, "image_size": args.image_size,
             "command": rerun_command("benchmarks/compile_table.py", sys.argv[1:] if argv is None else argv)}
-    tag = args.tag or device.type
-    if not os.path.isdir(args.out_dir):
-        os.makedirs(args.out_dir)
-    with open(os.path.join(args.out_dir, "compile_{}.json".format(tag)), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = markdown(records, meta)
-    with open(os.path.join(args.out_dir, "compile_{}.md".format(tag)), "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out_dir, "compile_" + (args.tag or device.type), {"meta": meta, "records": records},
+                markdown(records, meta))
     return 0
 
 

@@ -17,7 +17,6 @@ Writes benchmarks/results/distributed_<tag>.json and .md, with the commit, the
 command and the machine.
 """
 import argparse
-import json
 import os
 import platform
 import socket
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import da2ext  # noqa: E402
 from da2ext.training.distributed import DistributedRun  # noqa: E402
 from nano_table import MethodSetup, available_models  # noqa: E402
-from provenance import git_commit, rerun_command  # noqa: E402
+from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
 MODELS = ("resnet50", "efficientnet_lite0")
@@ -121,7 +120,8 @@ def markdown(traffic, timing, meta):
              "", "Rerun: `{}`".format(meta["command"]), "",
              "Bytes all-reduced per step by each process (DistributedDataParallel over what the method trains, "
              "counted by a communication hook; nano setting, batch 8, 224x224, 100 classes):", "",
-             "| model | method | trainable parameters | all-reduced per step | buckets |", "| --- | --- | --- | --- | --- |"]
+             "| model | method | trainable parameters | all-reduced per step | buckets |",
+             "| --- | --- | --- | --- | --- |"]
     for r in traffic:
         lines.append("| {} | {} | {:,} | {:.2f} MiB | {} |".format(r["model"], r["method"], r["trainable_params"],
                                                                    r["allreduce_bytes"] / MIB, r["buckets"]))
@@ -159,14 +159,8 @@ def main(argv=None):
                                                     torch.get_num_threads()),
             "torch": torch.__version__, "da2ext": da2ext.__version__, "commit": git_commit(), "steps": args.steps,
             "command": rerun_command("benchmarks/distributed_table.py", sys.argv[1:] if argv is None else argv)}
-    if not os.path.isdir(args.out_dir):
-        os.makedirs(args.out_dir)
-    with open(os.path.join(args.out_dir, "distributed_{}.json".format(args.tag)), "w") as f:
-        json.dump({"meta": meta, "traffic": traffic, "timing": timing}, f, indent=1)
-    table = markdown(traffic, timing, meta)
-    with open(os.path.join(args.out_dir, "distributed_{}.md".format(args.tag)), "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out_dir, "distributed_" + args.tag, {"meta": meta, "traffic": traffic, "timing": timing},
+                markdown(traffic, timing, meta))
     return 0
 
 

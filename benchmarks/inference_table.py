@@ -38,7 +38,7 @@ from da2ext.deploy import export_domain  # noqa: E402
 from da2ext.deploy.export import INPUT_NAME, OUTPUT_NAME  # noqa: E402
 from da2ext.domains.preprocessing import make_preprocessing  # noqa: E402
 from da2ext.models import backbones  # noqa: E402
-from provenance import git_commit, rerun_command  # noqa: E402
+from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
 BLOCK = 10  # runs of one model in a row (round-robin by blocks)
@@ -228,14 +228,8 @@ def main(argv=None):
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "da2ext": da2ext.__version__,
             "commit": git_commit(), "runs": args.runs, "warmup": args.warmup,
             "command": rerun_command("benchmarks/inference_table.py", sys.argv[1:] if argv is None else argv)}
-    if not os.path.isdir(args.out_dir):
-        os.makedirs(args.out_dir)
-    with open(os.path.join(args.out_dir, "inference_{}.json".format(args.tag)), "w") as f:
-        json.dump({"meta": meta, "records": records, "onnx_profiles": profiles}, f, indent=1)
-    table = markdown(records, meta, profiles)
-    with open(os.path.join(args.out_dir, "inference_{}.md".format(args.tag)), "w") as f:
-        f.write(table)
-    print(table)
+    write_table(args.out_dir, "inference_" + args.tag, {"meta": meta, "records": records, "onnx_profiles": profiles},
+                markdown(records, meta, profiles))
     return 0
 
 

@@ -1,9 +1,10 @@
 """Where a results file came from: the commit its script ran at and the command
 that reruns it (benchmarks/results/* name both beside the machine)."""
+import json
 import os
 import subprocess
 
-__all__ = ["git_commit", "rerun_command"]
+__all__ = ["git_commit", "rerun_command", "write_table"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,3 +33,14 @@ def rerun_command(script, argv):
         elif not argument.startswith("--out-dir="):
             kept.append(argument)
     return " ".join(["python", script] + kept)
+
+
+def write_table(out_dir, stem, record, markdown):
+    """out_dir/<stem>.json (`record`) and out_dir/<stem>.md (`markdown`); prints the markdown."""
+    if not os.path.isdir(out_dir):
+        os.makedirs(out_dir)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
