@@ -14,7 +14,7 @@
 #
 # Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
 # tables nano_<TAG>, adaptor_<TAG>, cuda_graph_<TAG> and compile_<TAG> (.json and .md) and the
-# pytest-benchmark results packed_activation_<TAG>.json into $OUT (14 files: a lent
+# pytest-benchmark results packed_activation_<TAG>.json and nccl_train_<TAG>.log into $OUT (15 files: a lent
 # machine returns 8, so tar them there). Every step has
 # its own time limit, so a slow one cannot starve the rest; the exit status is the
 # number of failed steps.
@@ -90,6 +90,14 @@ step "torch.compile against eager, mode reduce-overhead (CUDA graphs), ResNet-18
 timeout 300 $PY benchmarks/compile_table.py --device cuda --mode reduce-overhead --steps 20 --tag "$TAG" \
   --out-dir "$OUT"
 check
+
+step "one domain through torchrun on 1 GPU (nccl), two epochs on a small mnist"
+timeout 240 $PY -m da2ext prepare-digits "$OUT/digits" --domains mnist --train-per-domain 256 --val-per-domain 64 \
+  --no-progress > /dev/null && \
+  timeout 240 $PY -m torch.distributed.run --nproc-per-node 1 -m da2ext train --data "$OUT/digits/mnist" \
+  --workdir "$OUT/nccl_runs" --device cuda --epochs 2 --no-progress 2>&1 | tee "$OUT/nccl_train_$TAG.log"
+check
+rm -rf "$OUT/digits" "$OUT/nccl_runs"
 
 step "compute-sanitizer initcheck (uninitialised reads; informational)"
 timeout 90 compute-sanitizer --tool initcheck $PY tools/exercise_cuda_kernels.py --kernels-only \
