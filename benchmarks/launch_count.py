@@ -1,0 +1,149 @@
+"""How many ops one adaptor forward + backward dispatches, and its time where compute is nothing.
+
+    python benchmarks/launch_count.py --tag cpu-2cores
+    python benchmarks/launch_count.py --device cuda --tag h100      # kernels launched, on a GPU
+
+Counted with torch.profiler over one forward + backward of a rank-1 and a rank-4
+adaptor (the fused module and the pure-PyTorch reference), at 8x256x2x2 (where
+each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
+
+- dispatched: the aten:: and da2ext:: ops called from Python or by the autograd
+  engine, not from inside another op (each one a trip through the dispatcher, and
+  on CUDA at least one launch);
+- all ops: the same with the ops they call inside;
+- CUDA kernels (on a GPU): the kernels the profiler saw launched.
+
+Wall time: the median of --runs forward + backward calls at 8x256x2x2, fused and
+reference. The baseline issue 19 measures its "few passes" adaptor against.
+Writes benchmarks/results/launch_count_<tag>.json and .md.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import da2ext  # noqa: E402
+from provenance import git_commit, rerun_command, write_table  # noqa: E402
+from step_time_processes import median  # noqa: E402
+
+SHAPES = ((8, 256, 2, 2), (8, 256, 56, 56))
+OP_PREFIXES = ("aten::", "da2ext::")
+
+
+def adaptor(kind, channels, rank, device):
+    torch.manual_seed(0)
+    cls = da2ext.ResidualAttentionAdaptor if kind == "fused" else da2ext.reference.ResidualAttentionAdaptor
+    module = cls(channels, rank=rank).to(device)
+    with torch.no_grad():
+        module.gamma.normal_(std=0.5)  # gamma 0 would skip nothing, but non-zero is the trained case
+    return module
+
+
+def forward_backward(module, x):
+    """The adaptor's forward and backward alone (a ready gradient, no loss ops)."""
+    y = module(x)
+    y.backward(torch.ones_like(y))
+
+
+def _is_op(event):
+    return event.name.startswith(OP_PREFIXES)
+
+
+def count_ops(module, x, device):
+    """(dispatched ops, all ops, CUDA kernels or None) of one forward + backward."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    forward_backward(module, x)  # warm-up: lazy initialisation is not the steady state
+    with torch.profiler.profile(activities=activities) as profile:
+        forward_backward(module, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = list(profile.events())
+    ops = [e for e in events if _is_op(e)]
+    dispatched = [e for e in ops if e.cpu_parent is None or not _is_op(e.cpu_parent)]
+    kernels = None
+    if device.type == "cuda":
+        kernels = sum(1 for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return len(dispatched), len(ops), kernels
+
+
+def wall_time(module, x, device, runs):
+    times = []
+    for _ in range(runs + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        forward_backward(module, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return median(times[3:])
+
+
+def measure(device, runs):
+    records = []
+    for shape in SHAPES:
+        for rank in (1, 4):
+            for kind in ("fused", "reference"):
+                module = adaptor(kind, shape[1], rank, device)
+                x = torch.randn(shape, device=device, requires_grad=True)
+                dispatched, all_ops, kernels = count_ops(module, x, device)
+                record = {"shape": list(shape), "rank": rank, "adaptor": kind, "dispatched_ops": dispatched,
+                          "all_ops": all_ops, "cuda_kernels": kernels}
+                if shape == SHAPES[0]:
+                    record["wall_time"] = wall_time(module, x, device, runs)
+                records.append(record)
+                print("{} rank {} {:9s}: {} dispatched, {} in all{}{}".format(
+                    "x".join(map(str, shape)), rank, kind, dispatched, all_ops,
+                    "" if kernels is None else ", {} CUDA kernels".format(kernels),
+                    ", {:.3f} ms".format(1e3 * record["wall_time"]) if "wall_time" in record else ""), flush=True)
+    return records
+
+
+def markdown(records, meta):
+    lines = ["# Ops per adaptor forward + backward", "",
+             "{} · torch {} · da2ext {} at {} · backend {} · wall time: median of {} calls".format(
+                 meta["device"], meta["torch"], meta["da2ext"], meta["commit"], meta["backend"], meta["runs"]),
+             "", "Rerun: `{}`".format(meta["command"]), "",
+             "dispatched: aten/da2ext ops called from Python or the autograd engine (not from inside another op); "
+             "all ops: with those they call.", "",
+             "| shape | rank | adaptor | dispatched ops | all ops | CUDA kernels | wall time ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        lines.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+            "x".join(map(str, r["shape"])), r["rank"], r["adaptor"], r["dispatched_ops"], r["all_ops"],
+            "-" if r["cuda_kernels"] is None else r["cuda_kernels"],
+            "{:.3f}".format(1e3 * r["wall_time"]) if "wall_time" in r else "-"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", type=int, default=200, help="timed calls at 8x256x2x2 (median)")
+    parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU")
+    records = measure(device, args.runs)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU ({}, {} threads)".format(
+                platform.processor() or platform.machine(), torch.get_num_threads()),
+            "torch": torch.__version__, "da2ext": da2ext.__version__, "commit": git_commit(),
+            "backend": da2ext.backend(device), "runs": args.runs,
+            "command": rerun_command("benchmarks/launch_count.py", sys.argv[1:] if argv is None else argv)}
+    write_table(args.out_dir, "launch_count_" + args.tag, {"meta": meta, "records": records}, markdown(records, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
