@@ -13,8 +13,8 @@
 # system compiler there.
 #
 # Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
-# tables nano_<TAG>, adaptor_<TAG>, cuda_graph_<TAG> and compile_<TAG> (.json and .md) and the
-# pytest-benchmark results packed_activation_<TAG>.json and nccl_train_<TAG>.log into $OUT (15 files: a lent
+# tables nano_<TAG>, adaptor_<TAG>, launch_count_<TAG>, cuda_graph_<TAG> and compile_<TAG> (.json and .md),
+# the pytest-benchmark results packed_activation_<TAG>.json and nccl_train_<TAG>.log into $OUT (17 files: a lent
 # machine returns 8, so tar them there). Every step has
 # its own time limit, so a slow one cannot starve the rest; the exit status is the
 # number of failed steps.
@@ -63,6 +63,10 @@ check
 
 step "adaptor table (fused kernels against the PyTorch reference)"
 timeout 150 $PY benchmarks/adaptor_table.py --device cuda --tag "$TAG" --out-dir "$OUT" ${PEAK_GBPS:+--peak-gbps $PEAK_GBPS}
+check
+
+step "kernels per adaptor forward + backward (launch count), fused and reference"
+timeout 120 $PY benchmarks/launch_count.py --device cuda --tag "$TAG" --out-dir "$OUT"
 check
 
 step "packed activation benchmark (fused bits against torch's relu, CUDA)"
