@@ -305,3 +305,22 @@ def test_export_refuses_what_it_cannot_write(learned, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         export_domain(model, "shapes", str(tmp_path / "x"), "onnx", torch.float64)
     assert not os.path.exists(str(tmp_path / "x"))
+
+
+def test_an_export_that_fails_leaves_the_earlier_file_as_it_was(learned, tmp_path, monkeypatch):
+    model, _, _ = learned
+    path = str(tmp_path / "shapes.pt")
+    export_domain(model, "shapes", path, "torchscript")
+    with open(path, "rb") as f:
+        before = f.read()
+    export_module = sys.modules["da2ext.deploy.export"]
+
+    def broken(network, example, metadata):
+        raise RuntimeError("the exporter failed half-way")
+
+    monkeypatch.setattr(export_module, "_torchscript_bytes", broken)
+    with pytest.raises(RuntimeError, match="half-way"):
+        export_domain(model, "shapes", path, "torchscript")
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert sorted(os.listdir(str(tmp_path))) == ["shapes.pt"]  # no partial file left either
