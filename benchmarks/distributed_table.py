@@ -19,8 +19,8 @@ command and the machine.
 import argparse
 import os
 import platform
-import socket
 import sys
+import tempfile
 import time
 
 import torch
@@ -42,22 +42,21 @@ METHODS = ("ft", "da2")
 MIB = float(2 ** 20)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank, world_size, port, threads):
+def _join(rank, world_size, store, threads):
+    """Join the group whose rendezvous is the file `store` (no port to race for)."""
     torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size)
     return DistributedRun(rank, world_size, "cpu")
+
+
+def _store_path():
+    directory = tempfile.mkdtemp(prefix="da2ext-distributed-table-")
+    return os.path.join(directory, "store")
 
 
 def bytes_per_step(model_name, method_name):
     """Bytes handed to the all-reduce in one step (a group of one, a counting comm hook)."""
-    run = _join(0, 1, _free_port(), torch.get_num_threads())
+    run = _join(0, 1, _store_path(), torch.get_num_threads())
     try:
         setup = MethodSetup(model_name, method_name, 8, 224, 100, torch.device("cpu"))
         wrapped = run.wrap(setup.model)
@@ -80,8 +79,8 @@ def bytes_per_step(model_name, method_name):
         run.close()
 
 
-def _timed_steps(rank, world_size, port, model_name, steps, results):
-    run = _join(rank, world_size, port, 2 // world_size)
+def _timed_steps(rank, world_size, store, model_name, steps, results):
+    run = _join(rank, world_size, store, 2 // world_size)
     try:
         local = 16 // world_size
         setup = MethodSetup(model_name, "da2", local, 224, 100, torch.device("cpu"))
@@ -100,15 +99,17 @@ def _timed_steps(rank, world_size, port, model_name, steps, results):
                 times.append(time.perf_counter() - start)
         if rank == 0:
             results["times"] = times
-    finally:
-        run.close()
+    except BaseException:
+        run.close(wait=False)
+        raise
+    run.close()
 
 
 def step_time(model_name, world_size, steps):
     with mp.Manager() as manager:
         results = manager.dict()
-        port = _free_port()
-        mp.spawn(_timed_steps, args=(world_size, port, model_name, steps, results), nprocs=world_size, join=True)
+        mp.spawn(_timed_steps, args=(world_size, _store_path(), model_name, steps, results), nprocs=world_size,
+                 join=True)
         times = list(results["times"])
     return {"model": model_name, "method": "da2", "processes": world_size, "global_batch": 16,
             "step_time": median(times), "step_times": times}

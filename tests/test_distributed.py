@@ -40,8 +40,9 @@ def environment(**extra):
 
 def torchrun(processes, arguments, cwd, timeout=300):
     """`torchrun --nproc-per-node N ARGUMENTS` to the end; its output."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + arguments
+    # --standalone: torchrun picks a free port itself (no race with other processes for one)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(processes)] + arguments
     result = subprocess.run(command, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-4000:]

@@ -372,11 +372,15 @@ def _train(args):
     distributed = DistributedRun.from_environment(args.device, args.dist_timeout)
     if distributed is not None:
         args.device = str(distributed.device)  # cuda:LOCAL_RANK under torchrun
+    if distributed is None:
+        return _train_process(args, None)
     try:
-        return _train_process(args, distributed)
-    finally:
-        if distributed is not None:
-            distributed.close()
+        status = _train_process(args, distributed)
+    except BaseException:
+        distributed.close(wait=False)
+        raise
+    distributed.close()
+    return status
 
 
 def _train_process(args, distributed):

@@ -110,8 +110,16 @@ class DistributedRun(object):
         import torch.distributed as dist
         dist.barrier()
 
-    def close(self):
-        """Leave the group (at the end of a command)."""
+    def close(self, wait=True):
+        """Leave the group (at the end of a command). wait: first wait until every
+        process gets here (a process that tears its group down while another still
+        works can make gloo abort it); False after an error, when the others may
+        never get here."""
         import torch.distributed as dist
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        try:
+            if wait:
+                dist.barrier()
+        finally:
             dist.destroy_process_group()
