@@ -19,6 +19,7 @@ command and the machine.
 import argparse
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -56,7 +57,8 @@ def _store_path():
 
 def bytes_per_step(model_name, method_name):
     """Bytes handed to the all-reduce in one step (a group of one, a counting comm hook)."""
-    run = _join(0, 1, _store_path(), torch.get_num_threads())
+    store = _store_path()
+    run = _join(0, 1, store, torch.get_num_threads())
     try:
         setup = MethodSetup(model_name, method_name, 8, 224, 100, torch.device("cpu"))
         wrapped = run.wrap(setup.model)
@@ -77,6 +79,7 @@ def bytes_per_step(model_name, method_name):
                 "buckets": counted["buckets"], "trainable_params": trainable}
     finally:
         run.close()
+        shutil.rmtree(os.path.dirname(store), ignore_errors=True)
 
 
 def _timed_steps(rank, world_size, store, model_name, steps, results):
@@ -106,11 +109,15 @@ def _timed_steps(rank, world_size, store, model_name, steps, results):
 
 
 def step_time(model_name, world_size, steps):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_timed_steps, args=(world_size, _store_path(), model_name, steps, results), nprocs=world_size,
-                 join=True)
-        times = list(results["times"])
+    store = _store_path()
+    try:
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_timed_steps, args=(world_size, store, model_name, steps, results), nprocs=world_size,
+                     join=True)
+            times = list(results["times"])
+    finally:
+        shutil.rmtree(os.path.dirname(store), ignore_errors=True)
     return {"model": model_name, "method": "da2", "processes": world_size, "global_batch": 16,
             "step_time": median(times), "step_times": times}
 
