@@ -22,7 +22,6 @@ command and the machine.
 import argparse
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
-from da2ext.profiling import model_state, synchronize  # noqa: E402
+from da2ext.profiling import device_description, model_state, synchronize  # noqa: E402
 from nano_table import MethodSetup, available_models  # noqa: E402
 from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
@@ -163,9 +162,7 @@ def main(argv=None):
                   "{:.2f} MiB".format(model_name, method_name, r["eager_step_time"], r["compiled_step_time"],
                                       r["speedup"], r["compile_seconds"], r["eager_saved_bytes"] / MIB,
                                       r["compiled_saved_bytes"] / MIB), flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU ({}, {} threads)".format(
-        platform.processor() or platform.machine(), torch.get_num_threads())
-    meta = {"device": device_name, "torch": torch.__version__, "da2ext": da2ext.__version__,
+    meta = {"device": device_description(device), "torch": torch.__version__, "da2ext": da2ext.__version__,
             "commit": git_commit(), "mode": args.mode, "steps": args.steps, "image_size": args.image_size,
             "command": rerun_command("benchmarks/compile_table.py", sys.argv[1:] if argv is None else argv)}
     write_table(args.out_dir, "compile_" + (args.tag or device.type), {"meta": meta, "records": records},

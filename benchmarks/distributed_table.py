@@ -18,7 +18,6 @@ command and the machine.
 """
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
+from da2ext.profiling import device_description  # noqa: E402
 from da2ext.training.distributed import DistributedRun  # noqa: E402
 from nano_table import MethodSetup, available_models  # noqa: E402
 from provenance import git_commit, rerun_command, write_table  # noqa: E402
@@ -163,8 +163,7 @@ def main(argv=None):
                 timing.append(step_time(model_name, world_size, args.steps))
                 print("{:18s} da2  {} process(es): {:.3f} s per step".format(model_name, world_size,
                                                                             timing[-1]["step_time"]), flush=True)
-    meta = {"device": "CPU ({}, {} threads)".format(platform.processor() or platform.machine(),
-                                                    torch.get_num_threads()),
+    meta = {"device": device_description("cpu"),
             "torch": torch.__version__, "da2ext": da2ext.__version__, "commit": git_commit(), "steps": args.steps,
             "command": rerun_command("benchmarks/distributed_table.py", sys.argv[1:] if argv is None else argv)}
     write_table(args.out_dir, "distributed_" + args.tag, {"meta": meta, "traffic": traffic, "timing": timing},

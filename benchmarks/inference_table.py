@@ -22,7 +22,6 @@ command and the machine.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from da2ext.deploy import export_domain  # noqa: E402
 from da2ext.deploy.export import INPUT_NAME, OUTPUT_NAME  # noqa: E402
 from da2ext.domains.preprocessing import make_preprocessing  # noqa: E402
 from da2ext.models import backbones  # noqa: E402
+from da2ext.profiling import device_description  # noqa: E402
 from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
@@ -223,8 +223,7 @@ def main(argv=None):
                                 args.threads, args.profile)
         records += rows
         profiles.update(profile)
-    meta = {"device": "CPU ({}, {} threads)".format(platform.processor() or platform.machine(),
-                                                    torch.get_num_threads()),
+    meta = {"device": device_description("cpu"),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "da2ext": da2ext.__version__,
             "commit": git_commit(), "runs": args.runs, "warmup": args.warmup,
             "command": rerun_command("benchmarks/inference_table.py", sys.argv[1:] if argv is None else argv)}

@@ -19,7 +19,6 @@ Writes benchmarks/results/launch_count_<tag>.json and .md.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -30,6 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
+from da2ext.profiling import device_description  # noqa: E402
 from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
@@ -136,8 +136,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU")
     records = measure(device, args.runs)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU ({}, {} threads)".format(
-                platform.processor() or platform.machine(), torch.get_num_threads()),
+    meta = {"device": device_description(device),
             "torch": torch.__version__, "da2ext": da2ext.__version__, "commit": git_commit(),
             "backend": da2ext.backend(device), "runs": args.runs,
             "command": rerun_command("benchmarks/launch_count.py", sys.argv[1:] if argv is None else argv)}

@@ -17,11 +17,13 @@ MultiDomainModel (domains/), the training loop (training/), the nano table
 (cli/) - so it belongs to none of them.
 """
 import itertools
+import platform
 import time
 
 import torch
 
-__all__ = ["SavedTensorCounter", "device_of", "model_state", "profile_step", "saved_bytes", "synchronize"]
+__all__ = ["SavedTensorCounter", "device_description", "device_of", "model_state", "profile_step", "saved_bytes",
+           "synchronize"]
 
 
 def _storage_key_and_bytes(t):
@@ -107,6 +109,15 @@ def synchronize(device):
     """Wait for the device's queued work (CUDA runs asynchronously); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_description(device):
+    """How a results file names the machine a figure was measured on: the GPU's name,
+    or the CPU's architecture and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU ({}, {} threads)".format(platform.processor() or platform.machine(), torch.get_num_threads())
 
 
 def device_of(model):

@@ -21,14 +21,13 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import time
 
 import torch
 from torch import nn
 
 from .. import methods
-from ..profiling import profile_step, synchronize
+from ..profiling import device_description, profile_step, synchronize
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
 ROWS = ("ft", "last", "bias", "bias_lean", "da2_eager", "da2_adaptor_only", "da2")
@@ -210,9 +209,7 @@ def main(argv=None):
                 r["time_vs_ft"] = r["step_time"] / ft_time
             records += rows
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU ({}, {} threads)".format(
-        platform.processor() or platform.machine(), torch.get_num_threads())
-    meta = {"device": device_name, "torch": torch.__version__, "da2ext": _version(), "steps": args.steps,
+    meta = {"device": device_description(device), "torch": torch.__version__, "da2ext": _version(), "steps": args.steps,
             "image_size": args.image_size, "num_classes": args.num_classes}
     tag = args.tag or device.type
     if not os.path.isdir(args.out_dir):
