@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lean.frozen_conv import FrozenConvBNAct, pad_same
-from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import AttentionBranch
 
 __all__ = ["FoldedConvAct", "InferenceAdaptor", "inference_model"]
@@ -99,7 +98,7 @@ class InferenceAdaptor(nn.Module):
 
 def _swap(network, kind, build):
     """Replace every submodule of type `kind` by build(it), in place."""
-    for name, module in list(network.named_modules()):
+    for module in list(network.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, kind):
                 setattr(module, child_name, build(child))
@@ -116,8 +115,7 @@ def inference_model(model, domain, dtype=None):
     with model.domain(domain):
         network = copy.deepcopy(model.model).cpu()
     _swap(network, FrozenConvBNAct, FoldedConvAct)
-    _swap(network, ResidualAttentionAdaptor, InferenceAdaptor)
-    _swap(network, AttentionBranch, InferenceAdaptor)  # the reference twin (lean=False models)
+    _swap(network, AttentionBranch, InferenceAdaptor)  # the fused adaptor and its reference twin (lean=False)
     network.requires_grad_(False)
     if dtype is not None:
         network = network.to(dtype)

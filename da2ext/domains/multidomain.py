@@ -157,8 +157,9 @@ class MultiDomainModel(nn.Module):
             raise ValueError("add_domain: num_classes must be a positive int, got {!r}".format(num_classes))
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError("add_domain: {} class_names for num_classes={}".format(len(class_names), num_classes))
-        if preprocessing is not None and check_preprocessing(preprocessing):
-            raise ValueError("add_domain: " + "; ".join(check_preprocessing(preprocessing)))
+        problems = check_preprocessing(preprocessing) if preprocessing is not None else []
+        if problems:
+            raise ValueError("add_domain: " + "; ".join(problems))
         head = self.model.get_submodule(self._head_name)
         new_head = Head(head.in_features, num_classes).to(device=self._device(), dtype=head.weight.dtype)
         tensors = OrderedDict()
@@ -298,8 +299,10 @@ class MultiDomainModel(nn.Module):
                                         not all(isinstance(c, str) for c in class_names)):
             return ["class_names {!r} is not a list of num_classes={} strings".format(
                 class_names if len(repr(class_names)) < 80 else type(class_names).__name__, num_classes)]
-        if meta.get("preprocessing") is not None and check_preprocessing(meta["preprocessing"]):
-            return check_preprocessing(meta["preprocessing"])  # files of older versions have none: None
+        if meta.get("preprocessing") is not None:  # files of older versions have none
+            problems = check_preprocessing(meta["preprocessing"])
+            if problems:
+                return problems
         if not isinstance(meta.get("name"), str) or not meta["name"]:
             return ["the domain's name {!r} is not a non-empty string".format(meta.get("name"))]
         missing = [s for s in self._slots if s not in tensors]
