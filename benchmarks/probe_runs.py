@@ -21,7 +21,7 @@ from da2ext.models import backbones  # noqa: E402
 from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
-__all__ = ["add_probe_arguments", "progress", "run_probe", "train_once", "write_results"]
+__all__ = ["add_probe_arguments", "progress", "run_probe", "train_once", "train_with_metrics", "write_results"]
 
 
 def add_probe_arguments(parser):
@@ -39,6 +39,13 @@ def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
     batch 64, args.subsample images, args.epochs epochs), in this process. prepare_backbone:
     called with (backbone, train_loader) before the method rewrites it; train_kwargs go to
     train_domain. Returns (val accuracy, seconds)."""
+    metrics, seconds = train_with_metrics(args, method, seed, prepare_backbone, **train_kwargs)
+    return metrics["final_val_accuracy"], seconds
+
+
+def train_with_metrics(args, method, seed, prepare_backbone=None, **train_kwargs):
+    """train_once, returning train_domain's whole metrics (per-epoch train and val
+    accuracy, ...) and the seconds it took."""
     torch.manual_seed(seed)
     network = backbones.create("efficientnet_lite0", pretrained=True)
     train_loader, val_loader, classes = domain_loaders(
@@ -50,7 +57,7 @@ def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
     start = time.time()
     metrics = train_domain(model, args.domain, train_loader, val_loader, args.epochs, progress=False, seed=seed,
                            **train_kwargs)
-    return metrics["final_val_accuracy"], round(time.time() - start, 1)
+    return metrics, round(time.time() - start, 1)
 
 
 def progress(runs):
