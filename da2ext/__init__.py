@@ -12,6 +12,7 @@ from .domains.multidomain import MultiDomainModel
 from .lean.adapt import adapt
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.insert_adaptors import insert_adaptors
+from .lean.kept_bytes import kept_bytes_by_part
 from .lean.lean_max_pool import LeanMaxPool2d
 from .lean.shift_calibration import calibrate_shifts
 from .lean.trainable import print_trainable_parameters, trainable_parameters
@@ -38,6 +39,7 @@ __all__ = [
     "backend",
     "calibrate_shifts",
     "insert_adaptors",
+    "kept_bytes_by_part",
     "packed_activation",
     "packed_relu",
     "packed_relu6",

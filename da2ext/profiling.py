@@ -23,10 +23,11 @@ import time
 import torch
 
 __all__ = ["SavedTensorCounter", "device_description", "device_of", "model_state", "profile_step", "saved_bytes",
-           "synchronize"]
+           "storage_key_and_bytes", "synchronize"]
 
 
-def _storage_key_and_bytes(t):
+def storage_key_and_bytes(t):
+    """(device, storage address), bytes of the storage under tensor t: what identifies it once."""
     # untyped_storage() is torch >= 2.0; storage() is the torch 1.10 spelling.
     if hasattr(t, "untyped_storage"):
         storage = t.untyped_storage()
@@ -47,11 +48,11 @@ class SavedTensorCounter(object):
 
     def __init__(self, exclude=()):
         self._storages = {}
-        self._excluded = set(_storage_key_and_bytes(t)[0] for t in exclude)
+        self._excluded = set(storage_key_and_bytes(t)[0] for t in exclude)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t):
-        key, nbytes = _storage_key_and_bytes(t)
+        key, nbytes = storage_key_and_bytes(t)
         if key not in self._excluded:
             self._storages[key] = nbytes
         return t
@@ -93,7 +94,7 @@ def model_state(model):
 def _tensor_bytes(tensors):
     seen, total = set(), 0
     for t in tensors:
-        key, nbytes = _storage_key_and_bytes(t)
+        key, nbytes = storage_key_and_bytes(t)
         if key not in seen:
             seen.add(key)
             total += nbytes

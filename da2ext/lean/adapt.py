@@ -19,6 +19,7 @@ from ..ops.attention_branch import MAX_RANK
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
+from .generic_adapt import adapt_generic
 from .lean_max_pool import LeanMaxPool2d
 from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 
@@ -283,6 +284,25 @@ def _set_head(model, family, head):
         model.num_classes = head.out_features
 
 
+def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
+                          train_last, memory_budget_mib):
+    """adapt() for a model of blocks it does not know: generic_adapt.py."""
+    if train_last or memory_budget_mib is not None:
+        raise ValueError("adapt: a trainable tail (train_last, memory_budget_mib) needs a model whose blocks adapt() "
+                         "knows (torchvision ResNet or MobileNetV2, timm ResNet or EfficientNet), got {}".format(
+                             type(model).__name__))
+    if backbone_dtype != torch.float32:
+        raise ValueError("adapt: backbone_dtype {} needs a model whose blocks adapt() knows; {} is adapted "
+                         "generically, in its own dtype".format(backbone_dtype, type(model).__name__))
+    model, stages, notes = adapt_generic(model, num_classes, Head, mode, reduction, adaptors, shifts, lean, rank)
+    model._da2ext_adapted = True
+    model.da2ext_tail = {"train_last": 0}
+    model.da2ext_stages = stages
+    warnings.warn("da2ext.adapt: {}; adaptors after {} stage(s): {}".format(
+        "; ".join(notes), len(stages) if adaptors else 0, ", ".join(stages) if adaptors else "none"), stacklevel=3)
+    return model.train()
+
+
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
           lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
           budget_input_shape=(8, 3, 224, 224), tail_statistics="final"):
@@ -293,7 +313,10 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         squeeze-excitation are made lean, others run unchanged) or EfficientNet
         class (tf_efficientnet_lite0..4, mobilenetv2_*), with
         whatever weights the user has. Its BN layers' running statistics are used
-        (eval mode), folded into the convs once, here.
+        (eval mode), folded into the convs once, here. Any other CNN with an
+        nn.Linear classifier is adapted generically (lean/generic_adapt.py):
+        frozen as it is in plain autograd, adaptors after its stages
+        (model.da2ext_stages), a warning; no trainable tail or float16 there.
     num_classes: the new head's size.
     mode, reduction, rank: the adaptors' (see ResidualAttentionAdaptor); rank k
         sums k channel-gate x spatial-map products (DA2's method uses 4).
@@ -332,10 +355,9 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
     (if `shifts`) and the head; see da2ext.trainable_parameters.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError("adapt: model must be an nn.Module, got {}".format(type(model).__name__))
     family = supported_family(model)
-    if family is None:
-        raise TypeError("adapt: model must be a torchvision ResNet or MobileNetV2, or a timm ResNet or "
-                        "EfficientNet (tf_efficientnet_lite*, mobilenetv2_*), got {}".format(type(model).__name__))
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError("adapt: num_classes must be a positive int, got {!r}".format(num_classes))
     if mode not in ("add", "mul"):
@@ -359,6 +381,9 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
             ", ".join('"{}"'.format(v) for v in TAIL_STATISTICS), tail_statistics))
     if not isinstance(train_last, int) or isinstance(train_last, bool) or train_last < 0:
         raise ValueError("adapt: train_last must be an int >= 0, got {!r}".format(train_last))
+    if family is None:
+        return _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean,
+                                     rank, train_last, memory_budget_mib)
     blocks = _count_blocks(model, family)
     if train_last > blocks:
         raise ValueError("adapt: train_last={} but the model has {} blocks".format(train_last, blocks))

@@ -1,0 +1,93 @@
+"""kept_bytes_by_part(): where a model's training memory goes, part by part
+(docs/design.md §3, "Models of unknown blocks"): what each part's forward makes
+autograd keep for backward, and whether the part runs lean, in plain autograd,
+or is an adaptor or the head."""
+import itertools
+
+import torch
+from torch import nn
+
+from ..ops.attention_branch import AttentionBranch
+from ..profiling import storage_key_and_bytes
+from .adapt import AdaptedBlock, Head
+from .frozen_conv import FrozenConvBNAct
+from .insert_adaptors import AdaptorAfter
+from .lean_max_pool import LeanMaxPool2d
+
+__all__ = ["kept_bytes_by_part"]
+
+
+def _default_parts(model):
+    """The model's top-level modules and, inside them, each adapted block's block and adaptor."""
+    parts = [name for name, _ in model.named_children()]
+    for name, module in model.named_modules():
+        for attribute in ("block", "module", "adaptor"):
+            child = getattr(module, attribute, None)
+            if isinstance(module, (AdaptedBlock, AdaptorAfter)) and isinstance(child, nn.Module):
+                parts.append("{}.{}".format(name, attribute) if name else attribute)
+    return parts
+
+
+def _treatment(module):
+    """How a part runs: "adaptor", "lean" (packed bits for backward), "head" or "plain autograd"."""
+    if isinstance(module, AttentionBranch):
+        return "adaptor"
+    if isinstance(module, Head):
+        return "head"
+    kinds = [m for m in module.modules() if not isinstance(m, AttentionBranch)]
+    if any(isinstance(m, (FrozenConvBNAct, LeanMaxPool2d)) for m in kinds):
+        plain = [m for m in kinds if isinstance(m, nn.Conv2d)]
+        return "lean" if not plain else "lean in part"
+    return "plain autograd"
+
+
+def kept_bytes_by_part(model, inputs, parts=None):
+    """What one forward of `model` on `inputs` keeps for backward, part by part:
+    [{"part", "type", "treatment", "kept_bytes"}], in the order the parts first
+    ran, then a row "(elsewhere)" for what no part's forward saved (the loss,
+    the model's own glue). A storage is counted once, for the innermost part
+    running when autograd saved it; the model's own parameters and buffers are not
+    counted (profile_step's convention). parts: module names (default: the
+    top-level modules, and each adapted block's block and adaptor)."""
+    modules = dict(model.named_modules())
+    names = list(_default_parts(model) if parts is None else parts)
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError("kept_bytes_by_part: no module named {}".format(", ".join(repr(n) for n in unknown)))
+    running, owner, order, hooks = [], {}, [], []
+
+    def enter(name):
+        def hook(module, args):
+            running.append(name)
+            if name not in order:
+                order.append(name)
+        return hook
+
+    def leave(module, args, output):
+        running.pop()
+
+    excluded = set(storage_key_and_bytes(t)[0] for t in itertools.chain(model.parameters(), model.buffers()))
+
+    def pack(t):
+        key, nbytes = storage_key_and_bytes(t)
+        if key not in excluded and key not in owner:
+            owner[key] = (running[-1] if running else None, nbytes)
+        return t
+
+    for name in names:
+        hooks.append(modules[name].register_forward_pre_hook(enter(name)))
+        hooks.append(modules[name].register_forward_hook(leave))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = model(inputs)
+            del output
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept = {}
+    for part, nbytes in owner.values():
+        kept[part] = kept.get(part, 0) + nbytes
+    rows = [{"part": name, "type": type(modules[name]).__name__, "treatment": _treatment(modules[name]),
+             "kept_bytes": kept.get(name, 0)} for name in order]
+    rows.append({"part": "(elsewhere)", "type": "", "treatment": "", "kept_bytes": kept.get(None, 0)})
+    return rows

@@ -1,0 +1,195 @@
+"""adapt() on models whose blocks it does not know (torchvision EfficientNet,
+RegNet, ConvNeXt, MobileNetV3; timm MobileNetV3, ConvNeXt, RegNet): frozen as
+they are with adaptors after their stages, the same function until the adaptors
+learn, only the DA2 groups training, frozen statistics kept, the fused adaptors'
+gradients equal to the reference's; and kept_bytes_by_part's account of a step."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import da2ext
+from da2ext.lean.adapt import Head
+from da2ext.lean.generic_adapt import classifier_name
+from da2ext.lean.trainable import parameter_groups
+from da2ext.profiling import SavedTensorCounter
+
+from helpers import import_timm
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _torchvision(name):
+    return lambda: getattr(torchvision.models, name)()
+
+
+def _timm(name):
+    return lambda: import_timm().create_model(name)
+
+
+MODELS = {
+    "tv_efficientnet_b0": _torchvision("efficientnet_b0"),
+    "tv_regnet_x_400mf": _torchvision("regnet_x_400mf"),
+    "tv_convnext_tiny": _torchvision("convnext_tiny"),
+    "tv_mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
+    "timm_mobilenetv3_small_100": _timm("mobilenetv3_small_100"),
+    "timm_convnext_atto": _timm("convnext_atto"),
+    "timm_regnetx_002": _timm("regnetx_002"),
+}
+# The stages each one gets an adaptor after (the trunk's children, or its top-level stages).
+STAGES = {
+    "tv_efficientnet_b0": ["features.{}".format(i) for i in range(9)],
+    "tv_regnet_x_400mf": ["trunk_output.block{}".format(i) for i in range(1, 5)],
+    "tv_convnext_tiny": ["features.{}".format(i) for i in range(8)],
+    "tv_mobilenet_v3_small": ["features.{}".format(i) for i in range(13)],
+    "timm_mobilenetv3_small_100": ["blocks.{}".format(i) for i in range(6)],
+    "timm_convnext_atto": ["stages.{}".format(i) for i in range(4)],
+    "timm_regnetx_002": ["stem", "s1", "s2", "s3", "s4"],
+}
+
+
+def _adapt_quietly(model, num_classes, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        da2ext.adapt(model, num_classes, **kwargs)
+    return [str(w.message) for w in caught]
+
+
+def _with_original_head(original, adapted):
+    """Copy the original classifier's weights into the adapted model's Head (1000 classes)."""
+    linear = original.get_submodule(classifier_name(original))
+    head = [m for m in adapted.modules() if isinstance(m, Head)][0]
+    with torch.no_grad():
+        head.weight.copy_(linear.weight)
+        head.bias.copy_(linear.bias)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_adapts_with_adaptors_after_its_stages_and_computes_what_it_did(name):
+    torch.manual_seed(0)
+    original = MODELS[name]().eval()
+    model = copy.deepcopy(original)
+    messages = _adapt_quietly(model, 1000, rank=4)
+    assert model.da2ext_stages == STAGES[name]
+    assert any("not a family adapt() makes lean" in m and type(original).__name__ in m for m in messages)
+    _with_original_head(original, model)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()  # frozen parts must keep their inference behaviour (BN statistics, dropout, drop path)
+    with torch.no_grad():
+        expected = original(x)
+        got = model(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)  # gamma starts at 0
+
+
+@pytest.mark.parametrize("name", ["tv_efficientnet_b0", "timm_mobilenetv3_small_100", "timm_convnext_atto"])
+def test_only_the_da2_groups_train_and_frozen_statistics_stay(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    _adapt_quietly(model, 10, rank=4)
+    groups = parameter_groups(model)
+    assert "adaptors" in groups and "head" in groups and set(groups) <= {"adaptors", "shifts", "head"}
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert ("shifts" in groups) == has_bn  # a ConvNeXt's LayerNorms stay frozen
+    buffers = dict((k, v.clone()) for k, v in model.named_buffers())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    optimizer.step()
+    for key, value in model.named_buffers():
+        assert torch.equal(value, buffers[key]), key
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_convnext_atto"])
+def test_fused_adaptors_give_the_reference_gradients(name):
+    torch.manual_seed(0)
+    original = MODELS[name]().double()
+    fused, reference = copy.deepcopy(original), copy.deepcopy(original)
+    _adapt_quietly(fused, 10, rank=4)
+    _adapt_quietly(reference, 10, rank=4, lean=False)
+    torch.manual_seed(1)
+    with torch.no_grad():  # learned-looking adaptors: gamma and the branch away from their start
+        for p in fused.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    grads = []
+    for model in (fused, reference):
+        model.train()
+        model(x).square().sum().backward()
+        grads.append(dict((n, p.grad) for n, p in model.named_parameters() if p.requires_grad))
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-8, atol=1e-9), key  # float64, sums in another order
+
+
+def test_a_multidomain_model_takes_a_generic_model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = da2ext.MultiDomainModel(torchvision.models.regnet_x_400mf(), method="da2")
+    model.add_domain("a", 3, ["x", "y", "z"])
+    model.add_domain("b", 5, [str(i) for i in range(5)])
+    x = torch.randn(2, 3, 64, 64)
+    model.set_domain("a")
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+    with torch.no_grad():
+        for p in model.domain_tensors("b").values():
+            if p.is_floating_point():
+                p.add_(1.0)
+    model.set_domain("b")
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+    model.set_domain("a")
+    with torch.no_grad():
+        assert torch.equal(model(x), first)  # domain b's change left domain a as it was
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(train_last=1), "trainable tail"),
+    (dict(memory_budget_mib=64), "trainable tail"),
+    (dict(backbone_dtype=torch.float16), "backbone_dtype"),
+], ids=["train_last", "memory_budget", "float16"])
+def test_what_a_generic_model_cannot_do_is_refused_before_touching_it(kwargs, match):
+    model = torchvision.models.regnet_x_400mf()
+    with pytest.raises(ValueError, match=match):
+        da2ext.adapt(model, 10, **kwargs)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_kept_bytes_by_part_adds_up_to_what_the_step_keeps():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        da2ext.adapt(model, 10, rank=4)
+    x = torch.randn(2, 3, 64, 64)
+    rows = da2ext.kept_bytes_by_part(model, x)
+    state = list(model.parameters()) + list(model.buffers())
+    with SavedTensorCounter(exclude=state) as counter:
+        model(x)
+    assert sum(r["kept_bytes"] for r in rows) == counter.saved_bytes > 0
+    by_part = dict((r["part"], r) for r in rows)
+    assert by_part["layer1.0.adaptor"]["treatment"] == "adaptor"
+    assert by_part["layer1.0.block"]["treatment"] == "lean"
+    assert by_part["fc"]["treatment"] == "head"
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        da2ext.kept_bytes_by_part(model, x, parts=["nope"])
+
+
+def test_kept_bytes_by_part_shows_where_a_generic_model_keeps_its_activations():
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_x_400mf()
+    _adapt_quietly(model, 10, rank=4)
+    rows = da2ext.kept_bytes_by_part(model, torch.randn(2, 3, 64, 64))
+    by_part = dict((r["part"], r) for r in rows)
+    stage = by_part["trunk_output.module.block2.module"]
+    adaptor = by_part["trunk_output.module.block2.adaptor"]
+    assert stage["treatment"] == "plain autograd" and adaptor["treatment"] == "adaptor"
+    assert stage["kept_bytes"] > 10 * adaptor["kept_bytes"] > 0
