@@ -24,7 +24,7 @@ from torch import nn
 from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import InferenceOnly
-from .insert_adaptors import AdaptorAfter
+from .insert_adaptors import AdaptorAfter, feature_map_channels
 
 __all__ = ["adapt_generic", "classifier_name", "stage_names"]
 
@@ -65,28 +65,15 @@ def _feature_map_channels(model, names):
     """{name: C} for the modules among `names` whose output is an N x C x H x W
     tensor, from one forward without autograd (64 px, else 224 px)."""
     modules = dict(model.named_modules())
+    chosen = [(name, modules[name]) for name in names]
     parameter = next(model.parameters())
     last_error = None
     for size in _EXAMPLE_SIZES:
-        channels, hooks = {}, []
-
-        def record(name):
-            def hook(module, inputs, output):
-                if isinstance(output, torch.Tensor) and output.dim() == 4:
-                    channels[name] = output.shape[1]
-            return hook
-
-        for name in names:
-            hooks.append(modules[name].register_forward_hook(record(name)))
+        example = torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device)
         try:
-            with torch.no_grad():
-                model(torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device))
-            return channels
+            return feature_map_channels(model, chosen, example)
         except RuntimeError as error:  # too small an input for this model: try the next size
             last_error = error
-        finally:
-            for hook in hooks:
-                hook.remove()
     raise ValueError("adapt: a forward of a 1 x 3 x {} x {} batch through {} failed, so its stages' outputs are "
                      "unknown: {}".format(_EXAMPLE_SIZES[-1], _EXAMPLE_SIZES[-1], type(model).__name__, last_error))
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
 
-__all__ = ["AdaptorAfter", "insert_adaptors"]
+__all__ = ["AdaptorAfter", "feature_map_channels", "insert_adaptors"]
 
 
 class AdaptorAfter(nn.Module):
@@ -57,8 +57,10 @@ def _chosen(model, after):
     return chosen
 
 
-def _output_channels(model, chosen, example_input):
-    """{name: C} of each chosen module's output, from one forward of example_input without autograd."""
+def feature_map_channels(model, chosen, example_input):
+    """{name: C} for each of the chosen (name, module) pairs whose output is an
+    N x C x H x W tensor, from one forward of example_input without autograd, in
+    eval mode (the model's mode is restored)."""
     channels, hooks = {}, []
 
     def record(name):
@@ -78,6 +80,12 @@ def _output_channels(model, chosen, example_input):
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    return channels
+
+
+def _output_channels(model, chosen, example_input):
+    """{name: C} of each chosen module's output; every one must be a feature map."""
+    channels = feature_map_channels(model, chosen, example_input)
     missing = [name for name, _ in chosen if name not in channels]
     if missing:
         raise ValueError("insert_adaptors: {} gave no N x C x H x W output on example_input (or did not "
