@@ -14,6 +14,7 @@ import da2ext
 from da2ext.lean.adapt import Head
 from da2ext.lean.generic_adapt import classifier_name
 from da2ext.lean.trainable import parameter_groups
+from da2ext.ops.attention_branch import AttentionBranch
 from da2ext.profiling import SavedTensorCounter
 
 from helpers import import_timm
@@ -73,7 +74,7 @@ def test_adapts_with_adaptors_after_its_stages_and_computes_what_it_did(name):
     model = copy.deepcopy(original)
     messages = _adapt_quietly(model, 1000, rank=4)
     assert model.da2ext_stages == STAGES[name]
-    assert any("not a family adapt() makes lean" in m and type(original).__name__ in m for m in messages)
+    assert any("is not a family adapt() knows" in m and type(original).__name__ in m for m in messages)
     _with_original_head(original, model)
     x = torch.randn(2, 3, 64, 64)
     model.train()  # frozen parts must keep their inference behaviour (BN statistics, dropout, drop path)
@@ -103,28 +104,36 @@ def test_only_the_da2_groups_train_and_frozen_statistics_stay(name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_convnext_atto"])
-def test_fused_adaptors_give_the_reference_gradients(name):
+@pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_regnetx_002", "timm_convnext_atto"])
+def test_lean_blocks_and_fused_adaptors_give_plain_autograds_gradients(name):
+    """lean=True (RegNet-X blocks lean, fused adaptors) against lean=False (the model
+    as it is in plain autograd, the reference adaptors), float64."""
     torch.manual_seed(0)
     original = MODELS[name]().double()
-    fused, reference = copy.deepcopy(original), copy.deepcopy(original)
-    _adapt_quietly(fused, 10, rank=4)
-    _adapt_quietly(reference, 10, rank=4, lean=False)
+    lean, plain = copy.deepcopy(original), copy.deepcopy(original)
+    _adapt_quietly(lean, 10, rank=4)
+    _adapt_quietly(plain, 10, rank=4, lean=False)
+    # The adaptors and the head have the same names in both; learned-looking values, copied across.
+    owners = [n + "." for n, m in lean.named_modules() if isinstance(m, (AttentionBranch, Head))]
+    shared = [k for k, _ in lean.named_parameters() if k.startswith(tuple(owners))]
     torch.manual_seed(1)
-    with torch.no_grad():  # learned-looking adaptors: gamma and the branch away from their start
-        for p in fused.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    reference.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for key in shared:
+            lean.get_parameter(key).add_(0.3 * torch.randn_like(lean.get_parameter(key)))
+    plain.load_state_dict(dict((k, lean.state_dict()[k]) for k in shared), strict=False)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    grads = []
-    for model in (fused, reference):
+    outputs, grads = [], []
+    for model in (lean, plain):
         model.train()
-        model(x).square().sum().backward()
-        grads.append(dict((n, p.grad) for n, p in model.named_parameters() if p.requires_grad))
-    assert grads[0].keys() == grads[1].keys()
+        y = model(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append(dict((n, p.grad) for n, p in model.named_parameters()
+                          if p.requires_grad and (n in shared)))
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-9, atol=1e-9)
+    assert grads[0].keys() == grads[1].keys() and any("adaptor" in k for k in grads[0])
     for key in grads[0]:
-        assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-8, atol=1e-9), key  # float64, sums in another order
+        assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-8, atol=1e-9), key  # float64, another order
 
 
 def test_a_multidomain_model_takes_a_generic_model():
@@ -185,11 +194,39 @@ def test_kept_bytes_by_part_adds_up_to_what_the_step_keeps():
 
 def test_kept_bytes_by_part_shows_where_a_generic_model_keeps_its_activations():
     torch.manual_seed(0)
-    model = torchvision.models.regnet_x_400mf()
+    model = MODELS["timm_convnext_atto"]()  # LayerNorm and GELU: no lean form, plain autograd
     _adapt_quietly(model, 10, rank=4)
     rows = da2ext.kept_bytes_by_part(model, torch.randn(2, 3, 64, 64))
     by_part = dict((r["part"], r) for r in rows)
-    stage = by_part["trunk_output.module.block2.module"]
-    adaptor = by_part["trunk_output.module.block2.adaptor"]
+    stage = by_part["stages.module.1.module"]
+    adaptor = by_part["stages.module.1.adaptor"]
     assert stage["treatment"] == "plain autograd" and adaptor["treatment"] == "adaptor"
     assert stage["kept_bytes"] > 10 * adaptor["kept_bytes"] > 0
+
+
+def _kept_plainly_frozen_with_shifts(model, x):
+    """What the `bias` baseline keeps: the model frozen as it is, BN shifts trainable."""
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.requires_grad_(True)
+    with SavedTensorCounter(exclude=list(model.parameters()) + list(model.buffers())) as counter:
+        model(x)
+    return counter.saved_bytes
+
+
+@pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_regnetx_002"])
+def test_a_regnet_x_is_made_lean_and_keeps_under_an_eighth_of_the_bias_baseline(name):
+    torch.manual_seed(0)
+    original = MODELS[name]().eval()
+    model = copy.deepcopy(original)
+    messages = _adapt_quietly(model, 10, rank=4)
+    assert any("made lean" in m for m in messages)
+    x = torch.randn(4, 3, 64, 64)
+    rows = da2ext.kept_bytes_by_part(model, x)
+    stages = [r for r in rows if r["part"].endswith(".module") and r["type"] in ("AnyStage", "RegStage")]
+    assert stages and all(r["treatment"] == "lean" for r in stages)
+    kept = sum(r["kept_bytes"] for r in rows)
+    assert 0 < kept <= _kept_plainly_frozen_with_shifts(original, x) / 8

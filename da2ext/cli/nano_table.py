@@ -35,14 +35,17 @@ MIB = float(2 ** 20)
 
 
 def build_backbone(name):
-    """A backbone with random weights (memory and time do not depend on them)."""
+    """A backbone with random weights (memory and time do not depend on them):
+    efficientnet_lite0 (timm's tf_efficientnet_lite0), timm/<name> (any timm
+    model), or a torchvision model by name."""
     import torchvision
-    if name == "efficientnet_lite0":
+    if name == "efficientnet_lite0" or name.startswith("timm/"):
         try:
             import timm
         except ImportError:
             return None
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        return timm.create_model("tf_efficientnet_lite0" if name == "efficientnet_lite0" else name[len("timm/"):],
+                                 pretrained=False)
     return getattr(torchvision.models, name)()
 
 
@@ -60,7 +63,7 @@ def available_models(models_arg):
     (efficientnet_lite0 needs timm)."""
     names = []
     for name in models_arg.split(","):
-        if name == "efficientnet_lite0" and importlib.util.find_spec("timm") is None:
+        if (name == "efficientnet_lite0" or name.startswith("timm/")) and importlib.util.find_spec("timm") is None:
             print("skipping {}: timm is not installed (pip install timm)".format(name))
             continue
         names.append(name)
@@ -142,6 +145,8 @@ def markdown(records, meta):
                                                 meta["image_size"], meta["image_size"], meta["num_classes"]),
              "", "saved = kept for backward (the model's own weights excluded, they are in params); "
              "floor = every ReLU/ReLU6 output as packed bits; time = step time / ft's step time, same run.", ""]
+    if meta.get("provenance"):
+        lines[-1:-1] = ["", meta["provenance"]]
     has_cuda = any(r["peak_cuda_bytes"] is not None for r in records)
     header = "| model | batch | method | saved MiB | x floor | params+grads+optimizer MiB | step s | time vs ft |"
     rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -150,8 +155,9 @@ def markdown(records, meta):
         rule += " --- |"
     lines += [header, rule]
     for r in records:
-        row = "| {} | {} | {} | {} | {:.2f} | {} | {:.3f} | {:.2f} |".format(
-            r["model"], r["batch_size"], r["method"], _mib(r["saved_bytes"]), r["saved_bytes"] / r["floor_bytes"],
+        times_floor = "{:.2f}".format(r["saved_bytes"] / r["floor_bytes"]) if r["floor_bytes"] else "-"  # no ReLU
+        row = "| {} | {} | {} | {} | {} | {} | {:.3f} | {:.2f} |".format(
+            r["model"], r["batch_size"], r["method"], _mib(r["saved_bytes"]), times_floor,
             _mib(r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]), r["step_time"], r["time_vs_ft"])
         if has_cuda:
             row += " {} |".format(_mib(r["peak_cuda_bytes"]))
@@ -186,6 +192,9 @@ def main(argv=None):
     parser.add_argument("--tag", default=None, help="results file name: nano_<tag>.json/.md (default: device)")
     parser.add_argument("--out-dir", default=_default_out_dir(),
                         help="where nano_<tag>.json/.md go (default: %(default)s)")
+    parser.add_argument("--provenance", default=None,
+                        help="a line naming the commit and the command, written into the results "
+                             "(benchmarks/nano_table.py fills it in from the checkout)")
     parser.add_argument("--update", action="store_true",
                         help="replace only the (model, batch) groups measured now in an existing nano_<tag>.json "
                              "(each group's times stay ratios within one run)")
@@ -211,6 +220,8 @@ def main(argv=None):
 
     meta = {"device": device_description(device), "torch": torch.__version__, "da2ext": _version(), "steps": args.steps,
             "image_size": args.image_size, "num_classes": args.num_classes}
+    if args.provenance:
+        meta["provenance"] = args.provenance
     tag = args.tag or device.type
     if not os.path.isdir(args.out_dir):
         os.makedirs(args.out_dir)

@@ -19,7 +19,7 @@ from ..ops.attention_branch import MAX_RANK
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
-from .generic_adapt import adapt_generic
+from .generic_adapt import adapt_generic, classifier_name
 from .lean_max_pool import LeanMaxPool2d
 from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 
@@ -251,8 +251,11 @@ def _adapt_timm_efficientnet(model, rewriter):
 
 
 def head_in_features(model):
-    """Width of the features the classifier of a supported model reads."""
+    """Width of the features the classifier of a model reads (for a model of
+    unknown blocks, its last nn.Linear's in_features)."""
     family = supported_family(model)
+    if family is None:
+        return _generic_classifier(model)[1].in_features
     if family in ("resnet", "timm_resnet"):
         return model.fc.in_features
     if family == "mobilenet_v2":
@@ -262,12 +265,24 @@ def head_in_features(model):
     raise TypeError("unsupported model {}".format(type(model).__name__))
 
 
+def _generic_classifier(model):
+    """(name, module) of the classifier of a model of unknown blocks: its last nn.Linear."""
+    name = classifier_name(model)
+    if name is None:
+        raise TypeError("{} has no nn.Linear classifier to replace".format(type(model).__name__))
+    return name, model.get_submodule(name)
+
+
 def replace_head(model, num_classes):
     """Put a new, trainable Head of `num_classes` in place of the classifier of a
-    supported model (torchvision ResNet/MobileNetV2, timm EfficientNet); returns it."""
+    model (a supported family's, or any other model's last nn.Linear); returns it."""
     family = supported_family(model)
     head = Head(head_in_features(model), num_classes).to(next(model.parameters()).device)
-    _set_head(model, family, head)
+    if family is None:
+        parent_name, _, attribute = _generic_classifier(model)[0].rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, head)
+    else:
+        _set_head(model, family, head)
     return head
 
 

@@ -1,5 +1,6 @@
-"""Frozen, lean versions of the residual blocks of torchvision's ResNets and
-MobileNetV2 and of timm's ResNets and EfficientNet family (docs/design.md §3).
+"""Frozen, lean versions of the residual blocks of torchvision's ResNets,
+MobileNetV2 and RegNet-X and of timm's ResNets and EfficientNet family
+(docs/design.md §3).
 
 Every one of these blocks has the same shape: a chain of conv-BN-activation
 layers, an optional shortcut (identity or a conv-BN), an add, an optional final
@@ -84,10 +85,21 @@ class InferenceOnly(nn.Module):
         return self.module(*args, **kwargs)
 
 
-def is_timm(module, class_name):
-    """Whether `module` is timm's class `class_name` (checked by name: timm is optional)."""
+# The timm modules that define the blocks freeze_block reads (older timm spells the second without "_").
+_TIMM_RESNET = ("resnet",)
+_TIMM_EFFICIENTNET_BLOCKS = ("_efficientnet_blocks", "efficientnet_blocks")
+_TIMM_REGNET = ("regnet",)
+_TIMM_CONV_BN_ACT = ("conv_bn_act",)
+
+
+def is_timm(module, class_name, timm_modules=None):
+    """Whether `module` is timm's class `class_name` (checked by name: timm is optional),
+    defined in one of `timm_modules` (the last part of the module's name) when given:
+    timm has several classes of one name (a RegNet's Bottleneck is not a ResNet's)."""
     cls = type(module)
-    return cls.__name__ == class_name and cls.__module__.startswith("timm.")
+    if cls.__name__ != class_name or not cls.__module__.startswith("timm."):
+        return False
+    return timm_modules is None or cls.__module__.rsplit(".", 1)[-1] in timm_modules
 
 
 def _bn_activation(bn):
@@ -163,6 +175,44 @@ def _freeze_torchvision_inverted_residual(block, train_shift, dtype):
     return FrozenBlock(nn.Sequential(*main), "identity" if block.use_res_connect else None, None)
 
 
+def _freeze_torchvision_regnet_block(block, train_shift, dtype):
+    """torchvision's ResBottleneckBlock (RegNet): act(proj(x) + c(b(a(x)))), a and b
+    conv-BN-ReLU (b grouped), c conv-BN; proj a conv-BN or the identity. RegNetY's
+    squeeze-excitation between b and c has no lean form."""
+    names = [name for name, _ in block.f.named_children()]
+    if names != ["a", "b", "c"]:
+        raise NotImplementedError("ResBottleneckBlock with {} (squeeze-excitation has no lean form)".format(
+            ", ".join(n for n in names if n not in ("a", "b", "c"))))
+    main = [_freeze_conv_norm_activation(getattr(block.f, name), train_shift, dtype) for name in names]
+    shortcut = "identity" if block.proj is None else _freeze_conv_norm_activation(block.proj, train_shift, dtype)
+    return FrozenBlock(nn.Sequential(*main), shortcut, activation_upper(block.activation))
+
+
+def _freeze_timm_conv_norm_act(layer, train_shift, dtype):
+    """timm's ConvNormAct: conv, then BatchNormAct2d (its activation inside), no anti-aliasing."""
+    _check_timm_identity(layer, ("aa",))
+    if not isinstance(layer.bn, nn.BatchNorm2d):
+        raise NotImplementedError("ConvNormAct with {}".format(type(layer.bn).__name__))
+    return freeze_conv_bn_act(layer.conv, layer.bn, _bn_activation(layer.bn), train_shift, dtype)
+
+
+def _freeze_timm_regnet_block(block, train_shift, dtype):
+    """timm's RegNet Bottleneck: act3(conv3(conv2(conv1(x))) + downsample(x)), each conv
+    a ConvNormAct; downsample a ConvNormAct, the identity, or None (no add). RegNetY's
+    squeeze-excitation has no lean form."""
+    _check_inference_identity(block, ("se", "drop_path"))
+    main = [_freeze_timm_conv_norm_act(getattr(block, name), train_shift, dtype) for name in ("conv1", "conv2", "conv3")]
+    if block.downsample is None:
+        shortcut = None
+    elif isinstance(block.downsample, nn.Identity):
+        shortcut = "identity"
+    elif is_timm(block.downsample, "ConvNormAct", _TIMM_CONV_BN_ACT):
+        shortcut = _freeze_timm_conv_norm_act(block.downsample, train_shift, dtype)
+    else:
+        raise NotImplementedError("RegNet downsample {}".format(type(block.downsample).__name__))
+    return FrozenBlock(nn.Sequential(*main), shortcut, activation_upper(block.act3))
+
+
 def _check_timm_identity(block, names):
     for name in names:
         part = getattr(block, name, None)
@@ -183,6 +233,7 @@ def freeze_block(block, train_shift=True, dtype=torch.float32):
     """The FrozenBlock computing what `block` computes in eval mode, or raise
     NotImplementedError saying why it cannot be rewritten."""
     from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.regnet import ResBottleneckBlock
     from torchvision.models.resnet import BasicBlock, Bottleneck
     if isinstance(block, Bottleneck):
         return _freeze_resnet_block(block, (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")), train_shift, dtype)
@@ -190,17 +241,23 @@ def freeze_block(block, train_shift=True, dtype=torch.float32):
         return _freeze_resnet_block(block, (("conv1", "bn1"), ("conv2", "bn2")), train_shift, dtype)
     if isinstance(block, InvertedResidual):
         return _freeze_torchvision_inverted_residual(block, train_shift, dtype)
-    if is_timm(block, "Bottleneck"):
+    if isinstance(block, ResBottleneckBlock):
+        return _freeze_torchvision_regnet_block(block, train_shift, dtype)
+    if is_timm(block, "Bottleneck", _TIMM_RESNET):
         return _freeze_timm_resnet_block(block, (("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"),
                                                  ("conv3", "bn3", None)), "act3", train_shift, dtype)
-    if is_timm(block, "BasicBlock"):
+    if is_timm(block, "BasicBlock", _TIMM_RESNET):
         return _freeze_timm_resnet_block(block, (("conv1", "bn1", "act1"), ("conv2", "bn2", None)), "act2",
                                          train_shift, dtype)
-    if is_timm(block, "DepthwiseSeparableConv"):
+    if is_timm(block, "DepthwiseSeparableConv", _TIMM_EFFICIENTNET_BLOCKS):
         return _freeze_timm_block(block, (("conv_dw", "bn1"), ("conv_pw", "bn2")), train_shift, dtype)
-    if is_timm(block, "InvertedResidual"):
+    if is_timm(block, "InvertedResidual", _TIMM_EFFICIENTNET_BLOCKS):
         return _freeze_timm_block(block, (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
                                   train_shift, dtype)
+    if is_timm(block, "Bottleneck", _TIMM_REGNET):
+        return _freeze_timm_regnet_block(block, train_shift, dtype)
+    if is_timm(block, "ConvNormAct", _TIMM_CONV_BN_ACT):
+        return FrozenBlock(nn.Sequential(_freeze_timm_conv_norm_act(block, train_shift, dtype)), None, None)
     if isinstance(block, nn.Sequential) and len(block) in (2, 3) and isinstance(block[0], nn.Conv2d):
         return FrozenBlock(nn.Sequential(_freeze_conv_norm_activation(block, train_shift, dtype)), None, None)
     raise NotImplementedError("no lean form for {}".format(type(block).__name__))

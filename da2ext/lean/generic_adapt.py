@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..nn.adaptor import ResidualAttentionAdaptor
+from ..ops.attention_branch import AttentionBranch
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
-from .frozen_blocks import InferenceOnly
+from .frozen_blocks import FrozenBlock, InferenceOnly, freeze_block
 from .insert_adaptors import AdaptorAfter, feature_map_channels
 
 __all__ = ["adapt_generic", "classifier_name", "stage_names"]
@@ -78,6 +79,22 @@ def _feature_map_channels(model, names):
                      "unknown: {}".format(_EXAMPLE_SIZES[-1], _EXAMPLE_SIZES[-1], type(model).__name__, last_error))
 
 
+def _make_lean(module, train_shift, dtype, made):
+    """Replace, below `module`, every block freeze_block knows (a ResNet or RegNet-X
+    block, a conv-BN-ReLU Sequential, ...) by its lean FrozenBlock, which computes
+    the same; descend into the others. `made`: the names replaced, appended to."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, (AttentionBranch, FrozenBlock)):
+            continue
+        try:
+            frozen = freeze_block(child, train_shift=train_shift, dtype=dtype)
+        except NotImplementedError:
+            _make_lean(child, train_shift, dtype, made)
+            continue
+        setattr(module, name, frozen)
+        made.append(type(child).__name__)
+
+
 def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shifts, lean, rank):
     """Freeze `model`, put an adaptor after each of its stages and a new
     head_class(in_features, num_classes) in place of its classifier, in place. Returns (model, the
@@ -93,7 +110,7 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
     candidates = stage_names(model, classifier)
     channels = _feature_map_channels(model, candidates)
     stages = [name for name in candidates if name in channels]
-    notes = ["{} is not a family adapt() makes lean: every module runs frozen in plain autograd (keeping its "
+    notes = ["{} is not a family adapt() knows: every module runs frozen in plain autograd (keeping its "
              "activations for backward; da2ext.kept_bytes_by_part says how much)".format(type(model).__name__)]
     if not stages:
         notes.append("no adaptor: none of {} gives an N x C x H x W feature map".format(", ".join(candidates)))
@@ -109,6 +126,14 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
             parent_name, _, attribute = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attribute, AdaptorAfter(getattr(parent, attribute), adaptor))
+    made_lean = []
+    if lean:
+        _make_lean(model, shifts, dtype, made_lean)
+    if made_lean:
+        kinds = sorted(set(made_lean))
+        notes[0] = ("{} is not a family adapt() knows: {} block(s) made lean ({}), every other module frozen in "
+                    "plain autograd (keeping its activations for backward; da2ext.kept_bytes_by_part says how "
+                    "much)".format(type(model).__name__, len(made_lean), ", ".join(kinds)))
     parent_name, _, attribute = classifier.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     in_features = getattr(parent, attribute).in_features
