@@ -18,6 +18,8 @@ reference. The baseline issue 19 measures its "few passes" adaptor against.
 Writes benchmarks/results/launch_count_<tag>.json and .md.
 """
 import argparse
+import contextlib
+import importlib
 import os
 import sys
 import time
@@ -33,13 +35,26 @@ from da2ext.profiling import device_description  # noqa: E402
 from provenance import git_commit, rerun_command, write_table  # noqa: E402
 from step_time_processes import median  # noqa: E402
 
+residual_attention_module = importlib.import_module("da2ext.ops.residual_attention")
+
 SHAPES = ((8, 256, 2, 2), (8, 256, 56, 56))
 OP_PREFIXES = ("aten::", "da2ext::")
 
 
+# "fused": the adaptor as the package runs it (on the CPU two ops, csrc/ops/residual_attention_composite.cpp);
+# "fused, op by op": the same kernels with the small branch in PyTorch ops between them (the CUDA path, and
+# the CPU's before the two-op adaptor); "reference": the pure-PyTorch adaptor.
+KINDS = ("fused", "fused, op by op", "reference")
+
+
+def _path(kind):
+    """The context a kind runs in."""
+    return residual_attention_module.op_by_op() if kind == "fused, op by op" else contextlib.suppress()
+
+
 def adaptor(kind, channels, rank, device):
     torch.manual_seed(0)
-    cls = da2ext.ResidualAttentionAdaptor if kind == "fused" else da2ext.reference.ResidualAttentionAdaptor
+    cls = da2ext.reference.ResidualAttentionAdaptor if kind == "reference" else da2ext.ResidualAttentionAdaptor
     module = cls(channels, rank=rank).to(device)
     with torch.no_grad():
         module.gamma.normal_(std=0.5)  # gamma 0 would skip nothing, but non-zero is the trained case
@@ -92,16 +107,17 @@ def measure(device, runs):
     records = []
     for shape in SHAPES:
         for rank in (1, 4):
-            for kind in ("fused", "reference"):
+            for kind in KINDS:
                 module = adaptor(kind, shape[1], rank, device)
                 x = torch.randn(shape, device=device, requires_grad=True)
-                dispatched, all_ops, kernels = count_ops(module, x, device)
-                record = {"shape": list(shape), "rank": rank, "adaptor": kind, "dispatched_ops": dispatched,
-                          "all_ops": all_ops, "cuda_kernels": kernels}
-                if shape == SHAPES[0]:
-                    record["wall_time"] = wall_time(module, x, device, runs)
+                with _path(kind):
+                    dispatched, all_ops, kernels = count_ops(module, x, device)
+                    record = {"shape": list(shape), "rank": rank, "adaptor": kind, "dispatched_ops": dispatched,
+                              "all_ops": all_ops, "cuda_kernels": kernels}
+                    if shape == SHAPES[0]:
+                        record["wall_time"] = wall_time(module, x, device, runs)
                 records.append(record)
-                print("{} rank {} {:9s}: {} dispatched, {} in all{}{}".format(
+                print("{} rank {} {:15s}: {} dispatched, {} in all{}{}".format(
                     "x".join(map(str, shape)), rank, kind, dispatched, all_ops,
                     "" if kernels is None else ", {} CUDA kernels".format(kernels),
                     ", {:.3f} ms".format(1e3 * record["wall_time"]) if "wall_time" in record else ""), flush=True)

@@ -19,7 +19,7 @@ def test_launch_count_table(tmp_path):
     with open(str(tmp_path / "launch_count_test.json")) as f:
         results = json.load(f)
     records = results["records"]
-    assert len(records) == len(launch_count.SHAPES) * 2 * 2
+    assert len(records) == len(launch_count.SHAPES) * 2 * len(launch_count.KINDS)
     for r in records:
         assert 0 < r["dispatched_ops"] <= r["all_ops"]
         assert ("wall_time" in r) == (tuple(r["shape"]) == launch_count.SHAPES[0])

@@ -90,6 +90,35 @@ def test_residual_attention_ops(device, shape, order, dtype, rank):
                  torch.randint(c, (n, h, w), dtype=torch.int32, device=device), multiplicative))
 
 
+def branch_parameters(channels, rank, dtype, device, seed=2):
+    """fc1 (hidden 4), fc2, a 3x3 spatial conv and gamma of a rank-k adaptor, as the two-op adaptor takes them."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(4, channels), (4,), (rank * channels, 4), (rank * channels,), (rank, 2, 3, 3), (rank,),
+              (channels,) if rank == 1 else (rank, channels)]
+    return [torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("device,shape,order,dtype", [c for c in cases() if c.values[0] == "cpu"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_two_op_adaptor_ops(device, shape, order, dtype, rank):
+    # residual_attention_forward / _backward: registered for the CPU (csrc/ops/residual_attention_composite.cpp)
+    if not fake_kernels.has_op("residual_attention_forward"):
+        pytest.skip("the two-op adaptor needs an extension built against torch >= 1.11")
+    ops = torch.ops.da2ext
+    x = feature(shape, order, dtype, device)
+    grad = feature(shape, order, dtype, device, seed=1)
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma = params = branch_parameters(
+        shape[1], rank, dtype, device)
+    for multiplicative in (False, True):
+        opcheck(ops.residual_attention_forward.default, tuple([x] + params + [multiplicative]))
+        _, channel_mean, spatial, argmax, hidden_pre, channel_logits = ops.residual_attention_forward(
+            x, *params, multiplicative)
+        for needs_input_grad in (True, False):
+            opcheck(ops.residual_attention_backward.default,
+                    (grad, x if multiplicative else None, channel_mean, spatial, argmax, hidden_pre, channel_logits,
+                     gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias, multiplicative, needs_input_grad))
+
+
 @pytest.mark.parametrize("device,shape,order,dtype", list(cases()))
 def test_packed_activation_ops(device, shape, order, dtype):
     skip_unsupported(device, order)

@@ -25,7 +25,7 @@ import torch
 
 from .memory_order import CHANNELS_LAST, memory_order
 
-__all__ = ["register_fake_kernels"]
+__all__ = ["has_op", "register_fake_kernels"]
 
 
 def _accumulate_dtype(dtype):
@@ -95,9 +95,28 @@ def packed_activation_backward_channel_sums(grad_output, mask):
             grad_output.new_empty((grad_output.shape[1],), dtype=_accumulate_dtype(grad_output.dtype)))
 
 
+def residual_attention_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias,
+                               gamma, multiplicative):
+    n = input.shape[0]
+    channel_mean, spatial, argmax = descriptor_pool(input)
+    return (_empty_in_memory_order(input), channel_mean, spatial, argmax, input.new_empty((n, fc1_weight.shape[0])),
+            input.new_empty((n, fc2_weight.shape[0])))
+
+
+def residual_attention_backward(grad_output, input, channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma,
+                                fc1_weight, fc2_weight, spatial_weight, spatial_bias, multiplicative,
+                                needs_input_grad):
+    grad_input = _empty_in_memory_order(grad_output) if needs_input_grad else grad_output.new_empty((0,))
+    hidden, channels = fc1_weight.shape
+    return (grad_input, fc1_weight.new_empty((hidden, channels)), fc1_weight.new_empty((hidden,)),
+            fc2_weight.new_empty(tuple(fc2_weight.shape)), fc2_weight.new_empty((fc2_weight.shape[0],)),
+            spatial_weight.new_empty(tuple(spatial_weight.shape)), spatial_weight.new_empty((spatial_weight.shape[0],)),
+            gamma.new_empty(tuple(gamma.shape)))
+
+
 FAKE_KERNELS = (descriptor_pool, attention_apply, attention_backward_reduce, attention_input_grad,
                 packed_activation, packed_activation_, packed_activation_backward, packed_bias_activation_,
-                packed_activation_backward_channel_sums)
+                packed_activation_backward_channel_sums, residual_attention_forward, residual_attention_backward)
 
 
 def _registrar():
@@ -118,6 +137,19 @@ def register_fake_kernels():
     register = _registrar()
     if register is None:
         return ()
+    registered = []
     for kernel in FAKE_KERNELS:
+        if not has_op(kernel.__name__):  # the two-op adaptor is built only against torch >= 1.11
+            continue
         register("da2ext::" + kernel.__name__, kernel)
-    return tuple(kernel.__name__ for kernel in FAKE_KERNELS)
+        registered.append(kernel.__name__)
+    return tuple(registered)
+
+
+def has_op(name):
+    """Whether the loaded extension defines torch.ops.da2ext.<name>."""
+    try:
+        getattr(torch.ops.da2ext, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True

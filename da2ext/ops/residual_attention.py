@@ -24,7 +24,7 @@ from .attention_branch_backward import attention_logits_backward
 from .memory_order import dense, in_memory_order, memory_order
 from .reference import residual_attention_reference
 
-__all__ = ["residual_attention"]
+__all__ = ["op_by_op", "residual_attention", "uses_two_ops"]
 
 
 def _accumulate_dtype(dtype):
@@ -108,6 +108,75 @@ class ResidualAttentionFunction(torch.autograd.Function):
         return (grad_input,) + param_grads + (grad_gamma, None, None)
 
 
+class TwoOpResidualAttentionFunction(torch.autograd.Function):
+    """The same maths as ResidualAttentionFunction in two dispatches: the forward and
+    the backward each one C++ op (csrc/ops/residual_attention_composite.cpp) that runs
+    the heavy kernels and the small branch between them, so that an adaptor costs two
+    trips through the dispatcher from Python, not about seventy. Keeps what
+    ResidualAttentionFunction keeps, through ctx.save_for_backward."""
+
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
+                multiplicative, saved_input_dtype):
+        y, channel_mean, spatial, argmax, hidden_pre, channel_logits = torch.ops.da2ext.residual_attention_forward(
+            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, multiplicative)
+        kept_input = None
+        if multiplicative:
+            kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
+        ctx.multiplicative = multiplicative
+        ctx.order = memory_order(x)
+        ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input,
+                              fc1_weight, fc2_weight, spatial_weight, spatial_bias)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input, fc1_weight, fc2_weight,
+         spatial_weight, spatial_bias) = ctx.saved_tensors
+        needs_input = ctx.needs_input_grad[0]
+        grads = torch.ops.da2ext.residual_attention_backward(
+            in_memory_order(grad_output, ctx.order), kept_input, channel_mean, spatial, argmax, hidden_pre,
+            channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias, ctx.multiplicative,
+            needs_input)
+        return (grads[0] if needs_input else None,) + tuple(grads[1:]) + (None, None)
+
+
+_TWO_OP_DEVICES = ("cpu",)  # where the two-op adaptor runs; CUDA keeps the op-by-op path until it ran on a GPU
+
+
+def uses_two_ops(x):
+    """Whether residual_attention runs TwoOpResidualAttentionFunction for `x`: on the
+    devices it is registered for, with an extension that has it (torch >= 1.11)."""
+    return x.device.type in _TWO_OP_DEVICES and _has_two_ops()
+
+
+def _has_two_ops():
+    global _TWO_OPS
+    if _TWO_OPS is None:
+        from .fake_kernels import has_op
+        _TWO_OPS = has_op("residual_attention_forward") and has_op("residual_attention_backward")
+    return _TWO_OPS
+
+
+_TWO_OPS = None
+
+
+class op_by_op(object):
+    """Within it, residual_attention runs the op-by-op path on every device (the
+    CUDA path, and the baseline the two-op adaptor is measured and tested against)."""
+
+    def __enter__(self):
+        global _TWO_OP_DEVICES
+        self._saved, _TWO_OP_DEVICES = _TWO_OP_DEVICES, ()
+        return self
+
+    def __exit__(self, *exc):
+        global _TWO_OP_DEVICES
+        _TWO_OP_DEVICES = self._saved
+        return False
+
+
 def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
                        mode="add", saved_input_dtype=None):
     """y = F + gamma*A (mode "add") or F * (1 + gamma*A) (mode "mul") with the fused kernels.
@@ -131,4 +200,5 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
     if not kernels_available(x.device.type):
         warn_fallback(x.device.type)
         return residual_attention_reference(x, *params, mode=mode)
-    return ResidualAttentionFunction.apply(dense(x), *params, mode == "mul", saved_input_dtype)
+    function = TwoOpResidualAttentionFunction if uses_two_ops(x) else ResidualAttentionFunction
+    return function.apply(dense(x), *params, mode == "mul", saved_input_dtype)

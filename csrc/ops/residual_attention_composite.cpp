@@ -1,0 +1,254 @@
+// The whole adaptor as two ops (docs/design.md §2, "The adaptor in two dispatches"):
+// residual_attention_forward and residual_attention_backward run the three heavy
+// passes (descriptor_pool, attention_apply; attention_backward_reduce,
+// attention_input_grad) and the small branch between them (the channel MLP, the
+// spatial conv, the gates and their gradients) from C++, so that one adaptor
+// forward + backward is two trips through the dispatcher from Python instead of
+// about seventy. Where compute is nothing (small maps, small batches) those trips
+// were the whole cost.
+//
+// The arithmetic is the Python path's (ops/residual_attention.py), op for op: the
+// small branch in the feature map's dtype in forward, the gates and every gradient
+// of the small branch in the accumulation dtype (float32 for float16/float32 maps,
+// float64 for float64), the parameters' gradients cast back to their dtypes.
+//
+// Registered for the CPU (the CUDA build keeps the Python path until these have
+// run on a GPU). Needs torch >= 1.11 (at::convolution_backward); older torch
+// (the Jetson's 1.10) builds without them and keeps the Python path.
+#include "residual_attention.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <tuple>
+#include <vector>
+
+#if TORCH_VERSION_MAJOR > 1 || (TORCH_VERSION_MAJOR == 1 && TORCH_VERSION_MINOR >= 11)
+#define DA2EXT_COMPOSITE_ADAPTOR 1
+#endif
+
+#ifdef DA2EXT_COMPOSITE_ADAPTOR
+
+namespace da2ext {
+namespace ops {
+namespace {
+
+using Pooled = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Sums = std::tuple<at::Tensor, at::Tensor>;
+
+// The heavy passes through the dispatcher: the input's device picks the kernel.
+Pooled descriptor_pool(const at::Tensor& input) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("da2ext::descriptor_pool", "")
+                       .typed<Pooled(const at::Tensor&)>();
+  return op.call(input);
+}
+
+at::Tensor attention_apply(const at::Tensor& input, const at::Tensor& gate_channel, const at::Tensor& gate_spatial,
+                           bool multiplicative) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("da2ext::attention_apply", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(input, gate_channel, gate_spatial, multiplicative);
+}
+
+Sums attention_backward_reduce(const at::Tensor& grad_output, const c10::optional<at::Tensor>& input,
+                               const at::Tensor& gate_channel, const at::Tensor& gate_spatial, bool multiplicative) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("da2ext::attention_backward_reduce", "")
+                       .typed<Sums(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                   const at::Tensor&, bool)>();
+  return op.call(grad_output, input, gate_channel, gate_spatial, multiplicative);
+}
+
+at::Tensor attention_input_grad(const at::Tensor& grad_output, const at::Tensor& gate_channel,
+                                const at::Tensor& gate_spatial, const at::Tensor& grad_channel_mean,
+                                const at::Tensor& grad_spatial, const at::Tensor& argmax, bool multiplicative) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("da2ext::attention_input_grad", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial, argmax, multiplicative);
+}
+
+// The spatial conv (2 -> k, K x K, padding K/2) on the CPU picks PyTorch's im2col kernel
+// on maps of at most 28 x 28, where it beats oneDNN (ops/attention_branch.py measures why).
+constexpr int64_t kIm2colMaxPixels = 28 * 28;
+
+bool uses_im2col(const at::Tensor& spatial) {
+  return spatial.is_cpu() && (spatial.scalar_type() == at::kFloat || spatial.scalar_type() == at::kDouble) &&
+         spatial.size(2) * spatial.size(3) <= kIm2colMaxPixels;
+}
+
+at::Tensor spatial_logits(const at::Tensor& spatial, const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t size = weight.size(-1), padding = size / 2;
+  if (uses_im2col(spatial)) {
+    return at::thnn_conv2d(spatial, weight, {size, size}, bias, {1, 1}, {padding, padding});
+  }
+  return at::conv2d(spatial, weight, bias, {1, 1}, {padding, padding});
+}
+
+// (grad spatial, grad weight, grad bias) of spatial_logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_logits_backward(const at::Tensor& grad, const at::Tensor& spatial,
+                                                                       const at::Tensor& weight) {
+  const int64_t size = weight.size(-1), padding = size / 2;
+  if (uses_im2col(spatial)) {
+    return at::_slow_conv2d_backward(grad, spatial, weight, {size, size}, {1, 1}, {padding, padding},
+                                     {true, true, true});
+  }
+  return at::convolution_backward(grad, spatial, weight, std::vector<int64_t>{weight.size(0)}, {1, 1},
+                                  {padding, padding}, {1, 1}, false, {0, 0}, 1, {true, true, true});
+}
+
+struct Gates {
+  at::Tensor channel_sigmoid, gate_channel, gate_spatial;
+};
+
+// sigmoid(a_c), gate_channel = gamma * sigmoid(a_c), gate_spatial = sigmoid(a_s) in the
+// accumulation dtype, in the kernels' layouts: [N, C] and [N, H, W] at rank 1 (gamma a
+// vector), [N, k, C] and [N, k, H, W] at rank k.
+Gates gates(const at::Tensor& channel_logits, const at::Tensor& spatial_logits, const at::Tensor& gamma,
+            at::ScalarType acc) {
+  const int64_t n = channel_logits.size(0), rank = spatial_logits.size(1), c = gamma.size(-1);
+  const bool stacked = gamma.dim() == 2;
+  Gates g;
+  g.channel_sigmoid = channel_logits.to(acc).sigmoid();
+  g.channel_sigmoid = stacked ? g.channel_sigmoid.view({n, rank, c}) : g.channel_sigmoid.view({n, c});
+  g.gate_channel = (gamma.to(acc) * g.channel_sigmoid).contiguous();
+  g.gate_spatial = spatial_logits.to(acc).sigmoid();
+  g.gate_spatial = (stacked ? g.gate_spatial : g.gate_spatial.squeeze(1)).contiguous();
+  return g;
+}
+
+void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
+                  const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
+                  const at::Tensor& spatial_bias, const at::Tensor& gamma, const char* op) {
+  const int64_t c = input.size(1);
+  TORCH_CHECK(gamma.dim() == 1 || gamma.dim() == 2, op, ": gamma must be [C] or [k, C], got shape ", gamma.sizes());
+  const int64_t rank = gamma.dim() == 2 ? gamma.size(0) : 1;
+  TORCH_CHECK(gamma.size(-1) == c, op, ": gamma must have C = ", c, " entries per row, got shape ", gamma.sizes());
+  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.size(1) == c, op, ": fc1_weight must be [hidden, C = ", c,
+              "], got shape ", fc1_weight.sizes());
+  const int64_t hidden = fc1_weight.size(0);
+  TORCH_CHECK(fc1_bias.dim() == 1 && fc1_bias.size(0) == hidden, op, ": fc1_bias must be [", hidden, "], got shape ",
+              fc1_bias.sizes());
+  TORCH_CHECK(fc2_weight.dim() == 2 && fc2_weight.size(0) == rank * c && fc2_weight.size(1) == hidden, op,
+              ": fc2_weight must be [k*C = ", rank * c, ", hidden = ", hidden, "], got shape ", fc2_weight.sizes());
+  TORCH_CHECK(fc2_bias.dim() == 1 && fc2_bias.size(0) == rank * c, op, ": fc2_bias must be [k*C = ", rank * c,
+              "], got shape ", fc2_bias.sizes());
+  TORCH_CHECK(spatial_weight.dim() == 4 && spatial_weight.size(0) == rank && spatial_weight.size(1) == 2 &&
+                  spatial_weight.size(2) == spatial_weight.size(3) && spatial_weight.size(2) % 2 == 1,
+              op, ": spatial_weight must be [k = ", rank, ", 2, K, K] with K odd, got shape ", spatial_weight.sizes());
+  TORCH_CHECK(spatial_bias.dim() == 1 && spatial_bias.size(0) == rank, op, ": spatial_bias must be [k = ", rank,
+              "], got shape ", spatial_bias.sizes());
+  for (const at::Tensor* t : {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias, &spatial_weight, &spatial_bias, &gamma}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op,
+                ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
+                input.device(), "), got ", t->scalar_type(), " on ", t->device());
+  }
+}
+
+// (y, channel_mean [N, C], spatial [N, 2, H, W], argmax [N, H, W], hidden_pre [N, hidden],
+// channel_logits [N, k*C]): y and what backward needs, the spatial logits left to recompute.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_attention_forward(
+    const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
+    const at::Tensor& fc2_bias, const at::Tensor& spatial_weight, const at::Tensor& spatial_bias,
+    const at::Tensor& gamma, bool multiplicative) {
+  const char* op = "residual_attention_forward";
+  check_feature_map(input, op, "input", /*allow_channels_last=*/true);
+  check_branch(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, op);
+  at::Tensor channel_mean, spatial, argmax;
+  std::tie(channel_mean, spatial, argmax) = descriptor_pool(input);
+  at::Tensor hidden_pre = at::addmm(fc1_bias, channel_mean, fc1_weight.t());
+  at::Tensor channel_logits = at::addmm(fc2_bias, hidden_pre.relu(), fc2_weight.t());
+  const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma,
+                        accumulate_dtype(input.scalar_type()));
+  at::Tensor y = attention_apply(input, g.gate_channel, g.gate_spatial, multiplicative);
+  return std::make_tuple(y, channel_mean, spatial, argmax, hidden_pre, channel_logits);
+}
+
+// (grad input, or an empty tensor where not `needs_input_grad`; then the gradients of
+// fc1.weight, fc1.bias, fc2.weight, fc2.bias, spatial.weight, spatial.bias, gamma).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+residual_attention_backward(const at::Tensor& grad_output, const c10::optional<at::Tensor>& input,
+                            const at::Tensor& channel_mean, const at::Tensor& spatial, const at::Tensor& argmax,
+                            const at::Tensor& hidden_pre, const at::Tensor& channel_logits, const at::Tensor& gamma,
+                            const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                            const at::Tensor& spatial_weight, const at::Tensor& spatial_bias, bool multiplicative,
+                            bool needs_input_grad) {
+  const char* op = "residual_attention_backward";
+  check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
+  TORCH_CHECK(!multiplicative || (input.has_value() && input->defined()), op,
+              ": mode mul needs the forward's input (input is None)");
+  const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
+  const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma, acc);
+
+  at::Tensor channel_sum, spatial_sum;
+  c10::optional<at::Tensor> input_for_reduce;
+  if (multiplicative) {
+    input_for_reduce = input->to(grad_output.scalar_type());
+  }
+  std::tie(channel_sum, spatial_sum) =
+      attention_backward_reduce(grad_output, input_for_reduce, g.gate_channel, g.gate_spatial, multiplicative);
+
+  at::Tensor grad_gamma = (g.channel_sigmoid * channel_sum).sum(0).to(gamma.scalar_type());
+  const at::Tensor gamma_acc = gamma.to(acc);
+  // Rank k: the sums come as [N, k, C] and [N, k, H, W]; the logits are [N, k*C] and [N, k, H, W].
+  at::Tensor grad_channel_logits =
+      (gamma_acc * g.channel_sigmoid * (1 - g.channel_sigmoid) * channel_sum).reshape(channel_logits.sizes());
+  at::Tensor grad_spatial_logits =
+      (g.gate_spatial * (1 - g.gate_spatial) * spatial_sum).reshape({spatial.size(0), spatial_weight.size(0),
+                                                                     spatial.size(2), spatial.size(3)});
+
+  // The small branch's backward in the accumulation dtype (its one-element spatial bias
+  // gradient sums N*H*W terms that largely cancel: see ops/residual_attention.py).
+  const at::Tensor hidden = hidden_pre.to(acc);
+  at::Tensor grad_fc2_weight = grad_channel_logits.t().mm(hidden.relu());
+  at::Tensor grad_fc2_bias = grad_channel_logits.sum(0);
+  // relu' = 1 where the pre-activation is positive, as autograd's relu backward
+  at::Tensor grad_hidden = grad_channel_logits.mm(fc2_weight.to(acc)) * hidden.gt(0).to(acc);
+  at::Tensor grad_fc1_weight = grad_hidden.t().mm(channel_mean.to(acc));
+  at::Tensor grad_fc1_bias = grad_hidden.sum(0);
+  at::Tensor grad_spatial, grad_spatial_weight, grad_spatial_bias;
+  std::tie(grad_spatial, grad_spatial_weight, grad_spatial_bias) =
+      spatial_logits_backward(grad_spatial_logits, spatial.to(acc), spatial_weight.to(acc));
+
+  at::Tensor grad_input = at::empty({0}, grad_output.options());
+  if (needs_input_grad) {
+    at::Tensor grad_channel_mean = grad_hidden.mm(fc1_weight.to(acc));
+    grad_input = attention_input_grad(grad_output, g.gate_channel, g.gate_spatial, grad_channel_mean.contiguous(),
+                                      grad_spatial.contiguous(), argmax, multiplicative);
+  }
+  const at::ScalarType fc1 = fc1_weight.scalar_type(), fc2 = fc2_weight.scalar_type(),
+                       conv = spatial_weight.scalar_type();
+  return std::make_tuple(grad_input, grad_fc1_weight.to(fc1), grad_fc1_bias.to(fc1), grad_fc2_weight.to(fc2),
+                         grad_fc2_bias.to(fc2), grad_spatial_weight.to(conv), grad_spatial_bias.to(conv),
+                         grad_gamma);
+}
+
+}  // namespace
+}  // namespace ops
+}  // namespace da2ext
+
+TORCH_LIBRARY_FRAGMENT(da2ext, m) {
+  // The whole adaptor forward: (y, channel_mean, spatial, argmax, hidden_pre, channel_logits).
+  m.def(
+      "residual_attention_forward(Tensor input, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, "
+      "Tensor fc2_bias, Tensor spatial_weight, Tensor spatial_bias, Tensor gamma, bool multiplicative) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The whole adaptor backward: (grad input (empty unless needs_input_grad), grad fc1.weight, fc1.bias,
+  // fc2.weight, fc2.bias, spatial.weight, spatial.bias, gamma).
+  m.def(
+      "residual_attention_backward(Tensor grad_output, Tensor? input, Tensor channel_mean, Tensor spatial, "
+      "Tensor argmax, Tensor hidden_pre, Tensor channel_logits, Tensor gamma, Tensor fc1_weight, "
+      "Tensor fc2_weight, Tensor spatial_weight, Tensor spatial_bias, bool multiplicative, bool needs_input_grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(da2ext, CPU, m) {
+  m.impl("residual_attention_forward", &da2ext::ops::residual_attention_forward);
+  m.impl("residual_attention_backward", &da2ext::ops::residual_attention_backward);
+}
+
+#endif  // DA2EXT_COMPOSITE_ADAPTOR

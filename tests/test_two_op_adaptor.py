@@ -1,0 +1,128 @@
+"""The adaptor in two dispatches (csrc/ops/residual_attention_composite.cpp): on the
+CPU the fused adaptor's forward and backward are one op each. Its outputs and every
+gradient equal the op-by-op path's (the CUDA path, same kernels, same arithmetic),
+it passes float64 gradcheck, it skips the input gradient when nothing needs it, and
+bad arguments are refused naming them."""
+import importlib
+
+import pytest
+import torch
+
+import da2ext
+from da2ext.ops.fake_kernels import has_op
+
+residual_attention_module = importlib.import_module("da2ext.ops.residual_attention")
+
+pytestmark = pytest.mark.skipif(
+    da2ext.backend("cpu") != "cpu" or not has_op("residual_attention_forward"),
+    reason="needs the compiled extension, built against torch >= 1.11")
+
+
+def _adaptor(channels, rank, mode, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    module = da2ext.ResidualAttentionAdaptor(channels, reduction=4, rank=rank, mode=mode).to(dtype)
+    with torch.no_grad():
+        module.gamma.normal_()  # gamma 0 would hide the branch's gradients
+    return module
+
+
+def _run(module, x, grad):
+    x = x.detach().requires_grad_(True)
+    module.zero_grad()
+    y = module(x)
+    y.backward(grad)
+    return [y.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("mode", ["add", "mul"])
+@pytest.mark.parametrize("shape,order", [((3, 16, 5, 6), "contiguous"), ((2, 32, 4, 4), "channels_last"),
+                                         ((2, 8, 40, 40), "contiguous"), ((2, 8, 31, 33), "channels_last")],
+                         ids=["small", "small-cl", "im2col-above-28x28", "odd-cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_the_op_by_op_path(rank, mode, shape, order, dtype):
+    module = _adaptor(shape[1], rank, mode, dtype)
+    x = torch.randn(shape, dtype=dtype)
+    if order == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    assert residual_attention_module.uses_two_ops(x)
+    two_ops = _run(module, x, grad)
+    with residual_attention_module.op_by_op():
+        assert not residual_attention_module.uses_two_ops(x)
+        op_by_op = _run(module, x, grad)
+    for a, b in zip(two_ops, op_by_op):
+        assert torch.equal(a, b)  # the same ops in the same order: bit for bit
+    assert two_ops[0].is_contiguous(memory_format=torch.channels_last) == (order == "channels_last")
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_gradcheck_float64(rank, mode):
+    module = _adaptor(6, rank, mode, torch.float64)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    params = tuple(module.branch_parameters()) + (module.gamma,)
+    assert torch.autograd.gradcheck(
+        lambda x, *p: da2ext.residual_attention(x, *p, mode=mode), (x,) + params, eps=1e-6, atol=1e-6)
+
+
+def test_saved_input_in_float16_as_the_op_by_op_path():
+    module = _adaptor(16, 2, "mul")
+    x, grad = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6)
+    params = tuple(module.branch_parameters()) + (module.gamma,)
+    results = []
+    for context in (None, residual_attention_module.op_by_op()):
+        xi = x.clone().requires_grad_(True)
+        if context is None:
+            y = da2ext.residual_attention(xi, *params, mode="mul", saved_input_dtype=torch.float16)
+        else:
+            with context:
+                y = da2ext.residual_attention(xi, *params, mode="mul", saved_input_dtype=torch.float16)
+        results.append(torch.autograd.grad(y, (xi,) + params, grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_no_input_gradient_when_the_input_needs_none():
+    module = _adaptor(16, 4, "add")
+    x = torch.randn(2, 16, 3, 3)  # e.g. the first adaptor after a backbone run without autograd
+    y = module(x)
+    y.sum().backward()
+    assert x.grad is None
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_keeps_what_the_op_by_op_path_keeps():
+    module = _adaptor(64, 4, "add")
+    x = torch.randn(4, 64, 14, 14, requires_grad=True)
+    kept = []
+    for context in (None, residual_attention_module.op_by_op()):
+        with (context or torch.enable_grad()):
+            kept.append(da2ext.saved_bytes(module, x))
+    assert kept[0] == kept[1] > 0
+
+
+@pytest.mark.parametrize("argument, bad, message", [
+    (1, torch.randn(4, 7), "fc1_weight must be \\[hidden, C = 8\\]"),
+    (3, torch.randn(8, 4), "fc2_weight must be \\[k\\*C = 16, hidden = 4\\]"),
+    (5, torch.randn(1, 2, 3, 3), "spatial_weight must be \\[k = 2, 2, K, K\\]"),
+    (7, torch.randn(2, 9), "gamma must have C = 8 entries per row"),
+    (7, torch.randn(2, 8, dtype=torch.float64), "must have the input's dtype and device"),
+], ids=["fc1_weight", "fc2_weight", "spatial_weight", "gamma_shape", "gamma_dtype"])
+def test_bad_arguments_are_named(argument, bad, message):
+    # a rank-2 adaptor of 8 channels, hidden width 4, 3x3 spatial conv; one argument replaced
+    args = [torch.randn(2, 8, 3, 3), torch.randn(4, 8), torch.randn(4), torch.randn(16, 4), torch.randn(16),
+            torch.randn(2, 2, 3, 3), torch.randn(2), torch.randn(2, 8)]
+    args[argument] = bad
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.da2ext.residual_attention_forward(*args, False)
+
+
+def test_mode_mul_backward_needs_the_input():
+    module = _adaptor(8, 1, "mul")
+    x = torch.randn(2, 8, 3, 3)
+    outputs = torch.ops.da2ext.residual_attention_forward(x, *module.branch_parameters(), module.gamma.detach(), True)
+    with pytest.raises(RuntimeError, match="mode mul needs the forward's input"):
+        torch.ops.da2ext.residual_attention_backward(
+            torch.randn_like(x), None, *outputs[1:], module.gamma.detach(), module.fc1.weight, module.fc2.weight,
+            module.spatial.weight, module.spatial.bias, True, True)
