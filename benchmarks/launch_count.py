@@ -4,7 +4,8 @@
     python benchmarks/launch_count.py --device cuda --tag h100      # kernels launched, on a GPU
 
 Counted with torch.profiler over one forward + backward of a rank-1 and a rank-4
-adaptor (the fused module and the pure-PyTorch reference), at 8x256x2x2 (where
+adaptor (the fused module as the package runs it, the fused module op by op, and
+the pure-PyTorch reference; see KINDS), at 8x256x2x2 (where
 each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
 
 - dispatched: the aten:: and da2ext:: ops called from Python or by the autograd
@@ -13,8 +14,8 @@ each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
 - all ops: the same with the ops they call inside;
 - CUDA kernels (on a GPU): the kernels the profiler saw launched.
 
-Wall time: the median of --runs forward + backward calls at 8x256x2x2, fused and
-reference. The baseline issue 19 measures its "few passes" adaptor against.
+Wall time: the median of --runs forward + backward calls at 8x256x2x2, each kind
+in the same run (issue 19 measures the two-op adaptor against the op-by-op one).
 Writes benchmarks/results/launch_count_<tag>.json and .md.
 """
 import argparse
