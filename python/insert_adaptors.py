@@ -1,4 +1,4 @@
-"""Adaptors at points of your choice in a model adapt() does not know: a RegNet.
+"""Adaptors at points of your choice, in a model left as it is: a RegNet.
 
 torchvision's RegNetX-400MF is frozen as a whole, a residual attention adaptor
 goes after each of its four stages (da2ext.insert_adaptors, by module name), and
@@ -9,9 +9,9 @@ did; the script checks that, then trains and reports the loss.
 
     python python/insert_adaptors.py --steps 20
 
-Unlike adapt(), this path does not make the frozen stages lean: they keep, for
-backward, what plain autograd keeps (printed at the end). Use adapt() for the
-models it supports.
+This path changes nothing but the chosen points: the frozen stages keep, for
+backward, what plain autograd keeps (printed at the end). adapt() takes this
+RegNet too and makes its blocks lean (python/adapt_any_model.py).
 """
 import argparse
 

@@ -24,6 +24,7 @@ SCRIPT_ARGS = {
     "adapt_resnet_block.py": ["--steps", "15", "--batch-size", "32", "--image-size", "64"],
     "train_domain.py": ["--epochs", "1", "--train-images", "64", "--val-images", "40"],
     "insert_adaptors.py": ["--steps", "3", "--batch-size", "8"],
+    "adapt_any_model.py": ["--batch-size", "2", "--image-size", "64"],
 }
 
 
@@ -74,7 +75,17 @@ def check_insert_adaptors(output):
     assert re.search(r"step +3: loss \d", output)
 
 
+def check_adapt_any_model(output):
+    # RegNetX is lean throughout: its stages report "lean" and the step keeps far less than plain autograd.
+    search(r"^adaptors after: trunk_output.block1, trunk_output.block2, trunk_output.block3, "
+           r"trunk_output.block4$", output)
+    search(r"^trunk_output\.module\.block2\.module +lean ", output)
+    ratio = float(search(r"\((\d+\.\d)x less\)$", output).group(1))
+    assert ratio > 8, "the adapted RegNet keeps only {}x less than the plain one:\n{}".format(ratio, output)
+
+
 OUTPUT_CHECKS = {
+    "adapt_any_model.py": check_adapt_any_model,
     "adapt_resnet_block.py": check_adapt_resnet_block,
     "insert_adaptors.py": check_insert_adaptors,
     "train_domain.py": check_train_domain,

@@ -202,6 +202,7 @@ def test_kept_bytes_by_part_shows_where_a_generic_model_keeps_its_activations():
     adaptor = by_part["stages.module.1.adaptor"]
     assert stage["treatment"] == "plain autograd" and adaptor["treatment"] == "adaptor"
     assert stage["kept_bytes"] > 10 * adaptor["kept_bytes"] > 0
+    assert by_part["head"]["treatment"] == "plain autograd"  # timm's ConvNeXt head: a LayerNorm before the Head
 
 
 def _kept_plainly_frozen_with_shifts(model, x):
@@ -228,5 +229,7 @@ def test_a_regnet_x_is_made_lean_and_keeps_under_an_eighth_of_the_bias_baseline(
     rows = da2ext.kept_bytes_by_part(model, x)
     stages = [r for r in rows if r["part"].endswith(".module") and r["type"] in ("AnyStage", "RegStage")]
     assert stages and all(r["treatment"] == "lean" for r in stages)
+    head = [r for r in rows if r["part"] in ("fc", "head")]  # torchvision's Head; timm's with its pooling
+    assert len(head) == 1 and head[0]["treatment"] == "head"
     kept = sum(r["kept_bytes"] for r in rows)
     assert 0 < kept <= _kept_plainly_frozen_with_shifts(original, x) / 8

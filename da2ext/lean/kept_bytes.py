@@ -10,6 +10,7 @@ from torch import nn
 from ..ops.attention_branch import AttentionBranch
 from ..profiling import storage_key_and_bytes
 from .adapt import AdaptedBlock, Head
+from .frozen_blocks import InferenceOnly
 from .frozen_conv import FrozenConvBNAct
 from .insert_adaptors import AdaptorAfter
 from .lean_max_pool import LeanMaxPool2d
@@ -30,9 +31,13 @@ def _default_parts(model):
 
 def _treatment(module):
     """How a part runs: "adaptor", "lean" (packed bits for backward), "head" or "plain autograd"."""
+    while isinstance(module, InferenceOnly):  # a wrapper that only keeps eval mode
+        module = module.module
     if isinstance(module, AttentionBranch):
         return "adaptor"
-    if isinstance(module, Head):
+    heads = [m for m in module.modules() if isinstance(m, Head)]
+    head_parameters = set(id(p) for h in heads for p in h.parameters())
+    if heads and all(id(p) in head_parameters for p in module.parameters()):  # a Head, maybe with pooling around it
         return "head"
     kinds = [m for m in module.modules() if not isinstance(m, AttentionBranch)]
     if any(isinstance(m, (FrozenConvBNAct, LeanMaxPool2d)) for m in kinds):
