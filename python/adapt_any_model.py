@@ -6,8 +6,8 @@ puts an adaptor after each stage. This script adapts a torchvision model by name
 (RegNetX-400MF by default: lean throughout; try mobilenet_v3_large or
 efficientnet_b0, whose hardswish / SiLU blocks run plainly), prints what adapt()
 said, and what one training step keeps for backward, part by part
-(da2ext.kept_bytes_by_part), against the same model plainly frozen with its BN
-shifts trainable.
+(da2ext.kept_bytes_by_part), against the `bias` baseline (the same model plainly
+frozen with its BN shifts trainable).
 
     python python/adapt_any_model.py --model regnet_x_400mf
     python python/adapt_any_model.py --model mobilenet_v3_large
@@ -18,9 +18,9 @@ import warnings
 
 import torch
 import torchvision
-from torch import nn
 
 import da2ext
+from da2ext import methods
 
 
 def parse_args():
@@ -31,22 +31,14 @@ def parse_args():
     return parser.parse_args()
 
 
-def plainly_frozen_with_shifts(model):
-    """The `bias` baseline: frozen as it is, eval-mode BN, BN shifts trainable."""
-    model = copy.deepcopy(model).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.bias.requires_grad_(True)
-    return model
-
-
 def main():
     args = parse_args()
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)()   # load your pretrained weights here
-    baseline = plainly_frozen_with_shifts(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it says it is adapting generically, as adapt() below will
+        # the `bias` baseline: the same model frozen in plain PyTorch with its BN shifts trainable
+        baseline = methods.get("bias").build(copy.deepcopy(model), 10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = da2ext.adapt(model, num_classes=10, rank=4)
@@ -66,7 +58,7 @@ def main():
     state = list(baseline.parameters()) + list(baseline.buffers())
     with da2ext.SavedTensorCounter(exclude=state) as plain:
         baseline(images)
-    print("adapted: {:.1f} MiB; plainly frozen with BN shifts: {:.1f} MiB ({:.1f}x less)".format(
+    print("adapted: {:.1f} MiB; bias (plainly frozen, BN shifts trainable): {:.1f} MiB ({:.1f}x less)".format(
         total / 2 ** 20, plain.saved_bytes / 2 ** 20, plain.saved_bytes / max(total, 1)))
 
 

@@ -90,8 +90,9 @@ at::Tensor spatial_logits(const at::Tensor& spatial, const at::Tensor& weight, c
 }
 
 // (grad spatial, grad weight, grad bias) of spatial_logits.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_logits_backward(const at::Tensor& grad, const at::Tensor& spatial,
-                                                                       const at::Tensor& weight) {
+using ConvGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+ConvGrads spatial_logits_backward(const at::Tensor& grad, const at::Tensor& spatial, const at::Tensor& weight) {
   const int64_t size = weight.size(-1), padding = size / 2;
   if (uses_im2col(spatial)) {
     return at::_slow_conv2d_backward(grad, spatial, weight, {size, size}, {1, 1}, {padding, padding},

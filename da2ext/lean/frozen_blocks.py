@@ -201,7 +201,8 @@ def _freeze_timm_regnet_block(block, train_shift, dtype):
     a ConvNormAct; downsample a ConvNormAct, the identity, or None (no add). RegNetY's
     squeeze-excitation has no lean form."""
     _check_inference_identity(block, ("se", "drop_path"))
-    main = [_freeze_timm_conv_norm_act(getattr(block, name), train_shift, dtype) for name in ("conv1", "conv2", "conv3")]
+    main = [_freeze_timm_conv_norm_act(getattr(block, name), train_shift, dtype)
+            for name in ("conv1", "conv2", "conv3")]
     if block.downsample is None:
         shortcut = None
     elif isinstance(block.downsample, nn.Identity):

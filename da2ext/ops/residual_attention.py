@@ -45,6 +45,21 @@ def _gates(channel_logits, spatial_logits, gamma, acc_dtype):
     return channel_sigmoid, gate_channel, gate_spatial
 
 
+def _keep_for_backward(ctx, x, multiplicative, saved_input_dtype, channel_mean, spatial, argmax, hidden_pre,
+                       channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias):
+    """What both Functions keep, all through ctx.save_for_backward. All small: the
+    descriptors, the argmax, the MLP's hidden layer, the channel logits, the parameters
+    (the spatial logits, k maps of N x H x W, are recomputed in backward from the
+    descriptors); plus F in mode "mul", in saved_input_dtype if given."""
+    kept_input = None
+    if multiplicative:
+        kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
+    ctx.multiplicative = multiplicative
+    ctx.order = memory_order(x)  # the kernels read the gradient in the input's memory order
+    ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input,
+                          fc1_weight, fc2_weight, spatial_weight, spatial_bias)
+
+
 class ResidualAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
@@ -54,15 +69,8 @@ class ResidualAttentionFunction(torch.autograd.Function):
         hidden_pre, channel_logits, spatial_logits = attention_logits_with_hidden(channel_mean, spatial, *branch)
         _, gate_channel, gate_spatial = _gates(channel_logits, spatial_logits, gamma, _accumulate_dtype(x.dtype))
         y = torch.ops.da2ext.attention_apply(x, gate_channel, gate_spatial, multiplicative)
-        kept_input = None
-        if multiplicative:
-            kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
-        ctx.multiplicative = multiplicative
-        ctx.order = memory_order(x)  # the kernels read the gradient in the input's memory order
-        # All small: descriptors, argmax, the MLP's hidden layer, the channel logits, parameters.
-        # The spatial logits (k maps of N x H x W) are recomputed in backward from the descriptors.
-        ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input,
-                              fc1_weight, fc2_weight, spatial_weight, spatial_bias)
+        _keep_for_backward(ctx, x, multiplicative, saved_input_dtype, channel_mean, spatial, argmax, hidden_pre,
+                           channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias)
         return y
 
     @staticmethod
@@ -120,13 +128,8 @@ class TwoOpResidualAttentionFunction(torch.autograd.Function):
                 multiplicative, saved_input_dtype):
         y, channel_mean, spatial, argmax, hidden_pre, channel_logits = torch.ops.da2ext.residual_attention_forward(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, multiplicative)
-        kept_input = None
-        if multiplicative:
-            kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)
-        ctx.multiplicative = multiplicative
-        ctx.order = memory_order(x)
-        ctx.save_for_backward(channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input,
-                              fc1_weight, fc2_weight, spatial_weight, spatial_bias)
+        _keep_for_backward(ctx, x, multiplicative, saved_input_dtype, channel_mean, spatial, argmax, hidden_pre,
+                           channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias)
         return y
 
     @staticmethod
