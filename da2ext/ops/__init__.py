@@ -3,7 +3,8 @@ extension (da2ext._C, which registers torch.ops.da2ext.*) as a function with
 autograd and a fallback where no kernels exist, and the pure-PyTorch references
 they are tested against.
 
-    residual_attention.py         the fused residual attention op (the adaptor's forward and backward)
+    residual_attention.py         the fused residual attention op (the adaptor's forward and backward;
+                                  on the CPU one C++ op each way, op by op elsewhere)
     attention_branch.py           its small branch (channel MLP, spatial conv) in PyTorch, and the
                                   parameters it shares with the reference (AttentionBranch)
     attention_branch_backward.py  that branch's backward, written out on small tensors
@@ -14,6 +15,7 @@ they are tested against.
     _extension.py                 loads da2ext._C; which backend runs (backend()); what the build
                                   recorded (recorded_build_info, build_mismatch)
     _validation.py                the checks of a feature map against the adaptor's parameters
+    fake_kernels.py               what each op returns, for torch.compile and torch.export
 
 The modules built on these ops are in da2ext.nn and da2ext.lean.
 """
