@@ -82,7 +82,7 @@ def _feature_map_channels(model, names):
 def _make_lean(module, train_shift, dtype, made):
     """Replace, below `module`, every block freeze_block knows (a ResNet or RegNet-X
     block, a conv-BN-ReLU Sequential, ...) by its lean FrozenBlock, which computes
-    the same; descend into the others. `made`: the names replaced, appended to."""
+    the same; descend into the others. `made`: the replaced blocks' class names, appended to."""
     for name, child in list(module.named_children()):
         if isinstance(child, (AttentionBranch, FrozenBlock)):
             continue
@@ -96,9 +96,10 @@ def _make_lean(module, train_shift, dtype, made):
 
 
 def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shifts, lean, rank):
-    """Freeze `model`, put an adaptor after each of its stages and a new
-    head_class(in_features, num_classes) in place of its classifier, in place. Returns (model, the
-    stages that got an adaptor, the notes adapt() warns with)."""
+    """Freeze `model`, make lean what freeze_block knows (where `lean`), put an
+    adaptor after each of its stages and a new head_class(in_features,
+    num_classes) in place of its classifier, in place. Returns (model, the stages
+    that got an adaptor, the notes adapt() warns with)."""
     classifier = classifier_name(model)
     if classifier is None:
         raise TypeError("adapt: {} is not a model adapt() knows (torchvision ResNet or MobileNetV2, timm ResNet or "
