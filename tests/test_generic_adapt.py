@@ -161,6 +161,14 @@ def test_a_multidomain_model_takes_a_generic_model():
         assert torch.equal(model(x), first)  # domain b's change left domain a as it was
 
 
+def test_a_small_sequential_gets_adaptors_after_its_modules_with_weights():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(8, 4))
+    _adapt_quietly(model, 3)
+    assert model.da2ext_stages == ["0.0", "0.2"]  # not after a ReLU or the pool
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(train_last=1), "trainable tail"),
     (dict(memory_budget_mib=64), "trainable tail"),

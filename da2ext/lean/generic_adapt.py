@@ -48,17 +48,19 @@ def _inside(name, parent):
 
 
 def stage_names(model, classifier):
-    """The modules an adaptor follows: the children of the model's trunk (the
-    top-level Sequential or ModuleList of at least 3 modules, not holding the
-    classifier, with at least half of the weights outside the classifier), or
-    else the top-level modules with weights that do not hold the classifier."""
+    """The modules an adaptor follows: the children with weights of the model's
+    trunk (the top-level Sequential or ModuleList of at least 3 modules, not
+    holding the classifier, with at least half of the weights outside the
+    classifier), or else the top-level modules with weights that do not hold the
+    classifier."""
     top = [(name, m) for name, m in model.named_children() if not _inside(classifier, name)]
     weights = sum(_parameter_count(m) for _, m in top)
     trunks = [(name, m) for name, m in top if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) >= 3]
     if trunks:
         name, trunk = max(trunks, key=lambda item: _parameter_count(item[1]))
         if 2 * _parameter_count(trunk) >= weights:
-            return ["{}.{}".format(name, child) for child, _ in trunk.named_children()]
+            # Modules without weights (an activation, a pool) compute nothing to adapt.
+            return ["{}.{}".format(name, child) for child, m in trunk.named_children() if _parameter_count(m) > 0]
     return [name for name, m in top if _parameter_count(m) > 0]
 
 
