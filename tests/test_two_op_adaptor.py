@@ -1,8 +1,10 @@
 """The adaptor in two dispatches (csrc/ops/residual_attention_composite.cpp): on the
-CPU the fused adaptor's forward and backward are one op each. Its outputs and every
-gradient equal the op-by-op path's (the CUDA path, same kernels, same arithmetic),
-it passes float64 gradcheck, it skips the input gradient when nothing needs it, and
-bad arguments are refused naming them."""
+CPU the fused adaptor's forward and backward are one op each, the small branch as
+loops on small sizes (cpu/attention_branch_loops.h) and through ATen above. Its
+outputs and every gradient match the op-by-op path's (the CUDA path: the same
+kernels, the small branch in PyTorch ops) to rounding, it passes float64
+gradcheck, it skips the input gradient when nothing needs it, and bad arguments
+are refused naming them."""
 import importlib
 
 import pytest
@@ -26,6 +28,13 @@ def _adaptor(channels, rank, mode, dtype=torch.float32, seed=0):
     return module
 
 
+def assert_matches(a, b):
+    """Equal to rounding: the loops sum in another order than BLAS and ATen's sigmoid."""
+    tolerance = 1e-12 if a.dtype == torch.float64 else 1e-5
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert (a - b).abs().max() <= tolerance * max(b.abs().max().item(), 1e-30)
+
+
 def _run(module, x, grad):
     x = x.detach().requires_grad_(True)
     module.zero_grad()
@@ -37,10 +46,13 @@ def _run(module, x, grad):
 @pytest.mark.parametrize("rank", [1, 4])
 @pytest.mark.parametrize("mode", ["add", "mul"])
 @pytest.mark.parametrize("shape,order", [((3, 16, 5, 6), "contiguous"), ((2, 32, 4, 4), "channels_last"),
-                                         ((2, 8, 40, 40), "contiguous"), ((2, 8, 31, 33), "channels_last")],
-                         ids=["small", "small-cl", "im2col-above-28x28", "odd-cl"])
+                                         ((2, 8, 40, 40), "contiguous"), ((2, 8, 31, 33), "channels_last"),
+                                         ((8, 256, 2, 2), "contiguous"), ((2, 512, 7, 7), "contiguous"),
+                                         ((1, 4, 1, 1), "contiguous"), ((2, 3, 1, 9), "channels_last")],
+                         ids=["small", "small-cl", "im2col-above-28x28", "odd-cl", "deep-2x2", "deep-7x7",
+                              "one-pixel", "one-row-cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_equals_the_op_by_op_path(rank, mode, shape, order, dtype):
+def test_matches_the_op_by_op_path(rank, mode, shape, order, dtype):
     module = _adaptor(shape[1], rank, mode, dtype)
     x = torch.randn(shape, dtype=dtype)
     if order == "channels_last":
@@ -52,8 +64,9 @@ def test_equals_the_op_by_op_path(rank, mode, shape, order, dtype):
         assert not residual_attention_module.uses_two_ops(x)
         op_by_op = _run(module, x, grad)
     for a, b in zip(two_ops, op_by_op):
-        assert torch.equal(a, b)  # the same ops in the same order: bit for bit
-    assert two_ops[0].is_contiguous(memory_format=torch.channels_last) == (order == "channels_last")
+        assert_matches(a, b)
+    if not (x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):  # a 1x1 map is both
+        assert two_ops[0].is_contiguous(memory_format=torch.channels_last) == (order == "channels_last")
 
 
 @pytest.mark.parametrize("rank", [1, 3])
@@ -80,7 +93,7 @@ def test_saved_input_in_float16_as_the_op_by_op_path():
                 y = da2ext.residual_attention(xi, *params, mode="mul", saved_input_dtype=torch.float16)
         results.append(torch.autograd.grad(y, (xi,) + params, grad))
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        assert_matches(a, b)
 
 
 def test_no_input_gradient_when_the_input_needs_none():

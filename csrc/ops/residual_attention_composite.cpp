@@ -7,16 +7,21 @@
 // about seventy. Where compute is nothing (small maps, small batches) those trips
 // were the whole cost.
 //
-// The arithmetic is the Python path's (ops/residual_attention.py), op for op: the
-// small branch in the feature map's dtype in forward, the gates and every gradient
-// of the small branch in the accumulation dtype (float32 for float16/float32 maps,
-// float64 for float64), the parameters' gradients cast back to their dtypes.
+// The maths is the op-by-op path's (ops/residual_attention.py): the small branch in
+// the feature map's dtype in forward, the gates and every gradient of the small branch
+// in the accumulation dtype (float32 for float16/float32 maps, float64 for float64),
+// the parameters' gradients cast back to their dtypes. Where the branch is small (and
+// the map float32 or float64) it runs as loops (cpu/attention_branch_loops.h), which
+// round differently from BLAS; above that, the same ATen calls as that path, op for op.
 //
 // Registered for the CPU (the CUDA build keeps the Python path until these have
 // run on a GPU). Needs torch >= 1.11 (at::convolution_backward); older torch
 // (the Jetson's 1.10) builds without them and keeps the Python path.
 #include "residual_attention.h"
 
+#include "cpu/attention_branch_loops.h"
+
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -102,6 +107,41 @@ ConvGrads spatial_logits_backward(const at::Tensor& grad, const at::Tensor& spat
                                   {padding, padding}, {1, 1}, false, {0, 0}, 1, {true, true, true});
 }
 
+// The small branch as loops (cpu/attention_branch_loops.h) where its arithmetic is
+// this small: about the cost of the ATen calls it replaces; above, BLAS and oneDNN win.
+constexpr int64_t kBranchLoopMaxMacs = int64_t(1) << 18;
+
+cpu::BranchShape branch_shape(const at::Tensor& input, const at::Tensor& fc1_weight,
+                              const at::Tensor& spatial_weight) {
+  cpu::BranchShape s;
+  s.N = input.size(0);
+  s.C = input.size(1);
+  s.H = input.size(2);
+  s.W = input.size(3);
+  s.hidden = fc1_weight.size(0);
+  s.rank = spatial_weight.size(0);
+  s.K = spatial_weight.size(-1);
+  return s;
+}
+
+bool branch_as_loops(const at::Tensor& input, const cpu::BranchShape& s) {
+  if (!input.is_cpu() || (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble)) {
+    return false;
+  }
+  const int64_t mlp = s.N * s.hidden * s.C * (1 + s.rank), conv = s.N * s.rank * s.HW() * 2 * s.K * s.K;
+  return mlp <= kBranchLoopMaxMacs && conv <= kBranchLoopMaxMacs;
+}
+
+// The gates' tensors in the kernels' layouts: [N, C] and [N, H, W] at rank 1 (gamma a vector),
+// [N, k, C] and [N, k, H, W] at rank k.
+std::tuple<at::Tensor, at::Tensor> empty_gates(const at::Tensor& input, const cpu::BranchShape& s, bool stacked) {
+  if (!stacked) {
+    return std::make_tuple(at::empty({s.N, s.C}, input.options()), at::empty({s.N, s.H, s.W}, input.options()));
+  }
+  return std::make_tuple(at::empty({s.N, s.rank, s.C}, input.options()),
+                         at::empty({s.N, s.rank, s.H, s.W}, input.options()));
+}
+
 struct Gates {
   at::Tensor channel_sigmoid, gate_channel, gate_spatial;
 };
@@ -161,12 +201,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_branch(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, op);
   at::Tensor channel_mean, spatial, argmax;
   std::tie(channel_mean, spatial, argmax) = descriptor_pool(input);
+  const cpu::BranchShape shape = branch_shape(input, fc1_weight, spatial_weight);
+  if (branch_as_loops(input, shape)) {
+    at::Tensor hidden_pre = at::empty({shape.N, shape.hidden}, input.options());
+    at::Tensor channel_logits = at::empty({shape.N, shape.rows()}, input.options());
+    at::Tensor gate_channel, gate_spatial;
+    std::tie(gate_channel, gate_spatial) = empty_gates(input, shape, gamma.dim() == 2);
+    const at::Tensor w1 = fc1_weight.contiguous(), b1 = fc1_bias.contiguous(), w2 = fc2_weight.contiguous(),
+                     b2 = fc2_bias.contiguous(), ws = spatial_weight.contiguous(), bs = spatial_bias.contiguous(),
+                     g = gamma.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
+      cpu::branch_forward<scalar_t>(shape, channel_mean.data_ptr<scalar_t>(), spatial.data_ptr<scalar_t>(),
+                                    w1.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                                    b2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
+                                    hidden_pre.data_ptr<scalar_t>(), channel_logits.data_ptr<scalar_t>(),
+                                    gate_spatial.data_ptr<scalar_t>());
+    });
+    const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
+      cpu::channel_gates<scalar_t>(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                   gate_channel.data_ptr<scalar_t>());
+    });
+    at::Tensor y = attention_apply(input, gate_channel, gate_spatial, multiplicative);
+    return std::make_tuple(y, channel_mean, spatial, argmax, hidden_pre, channel_logits);
+  }
   at::Tensor hidden_pre = at::addmm(fc1_bias, channel_mean, fc1_weight.t());
   at::Tensor channel_logits = at::addmm(fc2_bias, hidden_pre.relu(), fc2_weight.t());
   const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma,
                         accumulate_dtype(input.scalar_type()));
   at::Tensor y = attention_apply(input, g.gate_channel, g.gate_spatial, multiplicative);
   return std::make_tuple(y, channel_mean, spatial, argmax, hidden_pre, channel_logits);
+}
+
+using BackwardGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// residual_attention_backward with the small branch as loops (float32 or float64 on the CPU,
+// where the accumulation dtype is the map's own).
+BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const c10::optional<at::Tensor>& input,
+                                       const at::Tensor& channel_mean, const at::Tensor& spatial,
+                                       const at::Tensor& argmax, const at::Tensor& hidden_pre,
+                                       const at::Tensor& channel_logits, const at::Tensor& gamma,
+                                       const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                                       const at::Tensor& spatial_weight, const at::Tensor& spatial_bias,
+                                       bool multiplicative, bool needs_input_grad, const cpu::BranchShape& shape) {
+  const at::TensorOptions options = grad_output.options();
+  at::Tensor gate_channel, gate_spatial;
+  std::tie(gate_channel, gate_spatial) = empty_gates(grad_output, shape, gamma.dim() == 2);
+  const at::Tensor means = channel_mean.contiguous(), maps = spatial.contiguous(), hidden = hidden_pre.contiguous(),
+                   logits = channel_logits.contiguous(), w1 = fc1_weight.contiguous(),
+                   w2 = fc2_weight.contiguous(), ws = spatial_weight.contiguous(),
+                   bs = spatial_bias.contiguous(), g = gamma.contiguous();
+  const at::Tensor channel_sigmoid = logits.sigmoid();  // vectorised exponentials
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
+    for (int64_t n = 0; n < shape.N; ++n) {
+      cpu::spatial_gates<scalar_t>(shape, maps.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
+                                   bs.data_ptr<scalar_t>(), n, gate_spatial.data_ptr<scalar_t>());
+    }
+    cpu::channel_gates<scalar_t>(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                 gate_channel.data_ptr<scalar_t>());
+  });
+  c10::optional<at::Tensor> input_for_reduce;
+  if (multiplicative) {
+    input_for_reduce = input->to(grad_output.scalar_type());
+  }
+  at::Tensor channel_sum, spatial_sum;
+  std::tie(channel_sum, spatial_sum) =
+      attention_backward_reduce(grad_output, input_for_reduce, gate_channel, gate_spatial, multiplicative);
+  at::Tensor grad_fc1_weight = at::empty_like(w1), grad_fc1_bias = at::empty({shape.hidden}, options),
+             grad_fc2_weight = at::empty_like(w2), grad_fc2_bias = at::empty({shape.rows()}, options),
+             grad_spatial_weight = at::empty_like(ws), grad_spatial_bias = at::empty({shape.rank}, options),
+             grad_gamma = at::empty_like(g), grad_channel_mean = at::empty({shape.N, shape.C}, options),
+             grad_spatial = at::empty({shape.N, 2, shape.H, shape.W}, options);
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
+    cpu::branch_backward<scalar_t>(
+        shape, means.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+        channel_sigmoid.data_ptr<scalar_t>(), gate_spatial.data_ptr<scalar_t>(), channel_sum.data_ptr<scalar_t>(),
+        spatial_sum.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
+        g.data_ptr<scalar_t>(), grad_fc1_weight.data_ptr<scalar_t>(), grad_fc1_bias.data_ptr<scalar_t>(),
+        grad_fc2_weight.data_ptr<scalar_t>(), grad_fc2_bias.data_ptr<scalar_t>(),
+        grad_spatial_weight.data_ptr<scalar_t>(), grad_spatial_bias.data_ptr<scalar_t>(),
+        grad_gamma.data_ptr<scalar_t>(), grad_channel_mean.data_ptr<scalar_t>(), grad_spatial.data_ptr<scalar_t>());
+  });
+  at::Tensor grad_input = at::empty({0}, options);
+  if (needs_input_grad) {
+    grad_input = attention_input_grad(grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial,
+                                      argmax, multiplicative);
+  }
+  return std::make_tuple(grad_input, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias,
+                         grad_spatial_weight, grad_spatial_bias, grad_gamma);
 }
 
 // (grad input, or an empty tensor where not `needs_input_grad`; then the gradients of
@@ -183,6 +306,12 @@ residual_attention_backward(const at::Tensor& grad_output, const c10::optional<a
   TORCH_CHECK(!multiplicative || (input.has_value() && input->defined()), op,
               ": mode mul needs the forward's input (input is None)");
   const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
+  const cpu::BranchShape shape = branch_shape(grad_output, fc1_weight, spatial_weight);
+  if (branch_as_loops(grad_output, shape)) {
+    return branch_backward_as_loops(grad_output, input, channel_mean, spatial, argmax, hidden_pre, channel_logits,
+                                    gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias, multiplicative,
+                                    needs_input_grad, shape);
+  }
   const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma, acc);
 
   at::Tensor channel_sum, spatial_sum;

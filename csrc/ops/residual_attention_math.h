@@ -15,6 +15,8 @@
 #include "accumulate_type.h"
 #include "host_device.h"
 
+#include <cmath>
+
 namespace da2ext {
 namespace math {
 
@@ -97,6 +99,23 @@ DA2_HOST_DEVICE acc_t input_grad_of_attention(Mode mode, acc_t grad_output, acc_
   const acc_t max_share = is_argmax ? grad_spatial_max : acc_t(0);
   return grad_output * direct_scale_of_attention(mode, attention) + grad_channel_mean + grad_spatial_mean +
          max_share;
+}
+
+// The small branch's per-element maths (the gates and their derivatives), for the
+// kernels that run the branch themselves (cpu/attention_branch_loops.h).
+template <typename acc_t>
+DA2_HOST_DEVICE acc_t sigmoid(acc_t x) {
+#if defined(__CUDACC__)
+  return acc_t(1) / (acc_t(1) + exp(-x));
+#else
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+#endif
+}
+
+// sigmoid'(a) from s = sigmoid(a).
+template <typename acc_t>
+DA2_HOST_DEVICE acc_t sigmoid_grad_from_output(acc_t s) {
+  return s * (acc_t(1) - s);
 }
 
 template <typename acc_t>
