@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..lean.adapt import Head
+from ..lean.submodules import owner_of
 from ..lean.trainable_tail import TrainableTail
 from ..profiling import device_of
 from .domain_file import DomainFileError, read_domain_file, write_domain_file
@@ -57,11 +58,6 @@ def architecture_of(model):
         digest.update("{}:{}|".format(name, tuple(tensor.shape)).encode("utf-8"))
     cls = type(model)
     return "{}.{}/{}".format(cls.__module__, cls.__name__, digest.hexdigest()[:12])
-
-
-def _owner(model, qualified_name):
-    module_name, _, attr = qualified_name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), attr
 
 
 class MultiDomainModel(nn.Module):
@@ -203,7 +199,7 @@ class MultiDomainModel(nn.Module):
         for slot, t in self.domain_tensors(name).items():
             # attr names a registered parameter (t is then an nn.Parameter) or buffer of
             # owner: Module.__setattr__ puts t itself in its place, no copy.
-            owner, attr = _owner(self.model, slot)
+            owner, attr = owner_of(self.model, slot)
             setattr(owner, attr, t)
         head = self.model.get_submodule(self._head_name)
         head.out_features = self._domain_info[name]["num_classes"]

@@ -6,6 +6,7 @@ an adaptor after every block.
     generic_adapt.py   adapt() for a model of unknown blocks: frozen as it is, adaptors after its stages
     insert_adaptors.py insert_adaptors(): adaptors after modules of any model, chosen by the user
     kept_bytes.py      kept_bytes_by_part(): what each part of a model keeps for backward
+    submodules.py      a submodule by its qualified name: its owner, and replacing it
     frozen_conv.py     FrozenConvBNAct: a frozen conv + folded BN + activation
     frozen_blocks.py   FrozenBlock: every supported residual block, frozen and lean
     lean_max_pool.py   LeanMaxPool2d: a max pool that keeps one byte per output element for backward

@@ -21,6 +21,7 @@ from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, free
 from .frozen_conv import FrozenConvBNAct
 from .generic_adapt import adapt_generic, classifier_name
 from .lean_max_pool import LeanMaxPool2d
+from .submodules import replace_submodule
 from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 
 __all__ = ["AdaptedBlock", "Head", "adapt", "head_in_features", "replace_head", "supported_family"]
@@ -279,8 +280,7 @@ def replace_head(model, num_classes):
     family = supported_family(model)
     head = Head(head_in_features(model), num_classes).to(next(model.parameters()).device)
     if family is None:
-        parent_name, _, attribute = _generic_classifier(model)[0].rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, head)
+        replace_submodule(model, _generic_classifier(model)[0], head)
     else:
         _set_head(model, family, head)
     return head

@@ -26,6 +26,7 @@ from ..ops.attention_branch import AttentionBranch
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import FrozenBlock, InferenceOnly, freeze_block
 from .insert_adaptors import AdaptorAfter, feature_map_channels
+from .submodules import replace_submodule
 
 __all__ = ["adapt_generic", "classifier_name", "stage_names"]
 
@@ -113,34 +114,27 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
     candidates = stage_names(model, classifier)
     channels = _feature_map_channels(model, candidates)
     stages = [name for name in candidates if name in channels]
-    notes = ["{} is not a family adapt() knows: every module runs frozen in plain autograd (keeping its "
-             "activations for backward; da2ext.kept_bytes_by_part says how much)".format(type(model).__name__)]
-    if not stages:
-        notes.append("no adaptor: none of {} gives an N x C x H x W feature map".format(", ".join(candidates)))
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
     # The adaptors and head compute in the model's precision (float64 for gradient checks), float32 under it.
-    dtype = next(model.parameters()).dtype
-    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = parameter.dtype if parameter.dtype in (torch.float32, torch.float64) else torch.float32
     if adaptors:
         adaptor_class = ResidualAttentionAdaptor if lean else ReferenceResidualAttentionAdaptor
         for name in stages:
             adaptor = adaptor_class(channels[name], reduction=reduction, mode=mode, rank=rank)
             adaptor = adaptor.to(device=device, dtype=dtype)
-            parent_name, _, attribute = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attribute, AdaptorAfter(getattr(parent, attribute), adaptor))
+            replace_submodule(model, name, AdaptorAfter(model.get_submodule(name), adaptor))
     made_lean = []
     if lean:
         _make_lean(model, shifts, dtype, made_lean)
-    if made_lean:
-        kinds = sorted(set(made_lean))
-        notes[0] = ("{} is not a family adapt() knows: {} block(s) made lean ({}), every other module frozen in "
-                    "plain autograd (keeping its activations for backward; da2ext.kept_bytes_by_part says how "
-                    "much)".format(type(model).__name__, len(made_lean), ", ".join(kinds)))
-    parent_name, _, attribute = classifier.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    in_features = getattr(parent, attribute).in_features
-    setattr(parent, attribute, head_class(in_features, num_classes).to(device=device, dtype=dtype))
+    lean_part = "{} block(s) made lean ({}), every other module".format(
+        len(made_lean), ", ".join(sorted(set(made_lean)))) if made_lean else "every module"
+    notes = ["{} is not a family adapt() knows: {} runs frozen in plain autograd (keeping its activations for "
+             "backward; da2ext.kept_bytes_by_part says how much)".format(type(model).__name__, lean_part)]
+    if not stages:
+        notes.append("no adaptor: none of {} gives an N x C x H x W feature map".format(", ".join(candidates)))
+    in_features = model.get_submodule(classifier).in_features
+    replace_submodule(model, classifier, head_class(in_features, num_classes).to(device=device, dtype=dtype))
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None:
             m.bias.requires_grad_(shifts)

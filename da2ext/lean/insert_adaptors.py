@@ -14,6 +14,7 @@ from torch import nn
 
 from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
+from .submodules import replace_submodule
 
 __all__ = ["AdaptorAfter", "feature_map_channels", "insert_adaptors"]
 
@@ -118,7 +119,5 @@ def insert_adaptors(model, after, example_input, rank=1, reduction=16, mode="add
         adaptor = ResidualAttentionAdaptor(channels[name], reduction=reduction, mode=mode, rank=rank)
         if parameter is not None:
             adaptor = adaptor.to(parameter.device)
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, AdaptorAfter(module, adaptor))
+        replace_submodule(model, name, AdaptorAfter(module, adaptor))
     return [name for name, _ in chosen]

@@ -22,9 +22,10 @@ def _default_parts(model):
     """The model's top-level modules and, inside them, each adapted block's block and adaptor."""
     parts = [name for name, _ in model.named_children()]
     for name, module in model.named_modules():
-        for attribute in ("block", "module", "adaptor"):
-            child = getattr(module, attribute, None)
-            if isinstance(module, (AdaptedBlock, AdaptorAfter)) and isinstance(child, nn.Module):
+        if not isinstance(module, (AdaptedBlock, AdaptorAfter)):
+            continue
+        for attribute in ("block", "module", "adaptor"):  # AdaptedBlock's block, AdaptorAfter's module
+            if isinstance(getattr(module, attribute, None), nn.Module):
                 parts.append("{}.{}".format(name, attribute) if name else attribute)
     return parts
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..lean.adapt import replace_head, supported_family
+from ..lean.submodules import replace_submodule
 from ..lean.frozen_blocks import InferenceOnly
 from ..lean.frozen_conv import pad_same
 from .method import Method
@@ -116,9 +117,7 @@ def _replace_children(model, predicate, wrap):
     """Replace, in place, every module for which predicate(module) holds by wrap(module)."""
     found = [(name, module) for name, module in model.named_modules() if name and predicate(module)]
     for name, module in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, wrap(module))
+        replace_submodule(model, name, wrap(module))
     return len(found)
 
 
