@@ -238,7 +238,8 @@ using BackwardGrads =
 
 // residual_attention_backward with the small branch as loops (float32 or float64 on the CPU,
 // where the accumulation dtype is the map's own).
-BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const c10::optional<at::Tensor>& input,
+BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output,
+                                       const c10::optional<at::Tensor>& input_for_reduce,
                                        const at::Tensor& channel_mean, const at::Tensor& spatial,
                                        const at::Tensor& argmax, const at::Tensor& hidden_pre,
                                        const at::Tensor& channel_logits, const at::Tensor& gamma,
@@ -261,10 +262,6 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const c10:
     cpu::channel_gates<scalar_t>(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
                                  gate_channel.data_ptr<scalar_t>());
   });
-  c10::optional<at::Tensor> input_for_reduce;
-  if (multiplicative) {
-    input_for_reduce = input->to(grad_output.scalar_type());
-  }
   at::Tensor channel_sum, spatial_sum;
   std::tie(channel_sum, spatial_sum) =
       attention_backward_reduce(grad_output, input_for_reduce, gate_channel, gate_spatial, multiplicative);
@@ -306,19 +303,19 @@ residual_attention_backward(const at::Tensor& grad_output, const c10::optional<a
   TORCH_CHECK(!multiplicative || (input.has_value() && input->defined()), op,
               ": mode mul needs the forward's input (input is None)");
   const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
-  const cpu::BranchShape shape = branch_shape(grad_output, fc1_weight, spatial_weight);
-  if (branch_as_loops(grad_output, shape)) {
-    return branch_backward_as_loops(grad_output, input, channel_mean, spatial, argmax, hidden_pre, channel_logits,
-                                    gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias, multiplicative,
-                                    needs_input_grad, shape);
-  }
-  const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma, acc);
-
-  at::Tensor channel_sum, spatial_sum;
+  // Mode mul's reduction reads F (kept in forward, maybe in float16) in the gradient's dtype.
   c10::optional<at::Tensor> input_for_reduce;
   if (multiplicative) {
     input_for_reduce = input->to(grad_output.scalar_type());
   }
+  const cpu::BranchShape shape = branch_shape(grad_output, fc1_weight, spatial_weight);
+  if (branch_as_loops(grad_output, shape)) {
+    return branch_backward_as_loops(grad_output, input_for_reduce, channel_mean, spatial, argmax, hidden_pre,
+                                    channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias,
+                                    multiplicative, needs_input_grad, shape);
+  }
+  const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma, acc);
+  at::Tensor channel_sum, spatial_sum;
   std::tie(channel_sum, spatial_sum) =
       attention_backward_reduce(grad_output, input_for_reduce, g.gate_channel, g.gate_spatial, multiplicative);
 
