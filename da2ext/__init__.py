@@ -12,8 +12,9 @@ from .domains.multidomain import MultiDomainModel
 from .lean.adapt import adapt
 from .lean.frozen_conv import FrozenConvBNAct
 from .lean.insert_adaptors import insert_adaptors
-from .lean.kept_bytes import kept_bytes_by_part
+from .lean.kept_bytes import kept_bytes_by_part, largest_recompute_transient
 from .lean.lean_max_pool import LeanMaxPool2d
+from .lean.recomputed_block import RecomputedBlock
 from .lean.shift_calibration import calibrate_shifts
 from .lean.trainable import print_trainable_parameters, trainable_parameters
 from .models import backbones
@@ -33,6 +34,7 @@ __all__ = [
     "MultiDomainModel",
     "PackedReLU",
     "PackedReLU6",
+    "RecomputedBlock",
     "ResidualAttentionAdaptor",
     "SavedTensorCounter",
     "adapt",
@@ -40,6 +42,7 @@ __all__ = [
     "calibrate_shifts",
     "insert_adaptors",
     "kept_bytes_by_part",
+    "largest_recompute_transient",
     "packed_activation",
     "packed_relu",
     "packed_relu6",

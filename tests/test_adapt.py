@@ -19,6 +19,7 @@ from helpers import (FAMILY_NAMES, adapt_quietly, bn_buffers, features_module, f
                      relative_error, shift_parameters)
 from da2ext.lean.adapt import AdaptedBlock, Head, adapt, supported_family
 from da2ext.lean.frozen_conv import FrozenConvBNAct
+from da2ext.lean.recomputed_block import RecomputedBlock
 from da2ext.profiling import SavedTensorCounter, model_state, profile_step
 from da2ext.lean.trainable import print_trainable_parameters, trainable_parameters
 
@@ -179,14 +180,14 @@ def _wrapped_resnet18():
     return original, shape
 
 
-def test_unknown_module_warns_and_keeps_working():
+def test_an_unknown_block_is_recomputed_from_its_input_and_keeps_working():
+    """A block the lean rewrite does not know keeps its input and runs again in
+    backward (RecomputedBlock): no warning, plain autograd's gradients."""
     original, shape = _wrapped_resnet18()
-    with pytest.warns(UserWarning, match=r"layer2\.0") as record:
-        lean = adapt(copy.deepcopy(original), 10, backbone_dtype=torch.float64).double()
-    assert len([w for w in record if "layer2.0" in str(w.message)]) == 1
-    message = str([w for w in record if "layer2.0" in str(w.message)][0].message)
-    assert "layer1.0" not in message and "layer2.1" not in message  # only the unknown one is named
+    lean = adapt_quietly(copy.deepcopy(original), 10, backbone_dtype=torch.float64).double()
     assert isinstance(lean.layer2[0], AdaptedBlock) and lean.layer2[0].adaptor is not None
+    assert isinstance(lean.layer2[0].block, RecomputedBlock) and isinstance(lean.layer2[0].block.module, Wrapper)
+    assert not isinstance(lean.layer2[1].block, RecomputedBlock)  # a known block stays bit-lean
     eager = adapt_quietly(copy.deepcopy(original), 10, lean=False).double()
     randomize_common_trainable(lean, eager)
     x = torch.randn(*shape, dtype=torch.float64)
@@ -208,13 +209,14 @@ def test_unknown_module_warns_and_keeps_working():
         assert relative_error(a.grad, b.grad) < 1e-10
 
 
-def test_timm_efficientnet_with_se_and_silu_warns_and_keeps_working():
+def test_timm_efficientnet_with_se_and_silu_is_recomputed_and_keeps_working():
     timm = import_timm()
     torch.manual_seed(0)
     original = randomize_bn(timm.create_model("efficientnet_b0"))
     assert supported_family(original) == "timm_efficientnet"
-    with pytest.warns(UserWarning, match=r"conv_stem.*blocks\.0\.0.*(SiLU|se)"):
-        model = adapt(copy.deepcopy(original), 1000)
+    model = adapt_quietly(copy.deepcopy(original), 1000)
+    assert isinstance(model.conv_stem, RecomputedBlock) and isinstance(model.conv_head, RecomputedBlock)
+    assert all(isinstance(block.block, RecomputedBlock) for stage in model.blocks for block in stage)
     copy_head(original, model)
     x = torch.randn(2, 3, 64, 64)
     before = bn_buffers(model)

@@ -18,7 +18,7 @@ from da2ext.lean.trainable import parameter_groups
 from da2ext.ops.attention_branch import AttentionBranch
 from da2ext.profiling import SavedTensorCounter
 
-from helpers import import_timm
+from helpers import import_timm, shift_parameters
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -105,10 +105,13 @@ def test_only_the_da2_groups_train_and_frozen_statistics_stay(name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_regnetx_002", "timm_convnext_atto"])
+@pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_regnetx_002", "timm_convnext_atto", "tv_efficientnet_b0",
+                                  "tv_mobilenet_v3_small", "timm_mobilenetv3_small_100"])
 def test_lean_blocks_and_fused_adaptors_give_plain_autograds_gradients(name):
-    """lean=True (RegNet-X blocks lean, fused adaptors) against lean=False (the model
-    as it is in plain autograd, the reference adaptors), float64."""
+    """lean=True (RegNet-X blocks lean, the others' blocks recomputed from their
+    inputs, fused adaptors) against lean=False (the model as it is in plain
+    autograd, the reference adaptors), float64: the output, the adaptors', head's
+    and BN shifts' gradients."""
     torch.manual_seed(0)
     original = MODELS[name]().double()
     lean, plain = copy.deepcopy(original), copy.deepcopy(original)
@@ -135,6 +138,17 @@ def test_lean_blocks_and_fused_adaptors_give_plain_autograds_gradients(name):
     assert grads[0].keys() == grads[1].keys() and any("adaptor" in k for k in grads[0])
     for key in grads[0]:
         assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-8, atol=1e-9), key  # float64, another order
+    # Each lean shift's gradient is one of plain autograd's (a lean block may hold its
+    # shortcut after its main path, where the original registered it first).
+    unmatched = [p.grad for p in shift_parameters(plain)]
+    lean_shifts = shift_parameters(lean)
+    assert len(lean_shifts) == len(unmatched) and all(g is not None for g in unmatched)
+    assert bool(unmatched) == any(isinstance(m, nn.BatchNorm2d) for m in original.modules())  # not in a ConvNeXt
+    for i, shift in enumerate(lean_shifts):
+        match = [j for j, g in enumerate(unmatched)
+                 if g.shape == shift.grad.shape and torch.allclose(shift.grad, g, rtol=1e-8, atol=1e-9)]
+        assert match, i
+        unmatched.pop(match[0])
 
 
 def test_a_multidomain_model_takes_a_generic_model():
@@ -203,15 +217,19 @@ def test_kept_bytes_by_part_adds_up_to_what_the_step_keeps():
 
 def test_kept_bytes_by_part_shows_where_a_generic_model_keeps_its_activations():
     torch.manual_seed(0)
-    model = MODELS["timm_convnext_atto"]()  # LayerNorm and GELU: no lean form, plain autograd
-    _adapt_quietly(model, 10, rank=4)
-    rows = da2ext.kept_bytes_by_part(model, torch.randn(2, 3, 64, 64))
-    by_part = dict((r["part"], r) for r in rows)
-    stage = by_part["stages.module.1.module"]
-    adaptor = by_part["stages.module.1.adaptor"]
-    assert stage["treatment"] == "plain autograd" and adaptor["treatment"] == "adaptor"
-    assert stage["kept_bytes"] > 10 * adaptor["kept_bytes"] > 0
-    assert by_part["head"]["treatment"] == "plain autograd"  # timm's ConvNeXt head: a LayerNorm before the Head
+    x = torch.randn(2, 3, 64, 64)
+    by_lean = {}
+    for lean in (True, False):
+        model = MODELS["timm_convnext_atto"]()  # LayerNorm and GELU: no packed-bit form
+        _adapt_quietly(model, 10, rank=4, lean=lean)
+        by_lean[lean] = dict((r["part"], r) for r in da2ext.kept_bytes_by_part(model, x))
+    recomputed, plain = by_lean[True]["stages.module.1.module"], by_lean[False]["stages.module.1.module"]
+    adaptor = by_lean[True]["stages.module.1.adaptor"]
+    assert recomputed["treatment"] == "recomputed" and plain["treatment"] == "plain autograd"
+    assert adaptor["treatment"] == "adaptor"
+    # Its blocks keep their inputs alone; plain autograd keeps each LayerNorm's and GELU's.
+    assert plain["kept_bytes"] > 4 * recomputed["kept_bytes"] > 4 * adaptor["kept_bytes"] > 0
+    assert by_lean[True]["head"]["treatment"] == "plain autograd"  # timm's ConvNeXt head: a LayerNorm before the Head
 
 
 def _kept_by_the_bias_baseline(model, x):

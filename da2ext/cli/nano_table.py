@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import methods
+from ..lean.kept_bytes import largest_recompute_transient
 from ..profiling import device_description, profile_step, synchronize
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_lite0")
@@ -104,6 +105,7 @@ class MethodSetup(object):
         """docs/design.md §4's figures of one step after a warm-up step (profile_step, untimed)."""
         figures = profile_step(self.model, self.inputs, self.targets, self.loss_fn, self.optimizer, warmup=1, steps=0)
         figures["trainable_params"] = sum(p.numel() for p in self.trainable)
+        figures["recompute_transient"] = largest_recompute_transient(self.model, self.inputs)
         return figures
 
     def timed_step(self):
@@ -164,6 +166,13 @@ def markdown(records, meta):
         lines.append(row)
     floors = sorted(set((r["model"], r["batch_size"], r["floor_bytes"]) for r in records))
     lines += ["", "Packed-bit floor: " + "; ".join("{} batch {}: {} MiB".format(m, b, _mib(f)) for m, b, f in floors)]
+    transients = [r for r in records if r.get("recompute_transient")]
+    if transients:
+        lines += ["", "Recomputed blocks (SiLU, hardswish, GELU, SE, LayerNorm: each keeps its input and runs again in "
+                  "backward): while the largest one's backward runs it holds, besides the saved bytes above, " +
+                  "; ".join("{} batch {} {}: {} MiB ({})".format(
+                      r["model"], r["batch_size"], r["method"], _mib(r["recompute_transient"]["transient_bytes"]),
+                      r["recompute_transient"]["part"]) for r in transients) + "."]
     if meta.get("updated_groups"):
         lines += ["", "Remeasured in a later run (each group's ratios are within one run): " +
                   ", ".join(meta["updated_groups"]) + "."]

@@ -7,6 +7,7 @@ Trainable: the adaptors, the frozen BNs' shifts and the head, each switchable.
 The model keeps its own class and forward, so everything that worked on it
 (torch.save of its state_dict, hooks, timm's forward_features) still does.
 """
+import collections
 import functools
 import warnings
 
@@ -21,6 +22,7 @@ from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, free
 from .frozen_conv import FrozenConvBNAct
 from .generic_adapt import adapt_generic, classifier_name
 from .lean_max_pool import LeanMaxPool2d
+from .recomputed_block import KEEP_DTYPES, RecomputedBlock
 from .submodules import replace_submodule
 from .trainable_tail import TAIL_STATISTICS, TrainableTail, largest_tail_within_budget
 
@@ -105,8 +107,9 @@ class _Rewriter(object):
     """Carries adapt()'s settings through one model's rewrite."""
 
     def __init__(self, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank=1, tail_start=None,
-                 tail_statistics="final"):
+                 tail_statistics="final", recompute_dtype=None):
         self.mode = mode
+        self.recompute_dtype = recompute_dtype
         # Blocks from index tail_start on (counted in forward order) train in full; None: no tail.
         self.tail_start = tail_start
         # "final" starts every tail module frozen; adapt() then gives the last one's last BN batch statistics
@@ -119,6 +122,7 @@ class _Rewriter(object):
         self.dtype = backbone_dtype
         self.lean = lean
         self.unchanged = []  # (name, reason)
+        self.recomputed = []  # (name, why it has no packed-bit form)
 
     def _train_bn_shifts(self, module):
         for m in module.modules():
@@ -131,14 +135,22 @@ class _Rewriter(object):
         self._train_bn_shifts(module)
         return InferenceOnly(module)
 
-    def conv_bn_act(self, name, conv, bn, activation):
-        """A stem or head conv-BN-activation; returns the module replacing `conv`
-        (the caller replaces bn and activation by Identity when lean)."""
+    def _recomputed(self, name, module, reason):
+        """A frozen module with no packed-bit form (SiLU, hardswish, squeeze-excitation,
+        ...): it keeps its input and runs again in backward (RecomputedBlock)."""
+        self.recomputed.append((name, "{}: {}".format(type(module).__name__, reason)))
+        self._train_bn_shifts(module)
+        return RecomputedBlock(module, keep_dtype=self.recompute_dtype)
+
+    def conv_bn_act(self, name, conv, bn, activation, layers):
+        """A stem or head conv-BN-activation, lean: the module replacing `conv` (the
+        caller replaces bn and activation by Identity). `layers`: the three as one
+        module, which keeps the conv's input and recomputes where the activation has
+        no packed-bit form (a SiLU, a hardswish)."""
         try:
             return freeze_conv_bn_act(conv, bn, activation, self.shifts, self.dtype)
         except NotImplementedError as error:
-            self.unchanged.append((name, "{}: {}".format(type(conv).__name__, error)))
-            return None
+            return self._recomputed(name, layers, str(error))
 
     def conv_norm_activation(self, name, seq):
         """torchvision's Conv2dNormActivation as a unit."""
@@ -147,7 +159,7 @@ class _Rewriter(object):
         try:
             return freeze_block(seq, self.shifts, self.dtype)
         except NotImplementedError as error:
-            return self._unchanged(name, seq, str(error))
+            return self._recomputed(name, seq, str(error))
 
     def in_tail(self):
         """Whether the final conv (after every block) is part of a trainable tail."""
@@ -172,7 +184,7 @@ class _Rewriter(object):
             try:
                 frozen = freeze_block(block, self.shifts, self.dtype)
             except NotImplementedError as error:
-                frozen = self._unchanged(name, block, str(error))
+                frozen = self._recomputed(name, block, str(error))
         adaptor = None
         if self.adaptors and channels is not None:
             adaptor_class = ResidualAttentionAdaptor if self.lean else ReferenceResidualAttentionAdaptor
@@ -192,23 +204,30 @@ def _count_blocks(model, family):
     return sum(len(stage) for stage in model.blocks)
 
 
+def _named_sequential(**layers):
+    """nn.Sequential of the layers, in the order given (conv, bn, act), under those names."""
+    order = ("stem", "conv", "bn", "act")
+    return nn.Sequential(collections.OrderedDict((name, layers[name]) for name in order if name in layers))
+
+
 def _adapt_resnet(model, rewriter, activation_name="relu"):
     """torchvision's ResNet (stem activation `relu`) or timm's (`act1`; a deep stem,
-    conv1 a Sequential, runs unchanged)."""
+    conv1 a Sequential, is recomputed from the image)."""
     if rewriter.lean:
-        stem = None
+        activation = getattr(model, activation_name)
         if isinstance(model.conv1, nn.Conv2d):
-            stem = rewriter.conv_bn_act("conv1", model.conv1, model.bn1, getattr(model, activation_name))
-        else:  # its BNs must stay in eval mode
-            model.conv1 = rewriter._unchanged("conv1", model.conv1, "a deep stem")
-        if stem is not None:
-            model.conv1, model.bn1 = stem, nn.Identity()
-            setattr(model, activation_name, nn.Identity())
-        else:
-            model.bn1 = rewriter._unchanged("bn1", model.bn1)
+            model.conv1 = rewriter.conv_bn_act("conv1", model.conv1, model.bn1, activation,
+                                               _named_sequential(conv=model.conv1, bn=model.bn1, act=activation))
+        else:  # a deep stem (a Sequential of conv-BN-activations): it keeps only the image
+            model.conv1 = rewriter._recomputed(
+                "conv1", _named_sequential(stem=model.conv1, bn=model.bn1, act=activation), "a deep stem")
+        model.bn1 = nn.Identity()
+        setattr(model, activation_name, nn.Identity())
         if isinstance(model.maxpool, nn.MaxPool2d) and not model.maxpool.return_indices:
             model.maxpool = LeanMaxPool2d.from_module(model.maxpool)
     else:
+        if not isinstance(model.conv1, nn.Conv2d):  # a deep stem's BNs: eval mode, shifts trained, as lean
+            model.conv1 = rewriter._unchanged("conv1", model.conv1)
         model.bn1 = rewriter._unchanged("bn1", model.bn1)
     for layer_name in ("layer1", "layer2", "layer3", "layer4"):
         layer = getattr(model, layer_name)
@@ -237,14 +256,13 @@ def _adapt_timm_efficientnet(model, rewriter):
         if conv_name == "conv_head" and rewriter.in_tail():
             model.conv_head, model.bn2 = rewriter.tail(nn.Sequential(conv, bn)), nn.Identity()
             continue
-        lean = None
-        if rewriter.lean:
-            lean = rewriter.conv_bn_act(conv_name, conv, bn, getattr(bn, "act", None))
-        if lean is not None:
-            setattr(model, conv_name, lean)
-            setattr(model, bn_name, nn.Identity())
-        else:
+        if not rewriter.lean:
             setattr(model, bn_name, rewriter._unchanged(bn_name, bn))
+            continue
+        # timm's BatchNormAct2d applies the activation itself
+        setattr(model, conv_name, rewriter.conv_bn_act(conv_name, conv, bn, getattr(bn, "act", None),
+                                                       _named_sequential(conv=conv, bn=bn)))
+        setattr(model, bn_name, nn.Identity())
     for i, stage in enumerate(model.blocks):
         for j in range(len(stage)):
             stage[j] = rewriter.block("blocks.{}.{}".format(i, j), stage[j])
@@ -300,7 +318,7 @@ def _set_head(model, family, head):
 
 
 def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
-                          train_last, memory_budget_mib):
+                          train_last, memory_budget_mib, recompute_dtype):
     """adapt() for a model of blocks it does not know: generic_adapt.py."""
     if train_last or memory_budget_mib is not None:
         raise ValueError("adapt: a trainable tail (train_last, memory_budget_mib) needs a model whose blocks adapt() "
@@ -309,7 +327,8 @@ def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts,
     if backbone_dtype != torch.float32:
         raise ValueError("adapt: backbone_dtype {} needs a model whose blocks adapt() knows; {} is adapted "
                          "generically, in its own dtype".format(backbone_dtype, type(model).__name__))
-    model, stages, notes = adapt_generic(model, num_classes, Head, mode, reduction, adaptors, shifts, lean, rank)
+    model, stages, notes = adapt_generic(model, num_classes, Head, mode, reduction, adaptors, shifts, lean, rank,
+                                         recompute_dtype)
     model._da2ext_adapted = True
     model.da2ext_tail = {"train_last": 0}
     model.da2ext_stages = stages
@@ -320,7 +339,7 @@ def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts,
 
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
           lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
-          budget_input_shape=(8, 3, 224, 224), tail_statistics="final"):
+          budget_input_shape=(8, 3, 224, 224), tail_statistics="final", recompute_dtype=None):
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
@@ -366,8 +385,15 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         profile_step on random data of `budget_input_shape`, (N, C, H, W))
         fits in this many MiB; the choice is in model.da2ext_tail.
 
-    A block it cannot rewrite runs unchanged (frozen, eval mode, plain autograd)
-    and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
+    recompute_dtype: a block whose nonlinearities need more than a sign bit for
+        backward (SiLU, hardswish, GELU, squeeze-excitation, LayerNorm) keeps only
+        its input and runs again in backward (RecomputedBlock): None keeps that
+        input as it is (gradients exactly plain autograd's), torch.float16 or
+        torch.bfloat16 in half the bytes (gradients with that rounding,
+        docs/design.md §3 measures it).
+
+    A block it cannot rewrite at all runs unchanged (frozen, eval mode, plain
+    autograd) and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
     (if `shifts`) and the head; see da2ext.trainable_parameters.
     """
     if not isinstance(model, nn.Module):
@@ -396,9 +422,13 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
             ", ".join('"{}"'.format(v) for v in TAIL_STATISTICS), tail_statistics))
     if not isinstance(train_last, int) or isinstance(train_last, bool) or train_last < 0:
         raise ValueError("adapt: train_last must be an int >= 0, got {!r}".format(train_last))
+    if recompute_dtype not in KEEP_DTYPES:
+        raise ValueError("adapt: recompute_dtype must be one of {}, got {!r}".format(KEEP_DTYPES, recompute_dtype))
+    if recompute_dtype is not None and not lean:
+        raise ValueError("adapt: recompute_dtype {} needs lean=True".format(recompute_dtype))
     if family is None:
         return _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean,
-                                     rank, train_last, memory_budget_mib)
+                                     rank, train_last, memory_budget_mib, recompute_dtype)
     blocks = _count_blocks(model, family)
     if train_last > blocks:
         raise ValueError("adapt: train_last={} but the model has {} blocks".format(train_last, blocks))
@@ -418,7 +448,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
                 budget_input_shape))
         settings = dict(num_classes=num_classes, mode=mode, reduction=reduction, adaptors=adaptors, shifts=shifts,
                         lean=lean, cpu_channels_last=cpu_channels_last, rank=rank,
-                        tail_statistics=tail_statistics)
+                        tail_statistics=tail_statistics, recompute_dtype=recompute_dtype)
         train_last, measured = largest_tail_within_budget(
             model, lambda m, k: adapt(m, train_last=k, **settings), blocks, memory_budget_mib, shape)
         model = adapt(model, train_last=train_last, **settings)
@@ -434,7 +464,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         p.requires_grad_(False)
     rewriter = _Rewriter(mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
                          tail_start=blocks - train_last if train_last else None,
-                         tail_statistics=tail_statistics)
+                         tail_statistics=tail_statistics, recompute_dtype=recompute_dtype)
     with torch.no_grad():
         in_features = {"resnet": _adapt_resnet, "mobilenet_v2": _adapt_torchvision_mobilenet_v2,
                        "timm_efficientnet": _adapt_timm_efficientnet,

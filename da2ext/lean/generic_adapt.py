@@ -26,6 +26,7 @@ from ..ops.attention_branch import AttentionBranch
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .frozen_blocks import FrozenBlock, InferenceOnly, freeze_block
 from .insert_adaptors import AdaptorAfter, feature_map_channels
+from .recomputed_block import RecomputedBlock
 from .submodules import replace_submodule
 
 __all__ = ["adapt_generic", "classifier_name", "stage_names"]
@@ -66,8 +67,9 @@ def stage_names(model, classifier):
 
 
 def _feature_map_channels(model, names):
-    """{name: C} for the modules among `names` whose output is an N x C x H x W
-    tensor, from one forward without autograd (64 px, else 224 px)."""
+    """({name: C} for the modules among `names` whose output is an N x C x H x W
+    tensor, the input size that showed it), from one forward without autograd
+    (64 px, else 224 px)."""
     modules = dict(model.named_modules())
     chosen = [(name, modules[name]) for name in names]
     parameter = next(model.parameters())
@@ -75,30 +77,103 @@ def _feature_map_channels(model, names):
     for size in _EXAMPLE_SIZES:
         example = torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device)
         try:
-            return feature_map_channels(model, chosen, example)
+            return feature_map_channels(model, chosen, example), size
         except RuntimeError as error:  # too small an input for this model: try the next size
             last_error = error
     raise ValueError("adapt: a forward of a 1 x 3 x {} x {} batch through {} failed, so its stages' outputs are "
                      "unknown: {}".format(_EXAMPLE_SIZES[-1], _EXAMPLE_SIZES[-1], type(model).__name__, last_error))
 
 
-def _make_lean(module, train_shift, dtype, made):
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _recompute_stems(model, keep_dtype, size):
+    """Make each top-level conv followed by a BN (timm's conv_stem, bn1) one
+    RecomputedBlock, which keeps the conv's input (the image: 3 channels) instead of
+    the BN's (the stem's width), where a forward of a random 1 x 3 x size x size
+    batch shows the swap computes exactly the same (the BN reads the conv's output
+    and nothing else does). Returns the fused pairs' class names."""
+    children = list(model.named_children())
+    pairs = [(conv, norm) for (conv, conv_module), (norm, norm_module) in zip(children, children[1:])
+             if type(conv_module) is nn.Conv2d and isinstance(norm_module, nn.modules.batchnorm._BatchNorm)]
+    if not pairs:
+        return []
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(1, 3, size, size, generator=generator).to(device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        before = model(example)
+    fused = []
+    for conv, norm in pairs:
+        conv_module, norm_module = getattr(model, conv), getattr(model, norm)
+        setattr(model, conv, RecomputedBlock(nn.Sequential(conv_module, norm_module), keep_dtype=keep_dtype))
+        setattr(model, norm, nn.Identity())
+        with torch.no_grad():
+            after = model(example)
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and torch.equal(before, after):
+            fused.append("{}+{}".format(type(conv_module).__name__, type(norm_module).__name__))
+        else:  # the model does something between them, or with the conv's output: leave them apart
+            setattr(model, conv, conv_module)
+            setattr(model, norm, norm_module)
+    return fused
+
+
+def _holds_blocks(module):
+    """Whether `module` holds a list of blocks: a module (itself or below it) with two
+    or more children of one class that are blocks, that is, not containers and with
+    weights in children of their own (a Bottleneck, an inverted residual; not a
+    BatchNormAct2d, whose children are its activation and dropout)."""
+    def is_block(m):
+        return not isinstance(m, _CONTAINERS) and any(any(True for _ in c.parameters()) for c in m.children())
+
+    for m in module.modules():
+        kinds = [type(c) for c in m.children() if is_block(c)]
+        if any(kinds.count(kind) >= 2 for kind in set(kinds)):
+            return True
+    return False
+
+
+def _is_recompute_unit(module, head_class):
+    """Whether `module` is one frozen block to keep its input for and recompute in
+    backward (RecomputedBlock): it has weights, holds nothing da2ext trains or
+    already made lean, and is one block, not a list of them: a Sequential of
+    layers (a conv-norm-activation, a downsample), or a module that holds no list
+    of blocks (an inverted residual, a ConvNeXt block, a squeeze-excitation). A
+    single layer is not: recomputing it would keep the input plain autograd keeps."""
+    if not any(True for _ in module.children()) or not any(True for _ in module.parameters()):
+        return False
+    kept_apart = (AttentionBranch, FrozenBlock, RecomputedBlock, AdaptorAfter, head_class)
+    if any(isinstance(m, kept_apart) for m in module.modules()):
+        return False
+    if isinstance(module, nn.Sequential):
+        return all(not any(True for _ in child.children()) for child in module.children())
+    if isinstance(module, _CONTAINERS):  # a ModuleList or ModuleDict has no forward of its own
+        return False
+    return not _holds_blocks(module)
+
+
+def _make_lean(module, train_shift, dtype, head_class, keep_dtype, made, recomputed):
     """Replace, below `module`, every block freeze_block knows (a ResNet or RegNet-X
     block, a conv-BN-ReLU Sequential, ...) by its lean FrozenBlock, which computes
-    the same; descend into the others. `made`: the replaced blocks' class names, appended to."""
+    the same, and every other frozen block (_is_recompute_unit) by a RecomputedBlock;
+    descend into the rest. `made`, `recomputed`: the replaced blocks' class names, appended to."""
     for name, child in list(module.named_children()):
-        if isinstance(child, (AttentionBranch, FrozenBlock)):
+        if isinstance(child, (AttentionBranch, FrozenBlock, RecomputedBlock)):
             continue
         try:
             frozen = freeze_block(child, train_shift=train_shift, dtype=dtype)
         except NotImplementedError:
-            _make_lean(child, train_shift, dtype, made)
+            if _is_recompute_unit(child, head_class):
+                setattr(module, name, RecomputedBlock(child, keep_dtype=keep_dtype))
+                recomputed.append(type(child).__name__)
+            else:
+                _make_lean(child, train_shift, dtype, head_class, keep_dtype, made, recomputed)
             continue
         setattr(module, name, frozen)
         made.append(type(child).__name__)
 
 
-def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shifts, lean, rank):
+def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shifts, lean, rank, recompute_dtype=None):
     """Freeze `model`, make lean what freeze_block knows (where `lean`), put an
     adaptor after each of its stages and a new head_class(in_features,
     num_classes) in place of its classifier, in place. Returns (model, the stages
@@ -112,7 +187,7 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
     for p in model.parameters():
         p.requires_grad_(False)
     candidates = stage_names(model, classifier)
-    channels = _feature_map_channels(model, candidates)
+    channels, example_size = _feature_map_channels(model, candidates)
     stages = [name for name in candidates if name in channels]
     parameter = next(model.parameters())
     device = parameter.device
@@ -124,17 +199,21 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
             adaptor = adaptor_class(channels[name], reduction=reduction, mode=mode, rank=rank)
             adaptor = adaptor.to(device=device, dtype=dtype)
             replace_submodule(model, name, AdaptorAfter(model.get_submodule(name), adaptor))
-    made_lean = []
-    if lean:
-        _make_lean(model, shifts, dtype, made_lean)
-    lean_part = "{} block(s) made lean ({}), every other module".format(
-        len(made_lean), ", ".join(sorted(set(made_lean)))) if made_lean else "every module"
-    notes = ["{} is not a family adapt() knows: {} runs frozen in plain autograd (keeping its activations for "
-             "backward; da2ext.kept_bytes_by_part says how much)".format(type(model).__name__, lean_part)]
-    if not stages:
-        notes.append("no adaptor: none of {} gives an N x C x H x W feature map".format(", ".join(candidates)))
     in_features = model.get_submodule(classifier).in_features
     replace_submodule(model, classifier, head_class(in_features, num_classes).to(device=device, dtype=dtype))
+    made_lean, recomputed = [], []
+    if lean:
+        recomputed.extend(_recompute_stems(model, recompute_dtype, example_size))
+        _make_lean(model, shifts, dtype, head_class, recompute_dtype, made_lean, recomputed)
+    parts = []
+    for kinds, how in ((made_lean, "made lean"), (recomputed, "keeping only their inputs (recomputed in backward)")):
+        if kinds:
+            parts.append("{} block(s) {} ({})".format(len(kinds), how, ", ".join(sorted(set(kinds)))))
+    notes = ["{} is not a family adapt() knows: {} runs frozen in plain autograd (keeping its activations for "
+             "backward; da2ext.kept_bytes_by_part says how much)".format(
+                 type(model).__name__, "; ".join(parts) + "; every other module" if parts else "every module")]
+    if not stages:
+        notes.append("no adaptor: none of {} gives an N x C x H x W feature map".format(", ".join(candidates)))
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None:
             m.bias.requires_grad_(shifts)

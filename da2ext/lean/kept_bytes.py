@@ -14,8 +14,9 @@ from .frozen_blocks import InferenceOnly
 from .frozen_conv import FrozenConvBNAct
 from .insert_adaptors import AdaptorAfter
 from .lean_max_pool import LeanMaxPool2d
+from .recomputed_block import RecomputedBlock
 
-__all__ = ["kept_bytes_by_part"]
+__all__ = ["kept_bytes_by_part", "largest_recompute_transient"]
 
 
 def _default_parts(model):
@@ -31,20 +32,26 @@ def _default_parts(model):
 
 
 def _treatment(module):
-    """How a part runs: "adaptor", "lean" (packed bits for backward), "head" or "plain autograd"."""
+    """How a part runs: "adaptor", "lean" (packed bits for backward), "recomputed"
+    (keeps its input, runs again in backward), "head", "lean in part" or "plain autograd"."""
     while isinstance(module, InferenceOnly):  # a wrapper that only keeps eval mode
         module = module.module
     if isinstance(module, AttentionBranch):
         return "adaptor"
+    if isinstance(module, RecomputedBlock):
+        return "recomputed"
     heads = [m for m in module.modules() if isinstance(m, Head)]
     head_parameters = set(id(p) for h in heads for p in h.parameters())
     if heads and all(id(p) in head_parameters for p in module.parameters()):  # a Head, maybe with pooling around it
         return "head"
-    kinds = [m for m in module.modules() if not isinstance(m, AttentionBranch)]
-    if any(isinstance(m, (FrozenConvBNAct, LeanMaxPool2d)) for m in kinds):
-        plain = [m for m in kinds if isinstance(m, nn.Conv2d)]
-        return "lean" if not plain else "lean in part"
-    return "plain autograd"
+    inside_recomputed = set(id(m) for r in module.modules() if isinstance(r, RecomputedBlock) for m in r.modules())
+    kinds = [m for m in module.modules() if not isinstance(m, AttentionBranch) and id(m) not in inside_recomputed]
+    lean = any(isinstance(m, (FrozenConvBNAct, LeanMaxPool2d)) for m in kinds)
+    if not (lean or inside_recomputed):
+        return "plain autograd"
+    if any(isinstance(m, nn.Conv2d) for m in kinds):
+        return "lean in part"
+    return "lean" if lean else "recomputed"
 
 
 def kept_bytes_by_part(model, inputs, parts=None):
@@ -97,3 +104,45 @@ def kept_bytes_by_part(model, inputs, parts=None):
              "kept_bytes": kept.get(name, 0)} for name in order]
     rows.append({"part": "(elsewhere)", "type": "", "treatment": "", "kept_bytes": kept.get(None, 0)})
     return rows
+
+
+def largest_recompute_transient(model, inputs):
+    """The most one RecomputedBlock of `model` keeps while its own backward runs (its
+    forward again under plain autograd), over the model's RecomputedBlocks on
+    `inputs`: {"part", "type", "transient_bytes"}, or None without any. A step's
+    backward holds what the step keeps plus, for a while, this (docs/design.md §3)."""
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, RecomputedBlock)]
+    if not blocks:
+        return None
+    seen, hooks = [], []
+
+    def capture(name):
+        def hook(module, args):
+            seen.append((name, module, args[0].detach()))
+        return hook
+
+    for name, block in blocks:
+        hooks.append(block.register_forward_pre_hook(capture(name)))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    largest = None
+    for name, block, x in seen:
+        excluded = set(storage_key_and_bytes(t)[0] for t in itertools.chain(block.parameters(), block.buffers()))
+        kept = {}
+
+        def pack(t):
+            key, nbytes = storage_key_and_bytes(t)
+            if key not in excluded:
+                kept[key] = nbytes
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block.module(x.requires_grad_(x.is_floating_point()))
+        total = sum(kept.values())
+        if largest is None or total > largest["transient_bytes"]:
+            largest = {"part": name, "type": type(block.module).__name__, "transient_bytes": total}
+    return largest

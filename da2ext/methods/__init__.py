@@ -22,11 +22,12 @@ __all__ = ["METHODS", "Method", "get"]
 
 def get(name):
     """The Method called `name`: one of METHODS, or da2_tail<k> (da2 with the last k
-    blocks trained) or da2_budget<MiB> (da2 with the largest tail within a budget)."""
+    blocks trained), da2_budget<MiB> (da2 with the largest tail within a budget) or
+    da2_half_recompute (da2 keeping the recomputed blocks' inputs in float16)."""
     if name in METHODS:
         return METHODS[name]
     method = parametrised(name) if isinstance(name, str) else None
     if method is None:
-        raise ValueError("unknown method {!r}; methods: {}, da2_tail<k>, da2_budget<MiB>".format(
+        raise ValueError("unknown method {!r}; methods: {}, da2_tail<k>, da2_budget<MiB>, da2_half_recompute".format(
             name, ", ".join(METHODS)))
     return method

@@ -1,0 +1,104 @@
+"""RecomputedBlock: the lean form of a frozen block whose activations need more than a
+sign bit for backward (SiLU, hardswish, GELU, squeeze-excitation, LayerNorm:
+docs/design.md §3, "Blocks beyond ReLU").
+
+A frozen block's weights need no gradient, so its backward needs only what the
+derivatives of its nonlinearities read. For a ReLU that is a sign bit
+(FrozenConvBNAct). For the others it is a full tensor at the block's widest point:
+SiLU's and GELU's derivatives read the pre-activation, a squeeze-excitation's gate
+gradient reads the whole gated map, a LayerNorm's input gradient reads the
+normalised input. An inverted-residual block has two or three of these at six times
+its input's channels; a ConvNeXt block a LayerNorm and a GELU at four times.
+
+So this block keeps its input alone (1/6 or 1/4 of one of those tensors) and runs
+its forward again under autograd in backward, in the same eval mode and with the
+same arithmetic, so the gradients are exactly the ones plain autograd gives. The
+price: one more forward of the block per step, and, while a block's backward runs,
+what plain autograd would keep for that one block (recompute_peak_bytes measures it).
+"""
+import torch
+from torch import nn
+
+__all__ = ["KEEP_DTYPES", "RecomputedBlock"]
+
+
+# The compact dtypes a RecomputedBlock may keep its input in (None: the input's own, exact).
+KEEP_DTYPES = (None, torch.float16, torch.bfloat16)
+
+
+def _kept_input(x, keep_dtype):
+    """x as the block keeps it: in keep_dtype where that holds it (float16 overflows
+    past 65504: such an input is kept as it is)."""
+    if keep_dtype is None or x.dtype == keep_dtype or not x.is_floating_point():
+        return x
+    if keep_dtype == torch.float16 and x.numel() and bool(x.detach().abs().max() > torch.finfo(torch.float16).max):
+        return x
+    return x.to(keep_dtype)
+
+
+class _RecomputeFunction(torch.autograd.Function):
+    """out = module(x); backward runs module(x) again under autograd from the kept x."""
+
+    @staticmethod
+    def forward(ctx, module, keep_dtype, x, *trainable):
+        ctx.module = module
+        ctx.input_dtype = x.dtype
+        with torch.no_grad():
+            out = module(x)
+        if out is x:  # an identity-like block: the Function must return a tensor of its own
+            out = x.clone()
+        # The trainable tensors (BN shifts) are the model's own: saving them costs nothing.
+        ctx.save_for_backward(_kept_input(x, keep_dtype), *trainable)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        kept, trainable = saved[0], saved[1:]
+        input_needed, trainable_needed = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        x = kept.detach().to(ctx.input_dtype).requires_grad_(input_needed)
+        with torch.enable_grad():
+            out = ctx.module(x)
+        wanted = ([x] if input_needed else []) + [p for p, needed in zip(trainable, trainable_needed) if needed]
+        grads = list(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else []
+        grad_x = grads.pop(0) if input_needed else None
+        grad_trainable = [grads.pop(0) if needed else None for needed in trainable_needed]
+        return (None, None, grad_x) + tuple(grad_trainable)
+
+
+class RecomputedBlock(nn.Module):
+    """Runs the frozen `module` (eval mode whatever model.train() says) keeping only
+    its input for backward, and its forward again in backward. Its trainable
+    parameters (a BN shift) get their gradients as in plain autograd.
+
+    keep_dtype: None keeps the input as it is, and the gradients are exactly plain
+        autograd's; torch.float16 or torch.bfloat16 keeps it in half the bytes
+        (float32 input) and backward recomputes from the rounded input, so the
+        gradients carry that rounding (docs/design.md §3 measures it).
+
+    The module must compute the same thing twice from the same input (eval mode
+    makes dropout and drop-path identities); its input must be one tensor."""
+
+    def __init__(self, module, keep_dtype=None):
+        super(RecomputedBlock, self).__init__()
+        if keep_dtype not in KEEP_DTYPES:
+            raise ValueError("RecomputedBlock: keep_dtype must be one of {}, got {!r}".format(KEEP_DTYPES, keep_dtype))
+        self.module = module.eval()
+        self.keep_dtype = keep_dtype
+
+    def train(self, mode=True):
+        super(RecomputedBlock, self).train(mode)
+        self.module.eval()
+        return self
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("RecomputedBlock: the input must be one tensor, got {}".format(type(x).__name__))
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        if not torch.is_grad_enabled() or not (x.requires_grad or trainable):
+            return self.module(x)
+        return _RecomputeFunction.apply(self.module, self.keep_dtype, x, *trainable)
+
+    def extra_repr(self):
+        kept = "its input" if self.keep_dtype is None else "its input in {}".format(self.keep_dtype)
+        return "keeps {}, recomputes {} in backward".format(kept, type(self.module).__name__)
