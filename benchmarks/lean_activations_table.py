@@ -13,8 +13,9 @@ Two tables (docs/design.md §3, "Blocks beyond ReLU"):
 2. Per real block at its size in a 224 x 224, batch-8 step (torchvision's
    EfficientNet-B0 MBConv, MobileNetV3-Large inverted residual with its SE,
    ConvNeXt-T CNBlock): the same bytes and errors, and the recompute's transient
-   (what the block keeps while its own backward runs: plain autograd's bytes for
-   that one block) and the forward + backward time, plain against recomputed.
+   (what the block's forward, run again, keeps while the block's own backward runs:
+   its nonlinearities' inputs, not its frozen convs' and BNs') and the forward +
+   backward time, plain against recomputed.
 
 Writes benchmarks/results/lean_activations_<tag>.json and .md.
 """
@@ -32,6 +33,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
+from da2ext.lean.kept_bytes import largest_recompute_transient  # noqa: E402
 from da2ext.lean.recomputed_block import RecomputedBlock  # noqa: E402
 from da2ext.profiling import SavedTensorCounter, device_description, model_state  # noqa: E402
 from provenance import git_commit, rerun_command, write_table  # noqa: E402
@@ -92,7 +94,7 @@ def blocks():
     return [
         ("EfficientNet-B0 MBConv (SiLU, SE), features.2.0", efficientnet.features[2][0], (8, 16, 112, 112)),
         ("EfficientNet-B0 MBConv (SiLU, SE), features.4.1", efficientnet.features[4][1], (8, 80, 14, 14)),
-        ("MobileNetV3-L inverted residual (hardswish, SE), features.13", mobilenet.features[13], (8, 160, 7, 7)),
+        ("MobileNetV3-L inverted residual (hardswish, SE), features.13", mobilenet.features[13], (8, 112, 14, 14)),
         ("MobileNetV3-L inverted residual (ReLU, SE), features.4", mobilenet.features[4], (8, 24, 56, 56)),
         ("ConvNeXt-T CNBlock (LayerNorm, GELU), features.1.0", convnext.features[1][0], (8, 96, 56, 56)),
     ]
@@ -147,12 +149,13 @@ def measure(table, entries, runs, seed=0):
                       "bytes_per_input_element": kept / float(x.numel()),
                       "vs_plain": kept / float(plain_bytes),
                       "gradient_error": _relative_error(_gradients(candidate, x, w), expected)}
-            if table == "blocks" and keep_dtype is None:
-                record["step_time"] = _step_time(candidate, x, w, runs)
+            if table == "blocks":
+                # what the recompute keeps while the block's own backward runs
+                transient = largest_recompute_transient(candidate, x) if how == "recomputed" else None
+                record["recompute_transient_bytes"] = transient["transient_bytes"] if transient else 0
+                if keep_dtype is None:
+                    record["step_time"] = _step_time(candidate, x, w, runs)
             records.append(record)
-        if table == "blocks":  # the transient: what the recompute keeps while the block's backward runs
-            for r in records[-len(CHOICES):]:
-                r["recompute_transient_bytes"] = plain_bytes if r["kept"].startswith("recomputed") else 0
     return records
 
 
@@ -164,7 +167,7 @@ def markdown(records, meta):
              "kept = bytes autograd keeps for backward after the forward (the module's own weights excluded); "
              "error = max over the input gradient and each norm shift's gradient of the relative 2-norm error "
              "against float64 autograd of the same module (float32 input). A RecomputedBlock keeping its input as "
-             "it is computes exactly plain autograd's float32 gradients; a float16 or bfloat16 copy adds that "
+             "it is has float32 rounding alone, as plain autograd; a float16 or bfloat16 copy adds that "
              "rounding to the recomputed forward.", "",
              "## Per nonlinearity (8 x 64 x 28 x 28)", "",
              "| nonlinearity | kept | bytes per input element | vs plain | gradient error |",
@@ -174,8 +177,8 @@ def markdown(records, meta):
             lines.append("| {} | {} | {:.2f} | {:.2f} | {:.1e} |".format(
                 r["what"], r["kept"], r["bytes_per_input_element"], r["vs_plain"], r["gradient_error"]))
     lines += ["", "## Per block, at its place in a 224 x 224 step of batch 8", "",
-              "transient = what the block's recompute keeps while its own backward runs (plain autograd's bytes "
-              "for that one block, freed before the next block's backward); time = forward + backward of the "
+              "transient = what the block's recompute keeps while its own backward runs (its nonlinearities' "
+              "inputs; freed before the next block's backward); time = forward + backward of the "
               "block, median of {} runs.".format(meta["runs"]), "",
               "| block | input | kept | kept MiB | vs plain | transient MiB | gradient error | time ms |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]

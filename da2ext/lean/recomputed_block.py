@@ -12,12 +12,16 @@ its input's channels; a ConvNeXt block a LayerNorm and a GELU at four times.
 
 So this block keeps its input alone (1/6 or 1/4 of one of those tensors) and runs
 its forward again under autograd in backward, in the same eval mode and with the
-same arithmetic, so the gradients are exactly the ones plain autograd gives. The
-price: one more forward of the block per step, and, while a block's backward runs,
-what plain autograd would keep for that one block (recompute_peak_bytes measures it).
+same forward arithmetic, so the gradients are plain autograd's (to rounding: the
+convs' and BNs' input gradients are computed apart, input_grad_only.py). The price:
+one more forward of the block per step, and, while a block's backward runs, what
+that recompute keeps: the inputs of the block's SiLUs, GELUs, squeeze-excitations and
+LayerNorms, not of its frozen convs and BNs (largest_recompute_transient measures it).
 """
 import torch
 from torch import nn
+
+from .input_grad_only import keep_nothing_inside
 
 __all__ = ["KEEP_DTYPES", "RecomputedBlock"]
 
@@ -77,7 +81,9 @@ class RecomputedBlock(nn.Module):
         gradients carry that rounding (docs/design.md §3 measures it).
 
     The module must compute the same thing twice from the same input (eval mode
-    makes dropout and drop-path identities); its input must be one tensor."""
+    makes dropout and drop-path identities); its input must be one tensor. Its
+    frozen convs and BNs are replaced, in place, by twins that keep nothing
+    (input_grad_only.py)."""
 
     def __init__(self, module, keep_dtype=None):
         super(RecomputedBlock, self).__init__()
@@ -85,6 +91,8 @@ class RecomputedBlock(nn.Module):
             raise ValueError("RecomputedBlock: keep_dtype must be one of {}, got {!r}".format(KEEP_DTYPES, keep_dtype))
         self.module = module.eval()
         self.keep_dtype = keep_dtype
+        # What the recompute keeps while this block's backward runs: not the frozen convs' and BNs' inputs.
+        keep_nothing_inside(self.module)
 
     def train(self, mode=True):
         super(RecomputedBlock, self).train(mode)
