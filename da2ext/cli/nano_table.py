@@ -175,7 +175,8 @@ def markdown(records, meta):
                       r["recompute_transient"]["part"]) for r in transients) + "."]
     if meta.get("updated_groups"):
         lines += ["", "Remeasured in a later run (each group's ratios are within one run): " +
-                  ", ".join(meta["updated_groups"]) + "."]
+                  ", ".join(meta["updated_groups"]) + "." +
+                  (" " + meta["update_provenance"] if meta.get("update_provenance") else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -244,6 +245,11 @@ def main(argv=None):
         records = sorted(kept + records, key=lambda r: (order.index((r["model"], r["batch_size"]))
                                                          if (r["model"], r["batch_size"]) in order else len(order)))
         meta["updated_groups"] = sorted("{} batch {}".format(m, b) for m, b in measured)
+        # The first run's provenance names the other groups' run; this run's names the update.
+        if previous["meta"].get("provenance"):
+            meta["provenance"] = previous["meta"]["provenance"]
+            if args.provenance:
+                meta["update_provenance"] = args.provenance
     with open(json_path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     table = markdown(records, meta)
