@@ -106,7 +106,7 @@ def test_only_the_da2_groups_train_and_frozen_statistics_stay(name):
 
 
 @pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_regnetx_002", "timm_convnext_atto", "tv_efficientnet_b0",
-                                  "tv_mobilenet_v3_small", "timm_mobilenetv3_small_100"])
+                                  "tv_mobilenet_v3_small", "timm_mobilenetv3_small_100", "tv_convnext_tiny"])
 def test_lean_blocks_and_fused_adaptors_give_plain_autograds_gradients(name):
     """lean=True (RegNet-X blocks lean, the others' blocks recomputed from their
     inputs, fused adaptors) against lean=False (the model as it is in plain
@@ -173,6 +173,28 @@ def test_a_multidomain_model_takes_a_generic_model():
     model.set_domain("a")
     with torch.no_grad():
         assert torch.equal(model(x), first)  # domain b's change left domain a as it was
+
+
+def test_a_recomputed_models_inference_model_is_its_original_blocks():
+    """deploy.inference_model of a domain on a MobileNetV3 (hardswish, squeeze-excitation:
+    RecomputedBlocks in training) holds the original blocks and gives the same logits."""
+    from da2ext.deploy import inference_model
+    from da2ext.lean.input_grad_only import InputGradOnlyBatchNorm2d, InputGradOnlyConv2d
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = da2ext.MultiDomainModel(torchvision.models.mobilenet_v3_small(), method="da2")
+    model.add_domain("a", 3, ["x", "y", "z"])
+    assert any(isinstance(m, da2ext.RecomputedBlock) for m in model.modules())
+    network = inference_model(model, "a")
+    wrappers = (da2ext.RecomputedBlock, InputGradOnlyConv2d, InputGradOnlyBatchNorm2d)
+    assert not any(isinstance(m, wrappers) for m in network.modules())
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad(), model.domain("a"):
+        expected = model(x)
+    with torch.no_grad():
+        assert torch.allclose(network(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_small_sequential_gets_adaptors_after_its_modules_with_weights():

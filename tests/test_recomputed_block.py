@@ -226,3 +226,25 @@ def test_models_beyond_relu_keep_at_most_an_eighth_of_the_bias_baseline_at_224(n
     kept, kept_baseline = _kept(model.train(), x), _kept(baseline.train(), x)
     assert 0 < kept <= kept_baseline / 8, (name, kept / 2.0 ** 20, kept_baseline / 2.0 ** 20)
     assert torch.isfinite(baseline_out).all()
+
+
+def test_a_convnext_with_float16_inputs_trains_within_the_documented_error():
+    """recompute_dtype=float16 on a ConvNeXt (LayerNorm, GELU: smooth derivatives):
+    the adaptors', head's and input's gradients within 1e-3 of float64 plain autograd."""
+    torch.manual_seed(0)
+    original = import_timm().create_model("convnext_atto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the generic path says what it did
+        compact = da2ext.adapt(copy.deepcopy(original), 10, rank=4, recompute_dtype=torch.float16)
+        reference = da2ext.adapt(copy.deepcopy(original).double(), 10, rank=4, lean=False).double()
+    assert any(isinstance(m, RecomputedBlock) and m.keep_dtype == torch.float16 for m in compact.modules())
+    common = randomize_common_trainable(compact, reference)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _, gx_compact = forward_backward(compact, x.float())
+    _, gx_reference = forward_backward(reference, x)
+    assert relative_error(gx_compact.double(), gx_reference) < 1e-3
+    compact_params, reference_params = named_trainable(compact), named_trainable(reference)
+    assert any(".adaptor." in name for name in common)
+    for name in common:
+        assert relative_error(compact_params[name].grad.double(), reference_params[name].grad) < 1e-3, name
+

@@ -12,7 +12,7 @@ from torch import nn
 
 import da2ext
 from da2ext.lean.shift_calibration import calibrate_shifts, calibrated_layers
-from helpers import FAMILY_NAMES, adapt_quietly, make_original, shift_parameters
+from helpers import FAMILY_NAMES, adapt_quietly, import_timm, make_original, randomize_bn, shift_parameters
 
 
 def _adabn_shifts(original, batches):
@@ -78,6 +78,33 @@ def test_lean_and_plainly_frozen_backbones_calibrate_alike(family):
     for a, b, start in zip(lean_shifts, eager_shifts, starts):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
     assert any(not torch.equal(a, s) for a, s in zip(lean_shifts, starts))
+
+
+@pytest.mark.parametrize("name", ["timm_efficientnet_b0", "tv_mobilenet_v3_small"])
+def test_recomputed_blocks_calibrate_as_their_plainly_frozen_twins(name):
+    """Blocks kept as their inputs and recomputed (SiLU, hardswish, squeeze-excitation:
+    da2ext.RecomputedBlock, in the family path and the generic one) calibrate their
+    BNs as the plainly frozen model does."""
+    import warnings
+    torch.manual_seed(0)
+    if name == "timm_efficientnet_b0":
+        original = import_timm().create_model("efficientnet_b0")
+    else:
+        original = pytest.importorskip("torchvision").models.mobilenet_v3_small()
+    original = randomize_bn(original).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the generic path says what it did
+        dtype = dict(backbone_dtype=torch.float64) if name == "timm_efficientnet_b0" else {}  # generic: its own
+        lean = da2ext.adapt(copy.deepcopy(original), 5, rank=4, **dtype).double().train()
+        eager = da2ext.adapt(copy.deepcopy(original), 5, lean=False, rank=4).double().train()
+    assert any(isinstance(m, da2ext.RecomputedBlock) for m in lean.modules())
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 3, 64, 64, generator=generator, dtype=torch.float64) * 1.5 + 0.5 for _ in range(2)]
+    lean_shifts, eager_shifts = shift_parameters(lean), shift_parameters(eager)
+    assert len(lean_shifts) == len(eager_shifts) > 0
+    assert calibrate_shifts(lean, batches) == calibrate_shifts(eager, batches) == len(lean_shifts)
+    for a, b in zip(lean_shifts, eager_shifts):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_only_the_shifts_change_and_batch_statistics_bns_are_left_alone():

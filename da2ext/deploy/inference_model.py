@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lean.frozen_conv import FrozenConvBNAct, pad_same
+from ..lean.input_grad_only import InputGradOnlyBatchNorm2d, InputGradOnlyConv2d
+from ..lean.recomputed_block import RecomputedBlock
 from ..ops.attention_branch import AttentionBranch
 
 __all__ = ["FoldedConvAct", "InferenceAdaptor", "inference_model"]
@@ -115,6 +117,10 @@ def inference_model(model, domain, dtype=None):
     with model.domain(domain):
         network = copy.deepcopy(model.model).cpu()
     _swap(network, FrozenConvBNAct, FoldedConvAct)
+    # A block kept as its input for backward is, at inference, the original block.
+    _swap(network, InputGradOnlyConv2d, lambda m: m.conv)
+    _swap(network, InputGradOnlyBatchNorm2d, lambda m: m.bn)
+    _swap(network, RecomputedBlock, lambda m: m.module)
     _swap(network, AttentionBranch, InferenceAdaptor)  # the fused adaptor and its reference twin (lean=False)
     network.requires_grad_(False)
     if dtype is not None:

@@ -105,6 +105,8 @@ class InputGradOnlyBatchNorm2d(nn.Module):
 
     def forward(self, x):
         bn = self.bn
+        if bn.training:  # put on batch statistics from outside (calibrate_shifts): the module itself, hooks and all
+            return bn(x)
         trainable_shift = bn.bias is not None and bn.bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or trainable_shift):
             y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
