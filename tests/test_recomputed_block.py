@@ -153,6 +153,29 @@ def test_it_stays_in_eval_mode_and_keeps_nothing_without_gradients():
     assert counter.saved_bytes == 0 and not y.requires_grad
 
 
+def test_a_block_that_changes_its_input_in_place_is_refused():
+    block = _frozen_block_changing_its_input()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="changed its input in place"):
+        RecomputedBlock(block)(x * 1.0)
+
+
+def _frozen_block_changing_its_input():
+    class PreActivation(nn.Module):
+        def __init__(self):
+            super(PreActivation, self).__init__()
+            self.relu = nn.ReLU(inplace=True)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.conv(self.relu(x)))
+
+    block = PreActivation().eval()
+    block.conv.weight.requires_grad_(False)
+    return block
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="keep_dtype must be one of"):
         RecomputedBlock(nn.Conv2d(2, 2, 1), keep_dtype=torch.int8)

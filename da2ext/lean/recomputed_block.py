@@ -20,6 +20,7 @@ LayerNorms, not of its frozen convs and BNs (largest_recompute_transient measure
 """
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .input_grad_only import keep_nothing_inside
 
@@ -47,8 +48,12 @@ class _RecomputeFunction(torch.autograd.Function):
     def forward(ctx, module, keep_dtype, x, *trainable):
         ctx.module = module
         ctx.input_dtype = x.dtype
+        version = x._version
         with torch.no_grad():
             out = module(x)
+        if x._version != version:  # what backward would recompute from is no longer the input
+            raise RuntimeError("RecomputedBlock: {} changed its input in place, so its forward cannot be run again "
+                               "from it; make the block's first in-place op out of place".format(type(module).__name__))
         if out is x:  # an identity-like block: the Function must return a tensor of its own
             out = x.clone()
         # The trainable tensors (BN shifts) are the model's own: saving them costs nothing.
@@ -56,6 +61,7 @@ class _RecomputeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         kept, trainable = saved[0], saved[1:]
