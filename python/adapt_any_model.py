@@ -1,16 +1,19 @@
 """adapt() on a model whose blocks it does not know: where the memory goes.
 
 adapt() rewrites the blocks it knows lean (one bit per activation for backward)
-wherever they sit in a model, runs everything else frozen in plain autograd, and
-puts an adaptor after each stage. This script adapts a torchvision model by name
-(RegNetX-400MF by default: lean throughout; try mobilenet_v3_large or
-efficientnet_b0, whose hardswish / SiLU blocks run plainly), prints what adapt()
-said, and what one training step keeps for backward, part by part
+wherever they sit in a model, keeps only the input of every other block (SiLU,
+hardswish, GELU, squeeze-excitation, LayerNorm: recomputed in backward), and puts
+an adaptor after each stage. This script adapts a torchvision model by name
+(RegNetX-400MF by default: lean throughout; try mobilenet_v3_large,
+efficientnet_b0 or convnext_tiny, whose blocks are recomputed), prints what
+adapt() said, what one training step keeps for backward, part by part
 (da2ext.kept_bytes_by_part), against the `bias` baseline (the same model plainly
-frozen with its BN shifts trainable).
+frozen with its BN shifts trainable), and what the largest recomputed block holds
+while its backward runs.
 
     python python/adapt_any_model.py --model regnet_x_400mf
-    python python/adapt_any_model.py --model mobilenet_v3_large
+    python python/adapt_any_model.py --model efficientnet_b0
+    python python/adapt_any_model.py --model convnext_tiny --recompute-dtype float16
 """
 import argparse
 import copy
@@ -28,6 +31,8 @@ def parse_args():
     parser.add_argument("--model", default="regnet_x_400mf", help="a torchvision model name (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--image-size", type=int, default=224, help="image height and width (default: 224)")
+    parser.add_argument("--recompute-dtype", choices=["float16", "bfloat16"], default=None,
+                        help="keep recomputed blocks' inputs in half the bytes (default: as they are, exact)")
     return parser.parse_args()
 
 
@@ -41,7 +46,8 @@ def main():
         baseline = methods.get("bias").build(copy.deepcopy(model), 10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = da2ext.adapt(model, num_classes=10, rank=4)
+        model = da2ext.adapt(model, num_classes=10, rank=4, recompute_dtype=getattr(torch, args.recompute_dtype)
+                             if args.recompute_dtype else None)
     for warning in caught:
         print("adapt() said: {}".format(warning.message))
     print("adaptors after: {}".format(", ".join(model.da2ext_stages)))
@@ -52,7 +58,7 @@ def main():
     print("\nkept for backward, {} images of {}x{}:".format(args.batch_size, args.image_size, args.image_size))
     print("{:45s} {:16s} {:>9s}".format("part", "runs", "MiB"))
     for row in rows:
-        if row["kept_bytes"] or row["treatment"] == "lean":
+        if row["kept_bytes"] or row["treatment"] in ("lean", "recomputed"):
             print("{:45s} {:16s} {:9.2f}".format(row["part"], row["treatment"], row["kept_bytes"] / 2 ** 20))
     total = sum(row["kept_bytes"] for row in rows)
     state = list(baseline.parameters()) + list(baseline.buffers())
@@ -60,6 +66,10 @@ def main():
         baseline(images)
     print("adapted: {:.1f} MiB; bias (plainly frozen, BN shifts trainable): {:.1f} MiB ({:.1f}x less)".format(
         total / 2 ** 20, plain.saved_bytes / 2 ** 20, plain.saved_bytes / max(total, 1)))
+    largest = da2ext.largest_recompute_transient(model, images)
+    if largest is not None:
+        print("while its backward runs, the largest recomputed block ({}, {}) holds {:.1f} MiB more".format(
+            largest["part"], largest["type"], largest["transient_bytes"] / 2 ** 20))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ def example_scripts():
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES_DIR, "*.py")))
 
 
-def run_script(name):
+def run_script(name, extra_args=()):
     env = dict(os.environ)
     # Import the same da2ext as this test process (a built checkout works without installing).
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(da2ext.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, os.path.join(EXAMPLES_DIR, name)] + SCRIPT_ARGS.get(name, [])
+    command = [sys.executable, os.path.join(EXAMPLES_DIR, name)] + SCRIPT_ARGS.get(name, []) + list(extra_args)
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, "{} exited with {}:\n{}".format(
@@ -110,3 +110,15 @@ def test_example_runs(name):
     check = OUTPUT_CHECKS.get(name)
     if check is not None:
         check(output)
+
+
+def test_adapt_any_model_on_a_model_of_recomputed_blocks():
+    """MobileNetV3 (hardswish, squeeze-excitation): its blocks keep their inputs in
+    float16 and are recomputed, far less than plain autograd keeps, and the script
+    says what the largest one holds while its backward runs."""
+    output = run_script("adapt_any_model.py", ["--model", "mobilenet_v3_small", "--recompute-dtype", "float16"])
+    search(r"^features\.module\.4\.module +recomputed ", output)
+    ratio = float(search(r"\((\d+\.\d)x less\)$", output).group(1))
+    assert ratio > 8, output
+    search(r"^while its backward runs, the largest recomputed block \(.*\) holds \d+\.\d MiB more$", output)
+
