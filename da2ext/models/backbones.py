@@ -37,7 +37,10 @@ __all__ = [
     "resnet50",
 ]
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v2")
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v2",
+             # torchvision models adapt() takes generically: SiLU, hardswish, GELU, squeeze-excitation and
+             # LayerNorm blocks recomputed from their inputs (docs/design.md §3), RegNet-X bit-lean
+             "efficientnet_b0", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_400mf", "convnext_tiny")
 
 # (mean, std) per channel, applied to RGB values scaled to [0, 1].
 # tf_efficientnet_lite0 was trained on inputs in [-1, 1] (timm's default_cfg says the same).
