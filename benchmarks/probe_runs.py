@@ -43,16 +43,17 @@ def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
     return metrics["final_val_accuracy"], seconds
 
 
-def train_with_metrics(args, method, seed, prepare_backbone=None, augment=False, epochs=None, **train_kwargs):
+def train_with_metrics(args, method, seed, prepare_backbone=None, augment=False, epochs=None, image_size=64,
+                       **train_kwargs):
     """train_once, returning train_domain's whole metrics (per-epoch train and val
     accuracy, ...) and the seconds it took. augment: the training images randomly
     cropped after edge padding (da2ext.data.loaders.image_transform); epochs: in place
-    of args.epochs."""
+    of args.epochs; image_size: in place of the table's 64."""
     torch.manual_seed(seed)
     network = backbones.create("efficientnet_lite0", pretrained=True)
     train_loader, val_loader, classes = domain_loaders(
-        os.path.join(args.data, args.domain), image_size=64, batch_size=64, subsample=args.subsample, seed=seed,
-        augment=augment)
+        os.path.join(args.data, args.domain), image_size=image_size, batch_size=64, subsample=args.subsample,
+        seed=seed, augment=augment)
     if prepare_backbone is not None:
         prepare_backbone(network, train_loader)
     model = MultiDomainModel(network, method)
