@@ -343,13 +343,14 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
-        ResNet class (resnet18..152, resnext*; ReLU blocks without
-        squeeze-excitation are made lean, others run unchanged) or EfficientNet
-        class (tf_efficientnet_lite0..4, mobilenetv2_*), with
-        whatever weights the user has. Its BN layers' running statistics are used
-        (eval mode), folded into the convs once, here. Any other CNN with an
-        nn.Linear classifier is adapted generically (lean/generic_adapt.py):
-        frozen as it is in plain autograd, adaptors after its stages
+        ResNet class (resnet18..152, resnext*) or EfficientNet class
+        (tf_efficientnet_lite0..4, efficientnet_b*, mobilenetv2_*), with whatever
+        weights the user has. Its BN layers' running statistics are used (eval
+        mode), folded into the convs once, here. ReLU blocks keep packed bits; a
+        block with SiLU, squeeze-excitation or a deep stem keeps its input and is
+        recomputed in backward (RecomputedBlock). Any other CNN with an nn.Linear
+        classifier is adapted generically (lean/generic_adapt.py): the blocks it
+        knows lean, the others recomputed, adaptors after its stages
         (model.da2ext_stages), a warning; no trainable tail or float16 there.
     num_classes: the new head's size.
     mode, reduction, rank: the adaptors' (see ResidualAttentionAdaptor); rank k
@@ -392,8 +393,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         torch.bfloat16 in half the bytes (gradients with that rounding,
         docs/design.md §3 measures it).
 
-    A block it cannot rewrite at all runs unchanged (frozen, eval mode, plain
-    autograd) and a warning names it. Trainable afterwards: exactly the adaptors, the shifts
+    A module it can neither rewrite nor recompute runs unchanged (frozen, eval
+    mode, plain autograd). Trainable afterwards: exactly the adaptors, the shifts
     (if `shifts`) and the head; see da2ext.trainable_parameters.
     """
     if not isinstance(model, nn.Module):
