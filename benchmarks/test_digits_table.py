@@ -95,6 +95,19 @@ def test_summary_means_over_domains_and_seeds_and_checks_the_targets():
     assert "is da2_tail1 at 91.50 against 88.50: met" in lines[3]
     # within 900/8 = 112.5 MiB: da2_tail1 again, 91.5 against ft's 94 - 2 = 92: missed
     assert "is da2_tail1 at 91.50 against 92.00: MISSED" in lines[5]
+    # A budget row picks its tail per backbone: its accuracy (the table's backbone's) counts there alone.
+    for seed, shift in ((1, 0.0), (2, 0.02)):
+        for domain, accuracy in (("mnist_m", 0.95), ("digits", 0.99)):
+            r = _record("da2_budget64", domain, seed, accuracy + shift, 1)
+            r.update(nano_saved_bytes=14 * mib, nano_resnet50_training_bytes=15 * mib,
+                     nano_efficientnet_lite0_training_bytes=60 * mib)
+            records.append(r)
+    summary = digits_table.summarise(records, [r[0] for r in rows] + ["da2_budget64"], ["mnist_m", "digits"])
+    lines = digits_table.check_targets(summary, table_backbone="efficientnet_lite0")
+    resnet50 = [line for line in lines if "on resnet50" in line]
+    lite0 = [line for line in lines if "on efficientnet_lite0" in line]
+    assert resnet50 and not any("da2_budget64" in line for line in resnet50)
+    assert lite0 and all("is da2_budget64" in line for line in lite0)
 
 
 def test_unknown_methods_and_empty_data_dirs_fail_before_any_training(tmp_path):
