@@ -13,7 +13,7 @@ from da2ext.lean.input_grad_only import InputGradOnlyBatchNorm2d, InputGradOnlyC
 from da2ext.lean.recomputed_block import RecomputedBlock
 from da2ext.profiling import SavedTensorCounter, model_state
 
-from helpers import import_timm, randomize_bn, relative_error
+from helpers import all_devices, import_timm, randomize_bn, relative_error
 
 CONVS = {
     "3x3": dict(in_channels=6, out_channels=8, kernel_size=3, padding=1),
@@ -42,7 +42,7 @@ def _compare(original, lean, x):
         module.zero_grad()
         xi = x.detach().clone().requires_grad_(True)
         y = module(xi)
-        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
         (y * w).sum().backward()
         grads.append([xi.grad] + [p.grad for p in module.parameters() if p.requires_grad])
     assert len(grads[0]) == len(grads[1])
@@ -53,23 +53,26 @@ def _compare(original, lean, x):
     assert counter.saved_bytes == 0
 
 
+@pytest.mark.parametrize("device", all_devices())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("trainable_bias", [False, True], ids=["frozen_bias", "trainable_bias"])
 @pytest.mark.parametrize("geometry", sorted(CONVS))
-def test_a_frozen_conv_keeps_nothing_and_gives_plain_autograds_gradients(geometry, trainable_bias, channels_last):
+def test_a_frozen_conv_keeps_nothing_and_gives_plain_autograds_gradients(geometry, trainable_bias, channels_last,
+                                                                         device):
     torch.manual_seed(0)
-    conv = _frozen(nn.Conv2d(**CONVS[geometry]).double(), trainable_bias)
-    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    conv = _frozen(nn.Conv2d(**CONVS[geometry]).double().to(device), trainable_bias)
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     _compare(conv, InputGradOnlyConv2d(copy.deepcopy(conv)), x)
 
 
+@pytest.mark.parametrize("device", all_devices())
 @pytest.mark.parametrize("trainable_shift", [False, True], ids=["frozen_shift", "trainable_shift"])
-def test_an_eval_batchnorm_keeps_nothing_and_gives_plain_autograds_gradients(trainable_shift):
+def test_an_eval_batchnorm_keeps_nothing_and_gives_plain_autograds_gradients(trainable_shift, device):
     torch.manual_seed(0)
-    bn = _frozen(randomize_bn(nn.BatchNorm2d(6)).double(), trainable_shift)
-    _compare(bn, InputGradOnlyBatchNorm2d(copy.deepcopy(bn)), torch.randn(3, 6, 5, 4, dtype=torch.float64))
+    bn = _frozen(randomize_bn(nn.BatchNorm2d(6)).double().to(device), trainable_shift)
+    _compare(bn, InputGradOnlyBatchNorm2d(copy.deepcopy(bn)), torch.randn(3, 6, 5, 4, dtype=torch.float64).to(device))
 
 
 def test_timms_batchnorm_with_its_activation():

@@ -16,7 +16,7 @@ from da2ext import methods
 from da2ext.lean.recomputed_block import RecomputedBlock
 from da2ext.profiling import SavedTensorCounter, model_state
 
-from helpers import (adapt_quietly, forward_backward, import_timm, named_trainable, randomize_bn,
+from helpers import (adapt_quietly, all_devices, forward_backward, import_timm, named_trainable, randomize_bn,
                      randomize_common_trainable, relative_error, shift_parameters)
 
 torchvision = pytest.importorskip("torchvision")
@@ -76,13 +76,14 @@ def _grads(module, x):
     return y, gx, [p.grad.clone() for p in module.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("device", all_devices())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_are_plain_autograds_exactly_in_float64(kind, channels_last):
+def test_gradients_are_plain_autograds_exactly_in_float64(kind, channels_last, device):
     torch.manual_seed(0)
-    plain = _block(kind).double()
+    plain = _block(kind).double().to(device)
     recomputed = RecomputedBlock(copy.deepcopy(plain)).train()
-    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y_plain, gx_plain, g_plain = _grads(plain, x)
