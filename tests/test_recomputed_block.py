@@ -126,6 +126,26 @@ def test_a_half_precision_copy_gives_gradients_within_the_documented_error(kind,
         assert relative_error(a.double(), b) < tolerance
 
 
+@pytest.mark.parametrize("kind", ["silu", "se_sigmoid", "layernorm"])
+def test_under_autocast_the_recompute_runs_as_the_forward_ran(kind):
+    """A forward under torch.autocast (bfloat16 on the CPU) is recomputed under the
+    same autocast in backward: the gradients are plain autograd's under it."""
+    torch.manual_seed(0)
+    plain = _block(kind)
+    recomputed = RecomputedBlock(copy.deepcopy(plain))
+    x = torch.randn(2, 8, 9, 7)
+    grads = []
+    for module in (plain, recomputed):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        grads.append([xi.grad] + [p.grad for p in module.parameters() if p.requires_grad])
+    for a, b in zip(grads[1], grads[0]):
+        assert a.dtype == b.dtype and relative_error(a.float(), b.float()) < 1e-6
+
+
 def test_an_input_past_float16s_range_is_kept_as_it_is():
     torch.manual_seed(0)
     block = _block("silu")

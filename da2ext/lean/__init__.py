@@ -10,6 +10,8 @@ an adaptor after every block.
     frozen_conv.py     FrozenConvBNAct: a frozen conv + folded BN + activation
     frozen_blocks.py   FrozenBlock: every supported residual block, frozen and lean
     recomputed_block.py  RecomputedBlock: a frozen block beyond ReLU (SiLU, SE, GELU, LayerNorm) keeps its input
+    input_grad_only.py frozen convs and eval BNs that keep nothing for backward (inside a RecomputedBlock)
+    autocast_state.py  autocast's state on old and new torch (a recompute runs as its forward ran)
     lean_max_pool.py   LeanMaxPool2d: a max pool that keeps one byte per output element for backward
     shift_calibration.py  calibrate_shifts(): a new domain's BN shifts started from AdaBN's means
     trainable_tail.py  TrainableTail: the last blocks trained in full, within a memory budget

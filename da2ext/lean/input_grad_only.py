@@ -17,6 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.conv_passes import conv2d_input_grad
+from .autocast_state import autocast_state
 from .frozen_blocks import is_timm
 
 __all__ = ["InputGradOnlyBatchNorm2d", "InputGradOnlyConv2d", "keep_nothing_inside"]
@@ -58,7 +59,8 @@ class InputGradOnlyConv2d(nn.Module):
     def forward(self, x):
         conv = self.conv
         trainable_bias = conv.bias is not None and conv.bias.requires_grad
-        if not torch.is_grad_enabled() or not (x.requires_grad or trainable_bias):
+        # Under autocast the conv's own autograd (its casts) keeps its input, as plain PyTorch does.
+        if not torch.is_grad_enabled() or not (x.requires_grad or trainable_bias) or autocast_state(x.device.type)[0]:
             return conv(x)
         return _FrozenConv2dFunction.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
                                            conv.groups)
@@ -105,7 +107,9 @@ class InputGradOnlyBatchNorm2d(nn.Module):
 
     def forward(self, x):
         bn = self.bn
-        if bn.training:  # put on batch statistics from outside (calibrate_shifts): the module itself, hooks and all
+        # Put on batch statistics from outside (calibrate_shifts), or under autocast (its casts): the module
+        # itself, hooks and all.
+        if bn.training or autocast_state(x.device.type)[0]:
             return bn(x)
         trainable_shift = bn.bias is not None and bn.bias.requires_grad
         if not torch.is_grad_enabled() or not (x.requires_grad or trainable_shift):

@@ -18,10 +18,13 @@ one more forward of the block per step, and, while a block's backward runs, what
 that recompute keeps: the inputs of the block's SiLUs, GELUs, squeeze-excitations and
 LayerNorms, not of its frozen convs and BNs (largest_recompute_transient measures it).
 """
+import contextlib
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .autocast_state import autocast_state
 from .input_grad_only import keep_nothing_inside
 
 __all__ = ["KEEP_DTYPES", "RecomputedBlock"]
@@ -41,6 +44,13 @@ def _kept_input(x, keep_dtype):
     return x.to(keep_dtype)
 
 
+def _autocast_as(device_type, enabled, dtype):
+    """The autocast state a forward ran in, to run it again (a device without autocast: as it is)."""
+    if device_type not in ("cpu", "cuda"):
+        return contextlib.ExitStack()  # nothing to enter (Python 3.6 has no contextlib.nullcontext)
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 class _RecomputeFunction(torch.autograd.Function):
     """out = module(x); backward runs module(x) again under autograd from the kept x."""
 
@@ -48,6 +58,9 @@ class _RecomputeFunction(torch.autograd.Function):
     def forward(ctx, module, keep_dtype, x, *trainable):
         ctx.module = module
         ctx.input_dtype = x.dtype
+        # Backward runs the forward again as this one ran: under the same autocast, if any.
+        ctx.device_type = x.device.type
+        ctx.autocast = autocast_state(x.device.type)
         version = x._version
         with torch.no_grad():
             out = module(x)
@@ -67,7 +80,7 @@ class _RecomputeFunction(torch.autograd.Function):
         kept, trainable = saved[0], saved[1:]
         input_needed, trainable_needed = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
         x = kept.detach().to(ctx.input_dtype).requires_grad_(input_needed)
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast_as(ctx.device_type, *ctx.autocast):
             out = ctx.module(x)
         wanted = ([x] if input_needed else []) + [p for p, needed in zip(trainable, trainable_needed) if needed]
         grads = list(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else []
@@ -81,8 +94,8 @@ class RecomputedBlock(nn.Module):
     its input for backward, and its forward again in backward. Its trainable
     parameters (a BN shift) get their gradients as in plain autograd.
 
-    keep_dtype: None keeps the input as it is, and the gradients are exactly plain
-        autograd's; torch.float16 or torch.bfloat16 keeps it in half the bytes
+    keep_dtype: None keeps the input as it is, and the gradients are plain
+        autograd's (to float rounding); torch.float16 or torch.bfloat16 keeps it in half the bytes
         (float32 input) and backward recomputes from the rounded input, so the
         gradients carry that rounding (docs/design.md §3 measures it).
 
