@@ -34,12 +34,19 @@ __all__ = ["KEEP_DTYPES", "RecomputedBlock"]
 KEEP_DTYPES = (None, torch.float16, torch.bfloat16)
 
 
+def _capturing(x):
+    """Whether a CUDA graph is being captured on x's device (no host sync may happen then)."""
+    return x.is_cuda and hasattr(torch.cuda, "is_current_stream_capturing") and torch.cuda.is_current_stream_capturing()
+
+
 def _kept_input(x, keep_dtype):
     """x as the block keeps it: in keep_dtype where that holds it (float16 overflows
-    past 65504: such an input is kept as it is)."""
+    past 65504: such an input is kept as it is). The overflow test reads the maximum
+    on the host; while a CUDA graph is captured it cannot, and float16 is kept."""
     if keep_dtype is None or x.dtype == keep_dtype or not x.is_floating_point():
         return x
-    if keep_dtype == torch.float16 and x.numel() and bool(x.detach().abs().max() > torch.finfo(torch.float16).max):
+    if keep_dtype == torch.float16 and x.numel() and not _capturing(x) and \
+            bool(x.detach().abs().max() > torch.finfo(torch.float16).max):
         return x
     return x.to(keep_dtype)
 
