@@ -19,24 +19,18 @@ seeds none of the digits table's.
 Writes benchmarks/results/adaptor_generalisation.{md,json}.
 """
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 from da2ext import methods  # noqa: E402
 from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.deep_attention_adaptor import RANK  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from probe_runs import run_probe, train_with_metrics  # noqa: E402
-from provenance import git_commit  # noqa: E402
-
-# bias_lean's and the other groups' best rate in the digits table (its sweep's 10x).
-SHIFT_RATE = 3e-2
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
+                        train_with_metrics)
 
 
 class _AdaptorWeightDecay(Method):
@@ -69,10 +63,10 @@ def _adaptors_after_last(blocks):
 def configurations():
     """(label, method, learning-rate overrides)"""
     da2 = methods.get("da2")
-    wide = {"adaptors": da2.learning_rates["adaptors"], "shifts": SHIFT_RATE, "head": SHIFT_RATE}
+    wide = dict(BIAS_LEAN_TABLE_RATES, adaptors=da2.learning_rates["adaptors"])
     return (
-        ("bias_lean, shifts and head {:g}".format(SHIFT_RATE), methods.get("bias_lean"),
-         {"shifts": SHIFT_RATE, "head": SHIFT_RATE}),
+        ("bias_lean, shifts and head {:g}".format(BIAS_LEAN_TABLE_RATES["shifts"]), methods.get("bias_lean"),
+         dict(BIAS_LEAN_TABLE_RATES)),
         ("da2 (its defaults)", da2, None),
         ("da2, adaptors after the last block only", _adaptors_after_last(1), wide),
         ("da2, adaptors after the last 4 blocks only", _adaptors_after_last(4), wide),
@@ -94,18 +88,11 @@ def markdown(records, args, argv):
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), warmup "
              "then cosine, every run with `--calibrate-shifts`. Seeds {} (none of the digits table's). train: the "
              "last epoch's accuracy on the training batches (dropout on, as it trained); val: the held-out images. "
-             "Commit {}, {} ({} CPUs), torch {}. Rerun: `python benchmarks/adaptor_generalisation_probe.py {}`.".format(
-                 args.domain, args.subsample, args.epochs, seeds,
-                 git_commit(("da2ext", "csrc", "benchmarks/adaptor_generalisation_probe.py")), platform.machine(),
-                 os.cpu_count(), torch.__version__, " ".join(argv)), "",
-             "| configuration | val per seed | val mean | train mean | train - val |",
-             "| --- | --- | --- | --- | --- |"]
+             "{}".format(args.domain, args.subsample, args.epochs, seeds,
+                         provenance("adaptor_generalisation_probe.py", argv)), "",
+             ACCURACY_COLUMNS, "| --- | --- | --- | --- | --- |"]
     for label, _, _ in configurations():
-        rows = [r for r in records if r["config"] == label]
-        val = 100 * sum(r["val_accuracy"] for r in rows) / len(rows)
-        train = 100 * sum(r["train_accuracy"] for r in rows) / len(rows)
-        lines.append("| {} | {} | {:.1f} | {:.1f} | {:+.1f} |".format(
-            label, " / ".join("{:.1f}".format(100 * r["val_accuracy"]) for r in rows), val, train, train - val))
+        lines.append(accuracy_row(label, [r for r in records if r["config"] == label])[0])
     return "\n".join(lines) + "\n"
 
 

@@ -18,30 +18,23 @@ head 3e-2), da2 at its defaults; seeds none of the digits table's.
 Writes benchmarks/results/augmentation_probe.{md,json}.
 """
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 from da2ext import methods  # noqa: E402
-from probe_runs import run_probe, train_with_metrics  # noqa: E402
-from provenance import git_commit  # noqa: E402
-
-# bias_lean's best rate in the digits table (its sweep's 10x), for the shifts and the head.
-SHIFT_RATE = 3e-2
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
+                        train_with_metrics)
 
 
 def configurations():
     """(label, method name, learning-rate overrides, augment, epochs)"""
-    bias_rates = {"shifts": SHIFT_RATE, "head": SHIFT_RATE}
     rows = []
     for augment, epochs in ((False, 4), (True, 4), (True, 8)):
         words = "{}, {} epochs".format("augmented" if augment else "as the table", epochs)
-        rows.append(("bias_lean, " + words, "bias_lean", bias_rates, augment, epochs))
+        rows.append(("bias_lean, " + words, "bias_lean", dict(BIAS_LEAN_TABLE_RATES), augment, epochs))
         rows.append(("da2, " + words, "da2", None, augment, epochs))
     return rows
 
@@ -61,22 +54,14 @@ def markdown(records, args, argv):
              "{} with {} training images, 64x64, batch 64, EfficientNet-Lite0 (ImageNet weights), warmup then cosine, "
              "every run with `--calibrate-shifts`; augmented: a random 64x64 crop after 4 pixels of edge padding, for "
              "every method alike. Seeds {} (none of the digits table's). train: the last epoch's accuracy on the "
-             "training batches; val: the held-out images. Commit {}, {} ({} CPUs), torch {}. Rerun: "
-             "`python benchmarks/augmentation_probe.py {}`.".format(
-                 args.domain, args.subsample, seeds,
-                 git_commit(("da2ext", "csrc", "benchmarks/augmentation_probe.py", "benchmarks/probe_runs.py")),
-                 platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)), "",
-             "| configuration | val per seed | val mean | train mean | train - val | da2 - bias_lean (val) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "training batches; val: the held-out images. {}".format(
+                 args.domain, args.subsample, seeds, provenance("augmentation_probe.py", argv)), "",
+             ACCURACY_COLUMNS + " da2 - bias_lean (val) |", "| --- | --- | --- | --- | --- | --- |"]
     means = {}
     for label, name, _, augment, epochs in configurations():
-        rows = [r for r in records if r["config"] == label]
-        val = 100 * sum(r["val_accuracy"] for r in rows) / len(rows)
-        train = 100 * sum(r["train_accuracy"] for r in rows) / len(rows)
-        means[(name, augment, epochs)] = val
-        gap = "{:+.1f}".format(val - means[("bias_lean", augment, epochs)]) if name == "da2" else ""
-        lines.append("| {} | {} | {:.1f} | {:.1f} | {:+.1f} | {} |".format(
-            label, " / ".join("{:.1f}".format(100 * r["val_accuracy"]) for r in rows), val, train, train - val, gap))
+        row, means[(name, augment, epochs)] = accuracy_row(label, [r for r in records if r["config"] == label])
+        gap = means[(name, augment, epochs)] - means[("bias_lean", augment, epochs)]
+        lines.append(row + " {} |".format("{:+.1f}".format(gap) if name == "da2" else ""))
     return "\n".join(lines) + "\n"
 
 

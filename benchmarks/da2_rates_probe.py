@@ -15,17 +15,13 @@ images, 64x64, 4 epochs, batch 64, EfficientNet-Lite0 with ImageNet weights).
 Writes benchmarks/results/da2_rates.{md,json}.
 """
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-from probe_runs import run_probe, train_once  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from probe_runs import provenance, run_probe, train_once  # noqa: E402
 
 # (method, rates in place of the method's)
 CONFIGS = tuple(("bias_lean", {"shifts": s, "head": s}) for s in (1e-2, 3e-2)) + tuple(
@@ -46,11 +42,9 @@ def markdown(records, args, argv):
     lines = ["# DA2's rates with calibrated shifts", "",
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), "
              "warmup then cosine, every run with `--calibrate-shifts`; val accuracy (%) per seed. Seeds {}: none of "
-             "the digits table's. Commit {}, {} ({} CPUs), torch {}. Rerun: "
-             "`python benchmarks/da2_rates_probe.py {}`.".format(
+             "the digits table's. {}".format(
                  args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds),
-                 git_commit(("da2ext", "csrc", "benchmarks/da2_rates_probe.py")), platform.machine(),
-                 os.cpu_count(), torch.__version__, " ".join(argv)), "",
+                 provenance("da2_rates_probe.py", argv)), "",
              "| configuration | {} | mean |".format(" | ".join("seed {}".format(s) for s in args.seeds)),
              "| --- | {} | --- |".format(" | ".join("---" for _ in args.seeds))]
     for method, rates in CONFIGS:

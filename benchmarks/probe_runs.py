@@ -1,11 +1,13 @@
 """What the single-domain probes share (training_recipe_probe.py,
-shift_calibration_probe.py, da2_rates_probe.py): their common arguments, one
-in-process training run on the digits table's setting, a progress bar over the
-runs, and how they write benchmarks/results/<stem>.{json,md} with the commit
-they ran at."""
+shift_calibration_probe.py, da2_rates_probe.py, adaptor_generalisation_probe.py,
+augmentation_probe.py, resolution_probe.py): their common arguments, one
+in-process training run on the digits table's setting, bias_lean's table rates,
+a progress bar over the runs, the train-against-val table rows, and how they write
+benchmarks/results/<stem>.{json,md} with the commit they ran at."""
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 
@@ -21,7 +23,14 @@ from da2ext.models import backbones  # noqa: E402
 from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
-__all__ = ["add_probe_arguments", "progress", "run_probe", "train_once", "train_with_metrics", "write_results"]
+__all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "accuracy_row", "add_probe_arguments", "probe_commit",
+           "progress", "provenance", "run_probe", "train_once", "train_with_metrics", "write_results"]
+
+# bias_lean's best rates in the digits table (its sweep's 10x), for the shifts and the head.
+BIAS_LEAN_TABLE_RATES = {"shifts": 3e-2, "head": 3e-2}
+
+# The first columns of a probe table that sets val accuracy beside train accuracy (accuracy_row).
+ACCURACY_COLUMNS = "| configuration | val per seed | val mean | train mean | train - val |"
 
 
 def add_probe_arguments(parser):
@@ -77,7 +86,7 @@ def write_results(out_dir, stem, script, argv, records, markdown):
     """out_dir/<stem>.json (commit, argv, records) and out_dir/<stem>.md; prints the markdown."""
     if not os.path.isdir(out_dir):
         os.makedirs(out_dir)
-    commit = git_commit(("da2ext", "csrc", "benchmarks/" + script))
+    commit = probe_commit(script)
     text = json.dumps({"commit": commit, "argv": argv, "records": records}, indent=1, sort_keys=True) + "\n"
     atomic_write(os.path.join(out_dir, stem + ".json"), lambda f: f.write(text), mode="w")
     atomic_write(os.path.join(out_dir, stem + ".md"), lambda f: f.write(markdown), mode="w")
@@ -94,3 +103,23 @@ def run_probe(argv, description, runs_of, run_one, markdown, stem, script):
     args = parser.parse_args(argv)
     records = [run_one(args, *run) for run in progress(runs_of(args))]
     write_results(args.out_dir, stem, script, argv, records, markdown(records, args, argv))
+
+
+def probe_commit(script):
+    """The commit a probe's code is at: the package, the extension, the script and this module."""
+    return git_commit(("da2ext", "csrc", "benchmarks/" + script, "benchmarks/probe_runs.py"))
+
+
+def provenance(script, argv):
+    """The sentence a probe's table names its commit, machine, torch and rerun command with."""
+    return "Commit {}, {} ({} CPUs), torch {}. Rerun: `python benchmarks/{} {}`.".format(
+        probe_commit(script), platform.machine(), os.cpu_count(), torch.__version__, script, " ".join(argv))
+
+
+def accuracy_row(label, rows):
+    """The ACCURACY_COLUMNS row of `label`'s runs (records with val_accuracy and
+    train_accuracy, in [0, 1]), and their mean val accuracy in %."""
+    val = 100 * sum(r["val_accuracy"] for r in rows) / len(rows)
+    train = 100 * sum(r["train_accuracy"] for r in rows) / len(rows)
+    return "| {} | {} | {:.1f} | {:.1f} | {:+.1f} |".format(
+        label, " / ".join("{:.1f}".format(100 * r["val_accuracy"]) for r in rows), val, train, train - val), val

@@ -16,21 +16,16 @@ rate (shifts and head 3e-2), da2 at its defaults; seeds none of the digits table
 Writes benchmarks/results/resolution_probe.{md,json}.
 """
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 from da2ext import methods  # noqa: E402
-from probe_runs import run_probe, train_with_metrics  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
+                        train_with_metrics)
 
-# bias_lean's best rate in the digits table (its sweep's 10x), for the shifts and the head.
-SHIFT_RATE = 3e-2
 SIZES = (64, 128)
 
 
@@ -38,7 +33,7 @@ def configurations():
     """(label, method name, learning-rate overrides, image size)"""
     rows = []
     for size in SIZES:
-        rows.append(("bias_lean, {0}x{0}".format(size), "bias_lean", {"shifts": SHIFT_RATE, "head": SHIFT_RATE}, size))
+        rows.append(("bias_lean, {0}x{0}".format(size), "bias_lean", dict(BIAS_LEAN_TABLE_RATES), size))
         rows.append(("da2, {0}x{0}".format(size), "da2", None, size))
     return rows
 
@@ -57,22 +52,14 @@ def markdown(records, args, argv):
     lines = ["# Do da2's adaptors need larger maps? ({})".format(args.domain), "",
              "{} with {} training images, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), warmup then "
              "cosine, every run with `--calibrate-shifts`. Seeds {} (none of the digits table's). train: the last "
-             "epoch's accuracy on the training batches; val: the held-out images. Commit {}, {} ({} CPUs), torch {}. "
-             "Rerun: `python benchmarks/resolution_probe.py {}`.".format(
-                 args.domain, args.subsample, args.epochs, seeds,
-                 git_commit(("da2ext", "csrc", "benchmarks/resolution_probe.py", "benchmarks/probe_runs.py")),
-                 platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)), "",
-             "| configuration | val per seed | val mean | train mean | train - val | da2 - bias_lean (val) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "epoch's accuracy on the training batches; val: the held-out images. {}".format(
+                 args.domain, args.subsample, args.epochs, seeds, provenance("resolution_probe.py", argv)), "",
+             ACCURACY_COLUMNS + " da2 - bias_lean (val) |", "| --- | --- | --- | --- | --- | --- |"]
     means = {}
     for label, name, _, size in configurations():
-        rows = [r for r in records if r["config"] == label]
-        val = 100 * sum(r["val_accuracy"] for r in rows) / len(rows)
-        train = 100 * sum(r["train_accuracy"] for r in rows) / len(rows)
-        means[(name, size)] = val
-        gap = "{:+.1f}".format(val - means[("bias_lean", size)]) if name == "da2" else ""
-        lines.append("| {} | {} | {:.1f} | {:.1f} | {:+.1f} | {} |".format(
-            label, " / ".join("{:.1f}".format(100 * r["val_accuracy"]) for r in rows), val, train, train - val, gap))
+        row, means[(name, size)] = accuracy_row(label, [r for r in records if r["config"] == label])
+        gap = means[(name, size)] - means[("bias_lean", size)]
+        lines.append(row + " {} |".format("{:+.1f}".format(gap) if name == "da2" else ""))
     return "\n".join(lines) + "\n"
 
 

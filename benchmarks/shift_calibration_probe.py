@@ -22,7 +22,6 @@ the mean its output has in the frozen model itself, instead of AdaBN's train-mod
 pass, collapsed (benchmarks/results/shift_calibration_recentred.md, commit 04ba121).
 """
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,8 +31,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from probe_runs import run_probe, train_once  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from probe_runs import provenance, run_probe, train_once  # noqa: E402
 
 METHODS = ("bias_lean", "da2")
 STATISTICS = ("none", "mean", "full")
@@ -71,9 +69,8 @@ def markdown(records, args, argv):
     lines = ["# Shift calibration probe", "",
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), each "
              "method's default rates and warmup; val accuracy (%) per seed. Seeds {}: none of the digits table's. "
-             "Commit {}, {} ({} CPUs), torch {}. Rerun: `python benchmarks/shift_calibration_probe.py {}`.".format(
-                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), git_commit(("da2ext", "csrc", "benchmarks/shift_calibration_probe.py")),
-                 platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)), "",
+             "{}".format(args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds),
+                         provenance("shift_calibration_probe.py", argv)), "",
              "statistics: none = pretrained; mean = `--calibrate-shifts`, the shifts started where AdaBN's running "
              "means on the domain's training images put them (free: no memory, no new tensor); full = means and "
              "variances re-estimated before freezing (AdaBN; would need per-domain frozen weights: a bound, not an "

@@ -20,7 +20,6 @@ Writes benchmarks/results/training_recipe.{md,json}; finished runs are kept in
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
-from probe_runs import add_probe_arguments, write_results  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from probe_runs import add_probe_arguments, provenance, write_results  # noqa: E402
 
 OLD_DA2 = {"adaptors": 0.1, "shifts": 3e-3, "head": 3e-3}
 NEW_DA2 = {"adaptors": 0.1, "shifts": 1e-2, "head": 1e-2}
@@ -99,10 +95,9 @@ def run_one(args, config, seed, threads):
 def markdown(records, args, argv):
     lines = ["# Training recipe probe", "",
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), Adam; "
-             "val accuracy (%) per seed and their mean. Seeds {}: none of the digits table's (1, 2). Commit {}, {} "
-             "({} CPUs), torch {}. Rerun: `python benchmarks/training_recipe_probe.py {}`.".format(
-                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds), git_commit(("da2ext", "csrc", "benchmarks/training_recipe_probe.py")),
-                 platform.machine(), os.cpu_count(), torch.__version__, " ".join(argv)),
+             "val accuracy (%) per seed and their mean. Seeds {}: none of the digits table's (1, 2). {}".format(
+                 args.domain, args.subsample, args.epochs, ", ".join(str(s) for s in args.seeds),
+                 provenance("training_recipe_probe.py", argv)),
              "", "cosine: one cosine decay over the run; warmup: the rates ramp up linearly over the first 10 % of "
              "the steps, then the cosine (da2ext.training.lr_schedule). Tail rates A (the tail methods' before this "
              "probe): adaptors 0.03, the rest 1e-3; B: adaptors 0.1, shifts and head 3e-3, tail 1e-3; C (chosen): "
