@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.attention_branch import AttentionBranch
-from ..profiling import storage_key_and_bytes
+from ..profiling import SavedTensorCounter, model_state, storage_key_and_bytes
 from .adapt import AdaptedBlock, Head
 from .frozen_blocks import InferenceOnly
 from .frozen_conv import FrozenConvBNAct
@@ -131,18 +131,8 @@ def largest_recompute_transient(model, inputs):
             hook.remove()
     largest = None
     for name, block, x in seen:
-        excluded = set(storage_key_and_bytes(t)[0] for t in itertools.chain(block.parameters(), block.buffers()))
-        kept = {}
-
-        def pack(t):
-            key, nbytes = storage_key_and_bytes(t)
-            if key not in excluded:
-                kept[key] = nbytes
-            return t
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), SavedTensorCounter(exclude=model_state(block)) as counter:
             block.module(x.requires_grad_(x.is_floating_point()))
-        total = sum(kept.values())
-        if largest is None or total > largest["transient_bytes"]:
-            largest = {"part": name, "type": type(block.module).__name__, "transient_bytes": total}
+        if largest is None or counter.saved_bytes > largest["transient_bytes"]:
+            largest = {"part": name, "type": type(block.module).__name__, "transient_bytes": counter.saved_bytes}
     return largest
