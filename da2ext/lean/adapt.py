@@ -122,7 +122,6 @@ class _Rewriter(object):
         self.dtype = backbone_dtype
         self.lean = lean
         self.unchanged = []  # (name, reason)
-        self.recomputed = []  # (name, why it has no packed-bit form)
 
     def _train_bn_shifts(self, module):
         for m in module.modules():
@@ -135,22 +134,21 @@ class _Rewriter(object):
         self._train_bn_shifts(module)
         return InferenceOnly(module)
 
-    def _recomputed(self, name, module, reason):
+    def _recomputed(self, module):
         """A frozen module with no packed-bit form (SiLU, hardswish, squeeze-excitation,
         ...): it keeps its input and runs again in backward (RecomputedBlock)."""
-        self.recomputed.append((name, "{}: {}".format(type(module).__name__, reason)))
         self._train_bn_shifts(module)
         return RecomputedBlock(module, keep_dtype=self.recompute_dtype)
 
-    def conv_bn_act(self, name, conv, bn, activation, layers):
+    def conv_bn_act(self, conv, bn, activation, layers):
         """A stem or head conv-BN-activation, lean: the module replacing `conv` (the
         caller replaces bn and activation by Identity). `layers`: the three as one
         module, which keeps the conv's input and recomputes where the activation has
         no packed-bit form (a SiLU, a hardswish)."""
         try:
             return freeze_conv_bn_act(conv, bn, activation, self.shifts, self.dtype)
-        except NotImplementedError as error:
-            return self._recomputed(name, layers, str(error))
+        except NotImplementedError:
+            return self._recomputed(layers)
 
     def conv_norm_activation(self, name, seq):
         """torchvision's Conv2dNormActivation as a unit."""
@@ -158,8 +156,8 @@ class _Rewriter(object):
             return self._unchanged(name, seq)
         try:
             return freeze_block(seq, self.shifts, self.dtype)
-        except NotImplementedError as error:
-            return self._recomputed(name, seq, str(error))
+        except NotImplementedError:
+            return self._recomputed(seq)
 
     def in_tail(self):
         """Whether the final conv (after every block) is part of a trainable tail."""
@@ -183,8 +181,8 @@ class _Rewriter(object):
         else:
             try:
                 frozen = freeze_block(block, self.shifts, self.dtype)
-            except NotImplementedError as error:
-                frozen = self._recomputed(name, block, str(error))
+            except NotImplementedError:
+                frozen = self._recomputed(block)
         adaptor = None
         if self.adaptors and channels is not None:
             adaptor_class = ResidualAttentionAdaptor if self.lean else ReferenceResidualAttentionAdaptor
@@ -216,11 +214,10 @@ def _adapt_resnet(model, rewriter, activation_name="relu"):
     if rewriter.lean:
         activation = getattr(model, activation_name)
         if isinstance(model.conv1, nn.Conv2d):
-            model.conv1 = rewriter.conv_bn_act("conv1", model.conv1, model.bn1, activation,
+            model.conv1 = rewriter.conv_bn_act(model.conv1, model.bn1, activation,
                                                _named_sequential(conv=model.conv1, bn=model.bn1, act=activation))
         else:  # a deep stem (a Sequential of conv-BN-activations): it keeps only the image
-            model.conv1 = rewriter._recomputed(
-                "conv1", _named_sequential(stem=model.conv1, bn=model.bn1, act=activation), "a deep stem")
+            model.conv1 = rewriter._recomputed(_named_sequential(stem=model.conv1, bn=model.bn1, act=activation))
         model.bn1 = nn.Identity()
         setattr(model, activation_name, nn.Identity())
         if isinstance(model.maxpool, nn.MaxPool2d) and not model.maxpool.return_indices:
@@ -260,7 +257,7 @@ def _adapt_timm_efficientnet(model, rewriter):
             setattr(model, bn_name, rewriter._unchanged(bn_name, bn))
             continue
         # timm's BatchNormAct2d applies the activation itself
-        setattr(model, conv_name, rewriter.conv_bn_act(conv_name, conv, bn, getattr(bn, "act", None),
+        setattr(model, conv_name, rewriter.conv_bn_act(conv, bn, getattr(bn, "act", None),
                                                        _named_sequential(conv=conv, bn=bn)))
         setattr(model, bn_name, nn.Identity())
     for i, stage in enumerate(model.blocks):
@@ -389,7 +386,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     recompute_dtype: a block whose nonlinearities need more than a sign bit for
         backward (SiLU, hardswish, GELU, squeeze-excitation, LayerNorm) keeps only
         its input and runs again in backward (RecomputedBlock): None keeps that
-        input as it is (gradients exactly plain autograd's), torch.float16 or
+        input as it is (gradients plain autograd's, to float rounding), torch.float16 or
         torch.bfloat16 in half the bytes (gradients with that rounding,
         docs/design.md §3 measures it).
 
