@@ -10,6 +10,7 @@ sys.path, as it has no __init__.py); tools/cuda_determinism_check.py too.
 - a tiny ImageFolder of shapes for the training and CLI tests;
 - the adapted ResNet-18, batches and eager steps of the CUDA graph tests.
 """
+import copy
 import math
 import os
 import warnings
@@ -130,6 +131,22 @@ def features_module(model):
     if supported_family(model) == "mobilenet_v2":
         return model.classifier  # Sequential(Dropout, Linear)
     return head_of(model)
+
+
+def kept_for_backward(model, x):
+    """Bytes one forward of `model` on `x` keeps for backward, the model's own parameters and buffers excluded."""
+    with da2ext.SavedTensorCounter(exclude=da2ext.profiling.model_state(model)) as counter:
+        model(x)
+    return counter.saved_bytes
+
+
+def bias_baseline(model, num_classes=10):
+    """The `bias` method (the model frozen as it is in plain PyTorch, BN shifts and biases
+    trainable) on a copy of `model`, the generic path's warning silenced."""
+    from da2ext import methods
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return methods.get("bias").build(copy.deepcopy(model), num_classes)
 
 
 def adapt_quietly(model, *args, **kwargs):

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 import da2ext
-from da2ext import methods
 from da2ext.lean.adapt import Head
 from da2ext.lean.generic_adapt import classifier_name
 from da2ext.lean.trainable import parameter_groups
 from da2ext.ops.attention_branch import AttentionBranch
 from da2ext.profiling import SavedTensorCounter
 
-from helpers import import_timm, shift_parameters
+from helpers import bias_baseline, import_timm, kept_for_backward, shift_parameters
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -254,16 +253,6 @@ def test_kept_bytes_by_part_shows_where_a_generic_model_keeps_its_activations():
     assert by_lean[True]["head"]["treatment"] == "plain autograd"  # timm's ConvNeXt head: a LayerNorm before the Head
 
 
-def _kept_by_the_bias_baseline(model, x):
-    """What the `bias` method keeps: the model frozen as it is in plain PyTorch, BN shifts trainable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        baseline = methods.get("bias").build(copy.deepcopy(model), 10)
-    with SavedTensorCounter(exclude=list(baseline.parameters()) + list(baseline.buffers())) as counter:
-        baseline(x)
-    return counter.saved_bytes
-
-
 @pytest.mark.parametrize("name", ["tv_regnet_x_400mf", "timm_regnetx_002"])
 def test_a_regnet_x_is_made_lean_and_keeps_under_an_eighth_of_the_bias_baseline(name):
     torch.manual_seed(0)
@@ -278,4 +267,4 @@ def test_a_regnet_x_is_made_lean_and_keeps_under_an_eighth_of_the_bias_baseline(
     head = [r for r in rows if r["part"] in ("fc", "head")]  # torchvision's Head; timm's with its pooling
     assert len(head) == 1 and head[0]["treatment"] == "head"
     kept = sum(r["kept_bytes"] for r in rows)
-    assert 0 < kept <= _kept_by_the_bias_baseline(original, x) / 8
+    assert 0 < kept <= kept_for_backward(bias_baseline(original), x) / 8

@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 import da2ext
-from da2ext import methods
 from da2ext.lean.recomputed_block import RecomputedBlock
 from da2ext.profiling import SavedTensorCounter, model_state
 
-from helpers import (adapt_quietly, all_devices, forward_backward, import_timm, named_trainable, randomize_bn,
-                     randomize_common_trainable, relative_error, shift_parameters)
+from helpers import (adapt_quietly, all_devices, bias_baseline, forward_backward, import_timm, kept_for_backward,
+                     named_trainable, randomize_bn, randomize_common_trainable, relative_error, shift_parameters)
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -240,12 +239,6 @@ def test_a_known_family_with_silu_and_squeeze_excitation_gives_plain_autograds_g
         assert relative_error(a.grad, b.grad) < 1e-10, i
 
 
-def _kept(model, x):
-    with SavedTensorCounter(exclude=model_state(model)) as counter:
-        model(x)
-    return counter.saved_bytes
-
-
 # issue 24's models beyond ReLU, and the recompute_dtype each needs to keep 1/8 of `bias`
 EIGHTH = [
     ("tv_efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), None),
@@ -260,14 +253,14 @@ def test_models_beyond_relu_keep_at_most_an_eighth_of_the_bias_baseline_at_224(n
     torch.manual_seed(0)
     original = build().eval()
     x = torch.randn(8, 3, 224, 224)
+    baseline = bias_baseline(original)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the generic path says what it did
-        baseline = methods.get("bias").build(copy.deepcopy(original), 10)
         model = da2ext.adapt(copy.deepcopy(original), 10, recompute_dtype=recompute_dtype)
     assert any(isinstance(m, RecomputedBlock) for m in model.modules())
     with torch.no_grad():
         baseline_out = baseline(x[:2])
-    kept, kept_baseline = _kept(model.train(), x), _kept(baseline.train(), x)
+    kept, kept_baseline = kept_for_backward(model.train(), x), kept_for_backward(baseline.train(), x)
     assert 0 < kept <= kept_baseline / 8, (name, kept / 2.0 ** 20, kept_baseline / 2.0 ** 20)
     assert torch.isfinite(baseline_out).all()
 

@@ -23,9 +23,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..lean.adapt import replace_head, supported_family
-from ..lean.submodules import replace_submodule
 from ..lean.frozen_blocks import InferenceOnly
 from ..lean.frozen_conv import pad_same
+from ..lean.submodules import replace_submodule
 from .method import Method
 
 __all__ = ["PIGGYBACK", "PiggybackConv2d", "freeze_backbone", "masked_weight"]
