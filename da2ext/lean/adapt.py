@@ -18,6 +18,7 @@ from torch import nn
 from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
+from .adaptor_placement import keep_adaptors_up_to_stride
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
 from .generic_adapt import adapt_generic, classifier_name
@@ -314,8 +315,44 @@ def _set_head(model, family, head):
         model.num_classes = head.out_features
 
 
+def _input_channels(model):
+    """The channels of the model's input: its first conv's (3 where it has none)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return 3
+
+
+def _place_adaptors(model, adaptor_max_stride, in_channels, named=None):
+    """adapt()'s placement: every adaptor stays (None), or those after blocks of output
+    stride <= adaptor_max_stride (adaptor_placement.py). named: (name, module with an
+    .adaptor) pairs, by default the model's AdaptedBlocks. Records
+    model.da2ext_adaptor_strides, {block name: stride} of the blocks that keep an adaptor
+    (None: no placement asked)."""
+    if named is None:
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedBlock)]
+    named = [(name, m) for name, m in named if m.adaptor is not None]
+    if adaptor_max_stride is None or not named:
+        model.da2ext_adaptor_strides = None if adaptor_max_stride is None else {}
+        return
+    strides = keep_adaptors_up_to_stride(model, named, adaptor_max_stride, in_channels)
+    model.da2ext_adaptor_strides = dict((name, stride) for name, stride in strides.items()
+                                        if stride <= adaptor_max_stride)
+
+
+def _through_wrappers(model, dotted_name):
+    """The module a generic adapt put at `dotted_name` before it wrapped the model's
+    children in InferenceOnly."""
+    module = model
+    for part in dotted_name.split("."):
+        if isinstance(module, InferenceOnly):
+            module = module.module
+        module = module._modules[part]
+    return module.module if isinstance(module, InferenceOnly) else module
+
+
 def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
-                          train_last, memory_budget_mib, recompute_dtype):
+                          train_last, memory_budget_mib, recompute_dtype, adaptor_max_stride, in_channels):
     """adapt() for a model of blocks it does not know: generic_adapt.py."""
     if train_last or memory_budget_mib is not None:
         raise ValueError("adapt: a trainable tail (train_last, memory_budget_mib) needs a model whose blocks adapt() "
@@ -326,6 +363,13 @@ def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts,
                          "generically, in its own dtype".format(backbone_dtype, type(model).__name__))
     model, stages, notes = adapt_generic(model, num_classes, Head, mode, reduction, adaptors, shifts, lean, rank,
                                          recompute_dtype)
+    if adaptors:
+        _place_adaptors(model, adaptor_max_stride, in_channels, [(name, _through_wrappers(model, name))
+                                                                 for name in stages])
+        if model.da2ext_adaptor_strides is not None:
+            stages = [name for name in stages if name in model.da2ext_adaptor_strides]
+    else:
+        model.da2ext_adaptor_strides = None
     model._da2ext_adapted = True
     model.da2ext_tail = {"train_last": 0}
     model.da2ext_stages = stages
@@ -336,7 +380,8 @@ def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts,
 
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
           lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
-          budget_input_shape=(8, 3, 224, 224), tail_statistics="final", recompute_dtype=None):
+          budget_input_shape=(8, 3, 224, 224), tail_statistics="final", recompute_dtype=None,
+          adaptor_max_stride=None):
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
@@ -353,6 +398,12 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     mode, reduction, rank: the adaptors' (see ResidualAttentionAdaptor); rank k
         sums k channel-gate x spatial-map products (DA2's method uses 4).
     adaptors: put an adaptor after every block (False: none, for ablations).
+    adaptor_max_stride: None puts one after every block; an int s only after the
+        blocks whose output map is at most s times smaller than the input (the
+        early, high-resolution stages; strides traced by one forward pass at
+        224 x 224, recorded in model.da2ext_adaptor_strides). DA2's method uses 8:
+        late adaptors fit a small domain's training images without generalising
+        (docs/design.md §2, "Rank and placement").
     shifts: train the frozen BNs' shifts (beta), the §3a recipe.
     backbone_dtype: float32, or float16 to hold the frozen backbone in half
         precision (Jetson) while adaptors, shifts and head stay float32;
@@ -424,9 +475,14 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         raise ValueError("adapt: recompute_dtype must be one of {}, got {!r}".format(KEEP_DTYPES, recompute_dtype))
     if recompute_dtype is not None and not lean:
         raise ValueError("adapt: recompute_dtype {} needs lean=True".format(recompute_dtype))
+    if adaptor_max_stride is not None and (isinstance(adaptor_max_stride, bool) or
+                                           not isinstance(adaptor_max_stride, int) or adaptor_max_stride < 1):
+        raise ValueError("adapt: adaptor_max_stride must be None or an int >= 1, got {!r}".format(adaptor_max_stride))
+    in_channels = _input_channels(model)
     if family is None:
         return _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean,
-                                     rank, train_last, memory_budget_mib, recompute_dtype)
+                                     rank, train_last, memory_budget_mib, recompute_dtype, adaptor_max_stride,
+                                     in_channels)
     blocks = _count_blocks(model, family)
     if train_last > blocks:
         raise ValueError("adapt: train_last={} but the model has {} blocks".format(train_last, blocks))
@@ -446,7 +502,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
                 budget_input_shape))
         settings = dict(num_classes=num_classes, mode=mode, reduction=reduction, adaptors=adaptors, shifts=shifts,
                         lean=lean, cpu_channels_last=cpu_channels_last, rank=rank,
-                        tail_statistics=tail_statistics, recompute_dtype=recompute_dtype)
+                        tail_statistics=tail_statistics, recompute_dtype=recompute_dtype,
+                        adaptor_max_stride=adaptor_max_stride)
         train_last, measured = largest_tail_within_budget(
             model, lambda m, k: adapt(m, train_last=k, **settings), blocks, memory_budget_mib, shape)
         model = adapt(model, train_last=train_last, **settings)
@@ -480,6 +537,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
             for module in model.modules():
                 if isinstance(module, FrozenConvBNAct):
                     module.hold_weight_in(torch.channels_last)
+    _place_adaptors(model, adaptor_max_stride, in_channels)
     if rewriter.unchanged:
         warnings.warn("da2ext.adapt: {} module(s) run unchanged (frozen, eval mode, plain autograd: they keep "
                       "their activations for backward): {}".format(

@@ -29,6 +29,8 @@ class AdaptorAfter(nn.Module):
 
     def forward(self, *args, **kwargs):
         y = self.module(*args, **kwargs)
+        if self.adaptor is None:  # removed by adapt()'s placement (adaptor_max_stride)
+            return y
         if not isinstance(y, torch.Tensor) or y.dim() != 4:
             raise TypeError("AdaptorAfter: the adaptor needs the module's output as one N x C x H x W tensor, "
                             "got {}".format(tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__))
