@@ -93,16 +93,20 @@ def write_results(out_dir, stem, script, argv, records, markdown):
     print(markdown)
 
 
-def run_probe(argv, description, runs_of, run_one, markdown, stem, script):
-    """An in-process probe's whole command: parse the common arguments, run
-    run_one(args, *run) for each run of runs_of(args) with a progress bar, and write
-    results/<stem>.{json,md} (markdown(records, args, argv) the table)."""
+def run_probe(argv, description, runs_of, run_one, markdown, stem, script, add_arguments=None):
+    """An in-process probe's whole command: parse the common arguments (and the
+    probe's own: add_arguments(parser)), run run_one(args, *run) for each run of
+    runs_of(args) with a progress bar, and write results/<stem>.{json,md}
+    (markdown(records, args, argv) the table; stem a string or a function of args)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=description)
     add_probe_arguments(parser)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     records = [run_one(args, *run) for run in progress(runs_of(args))]
-    write_results(args.out_dir, stem, script, argv, records, markdown(records, args, argv))
+    write_results(args.out_dir, stem(args) if callable(stem) else stem, script, argv, records,
+                  markdown(records, args, argv))
 
 
 def probe_commit(script):

@@ -8,10 +8,19 @@ The rates: the adaptors learn only with a rate of their own, far above the
 shifts' (gamma starts at 0 and Adam moves it by about its rate per step: at the
 shifts' rate a few dozen steps leave it too small to matter). The adaptor rate
 and the rank are chosen by benchmarks/adaptor_design_probe.py (rate on seed 0,
-rank on seeds 1-2; benchmarks/results/adaptor_design.md): rank 4 at 0.1. The
-shifts' and head's 1e-2 and the tail's rates come from
-benchmarks/training_recipe_probe.py (seeds 0, 3 and 4, none of the table's;
-benchmarks/results/training_recipe.md), made with the training loop's warmup.
+rank on seeds 1-2; benchmarks/results/adaptor_design.md): rank 4 at 0.1.
+
+The placement: adaptors only after the blocks of output stride <= 8 (the early,
+high-resolution stages), with the shifts and head at bias_lean's 3e-2. Late
+adaptors, most of the parameters, fit a small domain's training images without
+generalising; early ones at these rates passed the shifts alone on mnist_m
+(benchmarks/adaptor_variants_probe.py, seeds 0, 3 and 4, none of the digits
+table's; benchmarks/results/adaptor_variants.md).
+
+The tails keep the recipe they were measured with (adaptors after every block,
+shifts and head at 1e-2, the tail at 1e-3: benchmarks/training_recipe_probe.py,
+benchmarks/results/training_recipe.md), as do da2_rank1 and da2_adaptor_only
+beside it... see ALL_BLOCKS below.
 """
 import re
 
@@ -21,28 +30,38 @@ from ..lean.adapt import adapt
 from .method import Method
 
 RANK = 4
-LEARNING_RATES = {"adaptors": 1e-1, "shifts": 1e-2, "head": 1e-2, "default": 1e-2}
+# Adaptors after the blocks whose output is at most this many times smaller than the input (adapt()).
+ADAPTOR_MAX_STRIDE = 8
+LEARNING_RATES = {"adaptors": 1e-1, "shifts": 3e-2, "head": 3e-2, "default": 3e-2}
 # A tail's pretrained weights take a rate well under the shifts' (in the digits table's sweep, at 3x these
 # rates, the tail at 3e-3, a frozen-statistics tail stayed at chance: benchmarks/results/digits_sweep.json);
-# the other groups keep da2's.
-TAIL_LEARNING_RATES = dict(LEARNING_RATES, tail=1e-3)
+# its shifts and head keep the 1e-2 the tails were measured with.
+TAIL_LEARNING_RATES = {"adaptors": 1e-1, "shifts": 1e-2, "head": 1e-2, "default": 1e-2, "tail": 1e-3}
 # Where da2_budget<MiB> measures its training memory: docs/design.md §4's nano setting (batch 8, 224 x 224).
 BUDGET_INPUT_SHAPE = (8, 3, 224, 224)
 
-DA2 = Method("da2", "fused rank-{} adaptors + BN shifts + head, lean frozen backbone".format(RANK),
-             lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK), LEARNING_RATES)
+DA2 = Method("da2", "fused rank-{} adaptors after the blocks of stride <= {} + BN shifts + head, lean frozen "
+             "backbone".format(RANK, ADAPTOR_MAX_STRIDE),
+             lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK,
+                                                 adaptor_max_stride=ADAPTOR_MAX_STRIDE), LEARNING_RATES)
 DA2_EAGER = Method("da2_eager", "the da2 recipe in plain PyTorch on a plainly frozen backbone",
-                   lambda backbone, num_classes: adapt(backbone, num_classes, lean=False, rank=RANK), LEARNING_RATES)
-DA2_ADAPTOR_ONLY = Method("da2_adaptor_only", "fused adaptors + head, no BN shifts, lean backbone",
-                          lambda backbone, num_classes: adapt(backbone, num_classes, shifts=False, rank=RANK),
+                   lambda backbone, num_classes: adapt(backbone, num_classes, lean=False, rank=RANK,
+                                                       adaptor_max_stride=ADAPTOR_MAX_STRIDE), LEARNING_RATES)
+DA2_ADAPTOR_ONLY = Method("da2_adaptor_only", "da2's adaptors + head, no BN shifts, lean backbone",
+                          lambda backbone, num_classes: adapt(backbone, num_classes, shifts=False, rank=RANK,
+                                                              adaptor_max_stride=ADAPTOR_MAX_STRIDE),
                           LEARNING_RATES)
 DA2_RANK1 = Method("da2_rank1", "da2 with rank-1 adaptors (the original adaptor; ablation)",
-                   lambda backbone, num_classes: adapt(backbone, num_classes, rank=1), LEARNING_RATES)
+                   lambda backbone, num_classes: adapt(backbone, num_classes, rank=1,
+                                                       adaptor_max_stride=ADAPTOR_MAX_STRIDE), LEARNING_RATES)
+DA2_ALL_BLOCKS = Method("da2_all_blocks", "da2 with an adaptor after every block (the placement's ablation)",
+                        lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK), LEARNING_RATES)
 
 # Not among METHODS (the digits table runs those all): on a backbone whose blocks are all bit-lean it is da2.
 DA2_HALF_RECOMPUTE = Method(
     "da2_half_recompute", "da2 with the recomputed blocks' inputs kept in float16 (SiLU, GELU, SE, LayerNorm blocks)",
-    lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK, recompute_dtype=torch.float16),
+    lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK, recompute_dtype=torch.float16,
+                                        adaptor_max_stride=ADAPTOR_MAX_STRIDE),
     LEARNING_RATES)
 
 _TAIL = re.compile(r"^da2_tail([1-9][0-9]*)(?:_(batch|frozen)_stats)?$")
