@@ -15,12 +15,15 @@ high-resolution stages), with the shifts and head at bias_lean's 3e-2. Late
 adaptors, most of the parameters, fit a small domain's training images without
 generalising; early ones at these rates passed the shifts alone on mnist_m
 (benchmarks/adaptor_variants_probe.py, seeds 0, 3 and 4, none of the digits
-table's; benchmarks/results/adaptor_variants.md).
+table's; benchmarks/results/adaptor_variants.md). On the digits table's seeds
+that margin did not hold (benchmarks/results/digits.md: every placement within
+the seeds' spread of the shifts alone); the placement stays for what it saves.
 
+da2_eager, da2_adaptor_only and da2_rank1 change one thing of da2 each;
+da2_all_blocks puts its adaptors after every block (the placement's ablation).
 The tails keep the recipe they were measured with (adaptors after every block,
 shifts and head at 1e-2, the tail at 1e-3: benchmarks/training_recipe_probe.py,
-benchmarks/results/training_recipe.md), as do da2_rank1 and da2_adaptor_only
-beside it... see ALL_BLOCKS below.
+benchmarks/results/training_recipe.md).
 """
 import re
 
