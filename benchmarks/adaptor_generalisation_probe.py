@@ -29,8 +29,8 @@ from da2ext import methods  # noqa: E402
 from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.deep_attention_adaptor import RANK  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
-                        train_with_metrics)
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance,  # noqa: E402
+                        run_configuration, run_probe)
 
 
 class _AdaptorWeightDecay(Method):
@@ -76,10 +76,7 @@ def configurations():
 
 
 def run_one(args, label, seed):
-    method, rates = [(m, r) for name, m, r in configurations() if name == label][0]
-    metrics, seconds = train_with_metrics(args, method, seed, learning_rates=rates, calibrate_shifts=True)
-    return {"config": label, "rates": rates, "seed": seed, "val_accuracy": metrics["final_val_accuracy"],
-            "train_accuracy": metrics["train_accuracy"][-1], "seconds": seconds}
+    return run_configuration(args, configurations(), label, seed)
 
 
 def markdown(records, args, argv):

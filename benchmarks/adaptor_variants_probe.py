@@ -1,4 +1,4 @@
-"""Probe: which part of da2's adaptor overfits mnist_m, and where it helps (docs/design.md §2, §3a)
+r"""Probe: which part of da2's adaptor overfits mnist_m, and where it helps (docs/design.md §2, §3a)
 
 da2's rank-4 adaptors fit mnist_m's training images better than the BN shifts alone
 (bias_lean) and do worse on held-out ones (benchmarks/results/adaptor_generalisation.md).
@@ -18,9 +18,9 @@ The one-factor variants run the eager reference adaptor, the others the fused on
 --only to pick rows) checks the choice on the near domains.
 
     python -m da2ext prepare-digits /tmp/digits
-    python benchmarks/adaptor_variants_probe.py --data /tmp/digits   # ~12 min on 2 cores
+    python benchmarks/adaptor_variants_probe.py --data /tmp/digits   # ~14 min on 2 cores
     python benchmarks/adaptor_variants_probe.py --data /tmp/digits --domain mnist \
-        --only "^bias_lean|^every block[;(]|first 5 blocks \(stride <= 8; da2"
+        --only '^bias_lean|^every block \(|^every block;|da2 now'
 
 Writes benchmarks/results/adaptor_variants.{md,json} (mnist_m), or
 adaptor_variants_<domain>.{md,json}.
@@ -41,8 +41,8 @@ from da2ext.methods.deep_attention_adaptor import RANK  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.ops.attention_branch import attention_logits  # noqa: E402
 from da2ext.ops.reference import ResidualAttentionAdaptor  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
-                        train_with_metrics)
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance,  # noqa: E402
+                        run_configuration, run_probe)
 
 
 class _OneFactorAdaptor(ResidualAttentionAdaptor):
@@ -130,10 +130,7 @@ def configurations():
 
 
 def run_one(args, label, seed):
-    method, rates = [(m, r) for name, m, r in configurations() if name == label][0]
-    metrics, seconds = train_with_metrics(args, method, seed, learning_rates=rates, calibrate_shifts=True)
-    return {"config": label, "rates": rates, "seed": seed, "val_accuracy": metrics["final_val_accuracy"],
-            "train_accuracy": metrics["train_accuracy"][-1], "seconds": seconds}
+    return run_configuration(args, configurations(), label, seed)
 
 
 def markdown(records, args, argv):
@@ -142,7 +139,8 @@ def markdown(records, args, argv):
              "{} with {} training images, 64x64, {} epochs, batch 64, EfficientNet-Lite0 (ImageNet weights), warmup "
              "then cosine, every run with `--calibrate-shifts`. Seeds {} (none of the digits table's). Adaptors "
              "rank {} at {:g} unless the row says otherwise; 'first k blocks': adaptors after those only (Lite0's "
-             "strides: 2, 4, 4, 8, 8, then 16 from the sixth block). train: the last epoch's accuracy on the training batches (dropout on, as it trained); val: the held-out images. "
+             "strides: 2, 4, 4, 8, 8, then 16 from the sixth block). train: the last epoch's accuracy on the "
+             "training batches (dropout on, as it trained); val: the held-out images. "
              "{}".format(args.domain, args.subsample, args.epochs, seeds, RANK, ADAPTOR_RATE,
                         provenance("adaptor_variants_probe.py", argv)),
              "", ACCURACY_COLUMNS, "| --- | --- | --- | --- | --- |"]

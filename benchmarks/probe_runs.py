@@ -24,7 +24,8 @@ from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 __all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "accuracy_row", "add_probe_arguments", "probe_commit",
-           "progress", "provenance", "run_probe", "train_once", "train_with_metrics", "write_results"]
+           "progress", "provenance", "run_configuration", "run_probe", "train_once", "train_with_metrics",
+           "write_results"]
 
 # bias_lean's best rates in the digits table (its sweep's 10x), for the shifts and the head.
 BIAS_LEAN_TABLE_RATES = {"shifts": 3e-2, "head": 3e-2}
@@ -71,6 +72,16 @@ def train_with_metrics(args, method, seed, prepare_backbone=None, augment=False,
     metrics = train_domain(model, args.domain, train_loader, val_loader, epochs or args.epochs, progress=False,
                            seed=seed, **train_kwargs)
     return metrics, round(time.time() - start, 1)
+
+
+def run_configuration(args, configurations, label, seed):
+    """One calibrated-shifts run of the configuration called `label` among
+    `configurations` ((label, method, learning-rate overrides) triples): a record with
+    its val accuracy beside the last epoch's train accuracy (accuracy_row's input)."""
+    method, rates = [(m, r) for name, m, r in configurations if name == label][0]
+    metrics, seconds = train_with_metrics(args, method, seed, learning_rates=rates, calibrate_shifts=True)
+    return {"config": label, "rates": rates, "seed": seed, "val_accuracy": metrics["final_val_accuracy"],
+            "train_accuracy": metrics["train_accuracy"][-1], "seconds": seconds}
 
 
 def progress(runs):
