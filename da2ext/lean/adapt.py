@@ -335,9 +335,7 @@ def _place_adaptors(model, adaptor_max_stride, in_channels, named=None):
     if adaptor_max_stride is None or not named:
         model.da2ext_adaptor_strides = None if adaptor_max_stride is None else {}
         return
-    strides = keep_adaptors_up_to_stride(model, named, adaptor_max_stride, in_channels)
-    model.da2ext_adaptor_strides = dict((name, stride) for name, stride in strides.items()
-                                        if stride <= adaptor_max_stride)
+    model.da2ext_adaptor_strides = keep_adaptors_up_to_stride(model, named, adaptor_max_stride, in_channels)
 
 
 def _through_wrappers(model, dotted_name):

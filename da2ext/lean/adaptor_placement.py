@@ -11,6 +11,8 @@ block's output size.
 """
 import torch
 
+from .insert_adaptors import feature_map_shapes
+
 __all__ = ["TRACE_SIDE", "block_strides", "keep_adaptors_up_to_stride"]
 
 # The trace's input side: divisible by every stride an ImageNet CNN has (up to 32), and a size every such
@@ -18,40 +20,32 @@ __all__ = ["TRACE_SIDE", "block_strides", "keep_adaptors_up_to_stride"]
 TRACE_SIDE = 224
 
 
-def block_strides(model, blocks, in_channels):
-    """{block: output stride} for the modules `blocks` of `model`, from one forward
-    pass on a 1 x in_channels x TRACE_SIDE x TRACE_SIDE input without autograd, in
-    eval mode (the model's train/eval mode is restored after)."""
-    sides = {}
-    hooks = [block.register_forward_hook(lambda module, inputs, output: sides.__setitem__(module, output.shape[-1]))
-             for block in blocks]
+def block_strides(model, named_blocks, in_channels):
+    """{name: output stride} for the (name, module) pairs named_blocks of `model`,
+    from one forward pass on a 1 x in_channels x TRACE_SIDE x TRACE_SIDE input
+    without autograd, in eval mode (feature_map_shapes)."""
     device = next(model.parameters()).device  # an adapted model has parameters: its head
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, in_channels, TRACE_SIDE, TRACE_SIDE, device=device))
+        shapes = feature_map_shapes(model, named_blocks, torch.zeros(1, in_channels, TRACE_SIDE, TRACE_SIDE,
+                                                                     device=device))
     except Exception as error:  # a model that cannot take this input: say which placement needed it
         raise ValueError("adapt: adaptor_max_stride traces each block's output stride with one forward pass on a "
                          "1x{}x{}x{} input, and the model failed on it: {}".format(
                              in_channels, TRACE_SIDE, TRACE_SIDE, error))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    missing = [block for block in blocks if block not in sides]
+    missing = [name for name, _ in named_blocks if name not in shapes]
     if missing:
-        raise ValueError("adapt: adaptor_max_stride: {} adapted block(s) did not run in the model's forward pass, "
-                         "so their stride is unknown".format(len(missing)))
-    return dict((block, max(1, TRACE_SIDE // sides[block])) for block in blocks)
+        raise ValueError("adapt: adaptor_max_stride: {} adapted block(s) did not run in the model's forward pass "
+                         "(or gave no N x C x H x W map), so their stride is unknown".format(len(missing)))
+    return dict((name, max(1, TRACE_SIDE // shapes[name][-1])) for name, _ in named_blocks)
 
 
 def keep_adaptors_up_to_stride(model, named_blocks, max_stride, in_channels):
-    """Remove the adaptor of every block in named_blocks ((name, AdaptedBlock) pairs,
-    each with an adaptor) whose output stride exceeds max_stride. Returns
-    {name: stride} of every block, kept or not (the model's record of the placement)."""
-    strides = block_strides(model, [block for _, block in named_blocks], in_channels)
-    for _, block in named_blocks:
-        if strides[block] > max_stride:
+    """Remove the adaptor of every block in named_blocks ((name, module with an
+    .adaptor) pairs, each with an adaptor) whose output stride exceeds max_stride.
+    Returns {name: stride} of the blocks that keep theirs (the model's record of
+    the placement)."""
+    strides = block_strides(model, named_blocks, in_channels)
+    for name, block in named_blocks:
+        if strides[name] > max_stride:
             block.adaptor = None
-    return dict((name, strides[block]) for name, block in named_blocks)
+    return dict((name, stride) for name, stride in strides.items() if stride <= max_stride)

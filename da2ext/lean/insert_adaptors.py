@@ -16,7 +16,7 @@ from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
 from .submodules import replace_submodule
 
-__all__ = ["AdaptorAfter", "feature_map_channels", "insert_adaptors"]
+__all__ = ["AdaptorAfter", "feature_map_channels", "feature_map_shapes", "insert_adaptors"]
 
 
 class AdaptorAfter(nn.Module):
@@ -60,16 +60,16 @@ def _chosen(model, after):
     return chosen
 
 
-def feature_map_channels(model, chosen, example_input):
-    """{name: C} for each of the chosen (name, module) pairs whose output is an
-    N x C x H x W tensor, from one forward of example_input without autograd, in
-    eval mode (the model's mode is restored)."""
-    channels, hooks = {}, []
+def feature_map_shapes(model, chosen, example_input):
+    """{name: (N, C, H, W)} for each of the chosen (name, module) pairs whose output
+    is an N x C x H x W tensor, from one forward of example_input without autograd,
+    in eval mode (the model's mode is restored)."""
+    shapes, hooks = {}, []
 
     def record(name):
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.dim() == 4:
-                channels[name] = output.shape[1]
+                shapes[name] = tuple(output.shape)
         return hook
 
     for name, module in chosen:
@@ -83,7 +83,12 @@ def feature_map_channels(model, chosen, example_input):
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return channels
+    return shapes
+
+
+def feature_map_channels(model, chosen, example_input):
+    """{name: C} of feature_map_shapes."""
+    return dict((name, shape[1]) for name, shape in feature_map_shapes(model, chosen, example_input).items())
 
 
 def _output_channels(model, chosen, example_input):
