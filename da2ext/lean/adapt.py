@@ -338,17 +338,6 @@ def _place_adaptors(model, adaptor_max_stride, in_channels, named=None):
     model.da2ext_adaptor_strides = keep_adaptors_up_to_stride(model, named, adaptor_max_stride, in_channels)
 
 
-def _through_wrappers(model, dotted_name):
-    """The module a generic adapt put at `dotted_name` before it wrapped the model's
-    children in InferenceOnly."""
-    module = model
-    for part in dotted_name.split("."):
-        if isinstance(module, InferenceOnly):
-            module = module.module
-        module = module._modules[part]
-    return module.module if isinstance(module, InferenceOnly) else module
-
-
 def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean, rank,
                           train_last, memory_budget_mib, recompute_dtype, adaptor_max_stride, in_channels):
     """adapt() for a model of blocks it does not know: generic_adapt.py."""
@@ -359,15 +348,11 @@ def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts,
     if backbone_dtype != torch.float32:
         raise ValueError("adapt: backbone_dtype {} needs a model whose blocks adapt() knows; {} is adapted "
                          "generically, in its own dtype".format(backbone_dtype, type(model).__name__))
-    model, stages, notes = adapt_generic(model, num_classes, Head, mode, reduction, adaptors, shifts, lean, rank,
-                                         recompute_dtype)
-    if adaptors:
-        _place_adaptors(model, adaptor_max_stride, in_channels, [(name, _through_wrappers(model, name))
-                                                                 for name in stages])
-        if model.da2ext_adaptor_strides is not None:
-            stages = [name for name in stages if name in model.da2ext_adaptor_strides]
-    else:
-        model.da2ext_adaptor_strides = None
+    model, stages, placed, notes = adapt_generic(model, num_classes, Head, mode, reduction, adaptors, shifts, lean,
+                                                 rank, recompute_dtype)
+    _place_adaptors(model, adaptor_max_stride, in_channels, placed)
+    if model.da2ext_adaptor_strides is not None:
+        stages = [name for name in stages if name in model.da2ext_adaptor_strides]
     model._da2ext_adapted = True
     model.da2ext_tail = {"train_last": 0}
     model.da2ext_stages = stages

@@ -177,7 +177,7 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
     """Freeze `model`, make lean what freeze_block knows (where `lean`), put an
     adaptor after each of its stages and a new head_class(in_features,
     num_classes) in place of its classifier, in place. Returns (model, the stages
-    that got an adaptor, the notes adapt() warns with)."""
+    that got an adaptor, [(stage, its AdaptorAfter)], the notes adapt() warns with)."""
     classifier = classifier_name(model)
     if classifier is None:
         raise TypeError("adapt: {} is not a model adapt() knows (torchvision ResNet or MobileNetV2, timm ResNet or "
@@ -193,12 +193,14 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
     device = parameter.device
     # The adaptors and head compute in the model's precision (float64 for gradient checks), float32 under it.
     dtype = parameter.dtype if parameter.dtype in (torch.float32, torch.float64) else torch.float32
+    placed = []
     if adaptors:
         adaptor_class = ResidualAttentionAdaptor if lean else ReferenceResidualAttentionAdaptor
         for name in stages:
             adaptor = adaptor_class(channels[name], reduction=reduction, mode=mode, rank=rank)
             adaptor = adaptor.to(device=device, dtype=dtype)
-            replace_submodule(model, name, AdaptorAfter(model.get_submodule(name), adaptor))
+            placed.append((name, AdaptorAfter(model.get_submodule(name), adaptor)))
+            replace_submodule(model, name, placed[-1][1])
     in_features = model.get_submodule(classifier).in_features
     replace_submodule(model, classifier, head_class(in_features, num_classes).to(device=device, dtype=dtype))
     made_lean, recomputed = [], []
@@ -220,4 +222,4 @@ def adapt_generic(model, num_classes, head_class, mode, reduction, adaptors, shi
     # Frozen BNs, dropouts and drop-paths anywhere must keep their inference behaviour in model.train().
     for name, child in list(model.named_children()):
         setattr(model, name, InferenceOnly(child))
-    return model, stages, notes
+    return model, stages, placed, notes
