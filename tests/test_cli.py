@@ -39,6 +39,16 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert status == 2 and "no val/" in err
 
 
+@pytest.mark.parametrize("domain", [".hidden", "a/b"])
+def test_a_domain_name_no_file_can_take_is_refused_before_the_model_is_built(tmp_path, capsys, domain):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    status, _, err = run_cli(["train", "--data", str(tmp_path), "--domain", domain, "--workdir",
+                              str(tmp_path / "runs")] + CLI_TINY, capsys)
+    assert status == 2 and "--domain" in err and repr(domain) in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_pretrained_torchvision_needs_weights(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()

@@ -149,3 +149,24 @@ def test_public_names():
     from da2ext import methods
     from da2ext.training import evaluate, train_domain  # noqa: F401
     assert methods.get("da2").name == "da2"
+
+
+def test_the_train_and_eval_commands_call_the_training_layer_only():
+    """`train` and `eval` read top-down: the command line calls the training
+    workflow (and, under torchrun, training.distributed), which calls data,
+    models, the loop and the domain files; the commands reach past it into none
+    of them."""
+    path = os.path.join(PACKAGE_DIR, "cli", "__init__.py")
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    commands = ("_build", "_train", "_train_process", "_eval")
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in commands:
+            found[node.name] = sorted(set("." * inner.level + (inner.module or "")
+                                          for inner in ast.walk(node) if isinstance(inner, ast.ImportFrom)))
+    assert sorted(found) == sorted(commands)
+    assert found["_train_process"] == ["..training.workflow"], found
+    wrong = {name: modules for name, modules in found.items()
+             if any(not module.startswith("..training.") for module in modules)}
+    assert not wrong, wrong

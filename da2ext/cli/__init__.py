@@ -384,19 +384,17 @@ def _train(args):
 
 
 def _train_process(args, distributed):
-    from ..data.loaders import DataError, check_domain_dir
-    from ..domains.domain_file import DomainFileError
-    from ..training.loop import NonFiniteTrainingError
-    from ..training.workflow import DomainExistsError, RunLockedError, WorkDir, learn_domain, load_saved_domains
+    from ..training.workflow import (DataError, DomainExistsError, DomainFileError, NonFiniteTrainingError,
+                                     RunLockedError, WorkDir, check_learning_rates, domain_name, learn_domain,
+                                     load_saved_domains)
     main = distributed is None or distributed.is_main
     print_main = print if main else (lambda *args, **kwargs: None)  # one process speaks for the group
-    name = args.domain or os.path.basename(os.path.normpath(args.data))
-    if not name or name.startswith(".") or os.sep in name:
-        raise CommandError("--domain: {!r} is not a usable domain name".format(name))
     try:
-        check_domain_dir(args.data)  # before the slow model build
+        name = domain_name(args.data, args.domain)  # before the slow model build
     except DataError as error:
         raise CommandError(str(error))
+    except ValueError as error:
+        raise CommandError("--domain: {}".format(error))
     work = WorkDir(args.workdir)
     model = _build(args)
     tail = getattr(model.model, "da2ext_tail", {})
@@ -410,7 +408,7 @@ def _train_process(args, distributed):
         raise CommandError("--lr names a group twice: {}".format(
             ", ".join("{}={:g}".format(group, rate) for group, rate in args.lr)))
     try:
-        model.method.param_groups(model.model, args.lr_scale, learning_rates)  # groups it trains, before the data
+        check_learning_rates(model, args.lr_scale, learning_rates)  # before the data
     except ValueError as error:
         raise CommandError("--lr: {}".format(error))
     try:
@@ -440,8 +438,7 @@ def _train_process(args, distributed):
 
 
 def _eval(args):
-    from ..data.loaders import DataError
-    from ..training.workflow import WorkDir, evaluate_domain, load_saved_domains
+    from ..training.workflow import DataError, WorkDir, evaluate_domain, load_saved_domains
     work = WorkDir(args.workdir)
     model = _build(args)
     unloadable = {}

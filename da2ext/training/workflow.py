@@ -10,10 +10,11 @@ its method (load_domain refuses the others). Learning a new domain loads every
 domain already there into the same model first, so one model ends up holding
 all of them, each bit-identical to what was saved.
 
-The commands' steps, each calling down and never called back: build_model (a
-backbone from da2ext.models in a MultiDomainModel), load_saved_domains,
-learn_domain (the loaders of da2ext.data, then loop.train_domain, which
-writes the domain file), evaluate_domain.
+The commands' steps, each calling down and never called back: domain_name
+(the data directory checked before anything slow), build_model (a backbone
+from da2ext.models in a MultiDomainModel), check_learning_rates,
+load_saved_domains, learn_domain (the loaders of da2ext.data, then
+loop.train_domain, which writes the domain file), evaluate_domain.
 """
 import contextlib
 import glob
@@ -23,18 +24,20 @@ import sys
 
 import torch
 
-from ..data.loaders import DataError, domain_loaders, report_skipped, val_loader
+from ..data.loaders import DataError, check_domain_dir, domain_loaders, report_skipped, val_loader
 from ..domains.atomic_file import remove_stale_partials
 from ..domains.domain_file import DomainFileError
 from ..domains.multidomain import MultiDomainModel
 from ..domains.preprocessing import make_preprocessing
 from ..domains.run_lock import RunLockedError, run_lock
 from ..models import backbones
-from .loop import evaluate, recorded_learning_rates, train_domain
+from .loop import NonFiniteTrainingError, evaluate, recorded_learning_rates, train_domain
 from .lr_schedule import WARMUP_FRACTION
 
-__all__ = ["DomainExistsError", "RunLockedError", "WorkDir", "build_model", "domain_file_hint", "evaluate_domain",
-           "learn_domain", "load_saved_domains"]
+# The errors a step raises are named here too, so that a caller (the command line) needs this module only.
+__all__ = ["DataError", "DomainExistsError", "DomainFileError", "NonFiniteTrainingError", "RunLockedError", "WorkDir",
+           "build_model", "check_learning_rates", "domain_file_hint", "domain_name", "evaluate_domain", "learn_domain",
+           "load_saved_domains"]
 
 _DOMAIN_EXTENSIONS = (".safetensors", ".npz")
 
@@ -105,6 +108,24 @@ def recorded_settings(metrics):
     """The "settings" of a run's metrics, {} when they are missing or not an object."""
     settings = (metrics or {}).get("settings")
     return settings if isinstance(settings, dict) else {}
+
+
+def domain_name(data_dir, name=None):
+    """The name of the domain a run learns from data_dir: `name`, or the
+    directory's own name. ValueError for a name no file can take; DataError
+    (data.loaders) unless data_dir has train/ and val/, a cheap check to run
+    before the slow model build."""
+    name = name or os.path.basename(os.path.normpath(os.fspath(data_dir)))
+    if not name or name.startswith(".") or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError("domain name: {!r} is not usable as a file name".format(name))
+    check_domain_dir(data_dir)
+    return name
+
+
+def check_learning_rates(model, lr_scale=1.0, learning_rates=None):
+    """ValueError, naming the group, unless the model's method trains every group
+    that learning_rates ({group: rate}) names; checked before the data loads."""
+    model.method.param_groups(model.model, lr_scale, learning_rates)
 
 
 def build_model(backbone="efficientnet_lite0", method="da2", pretrained=True, weights=None, seed=0, device="cpu"):
