@@ -25,11 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from da2ext import methods  # noqa: E402
 from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.deep_attention_adaptor import RANK  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance,  # noqa: E402
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, probe_method, provenance,  # noqa: E402
                         run_configuration, run_probe)
 
 
@@ -56,16 +55,16 @@ def _adaptors_after_last(blocks):
         for block in adapted[:len(adapted) - blocks]:
             block.adaptor = None
         return model
-    da2 = methods.get("da2")
+    da2 = probe_method("da2")
     return Method("da2", "da2, adaptors after the last {} block(s) only".format(blocks), build, da2.learning_rates)
 
 
 def configurations():
     """(label, method, learning-rate overrides)"""
-    da2 = methods.get("da2")
+    da2 = probe_method("da2")
     wide = dict(BIAS_LEAN_TABLE_RATES, adaptors=da2.learning_rates["adaptors"])
     return (
-        ("bias_lean, shifts and head {:g}".format(BIAS_LEAN_TABLE_RATES["shifts"]), methods.get("bias_lean"),
+        ("bias_lean, shifts and head {:g}".format(BIAS_LEAN_TABLE_RATES["shifts"]), probe_method("bias_lean"),
          dict(BIAS_LEAN_TABLE_RATES)),
         ("da2 (its defaults)", da2, None),
         ("da2, adaptors after the last block only", _adaptors_after_last(1), wide),

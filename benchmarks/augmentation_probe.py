@@ -24,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from da2ext import methods  # noqa: E402
 from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
                         train_with_metrics)
 
@@ -41,7 +40,7 @@ def configurations():
 
 def run_one(args, label, seed):
     name, rates, augment, epochs = [(n, r, a, e) for lab, n, r, a, e in configurations() if lab == label][0]
-    metrics, seconds = train_with_metrics(args, methods.get(name), seed, learning_rates=rates,
+    metrics, seconds = train_with_metrics(args, name, seed, learning_rates=rates,
                                           calibrate_shifts=True, augment=augment, epochs=epochs)
     return {"config": label, "method": name, "rates": rates, "augment": augment, "epochs": epochs, "seed": seed,
             "val_accuracy": metrics["final_val_accuracy"], "train_accuracy": metrics["train_accuracy"][-1],

@@ -2,8 +2,9 @@
 shift_calibration_probe.py, da2_rates_probe.py, adaptor_generalisation_probe.py,
 augmentation_probe.py, resolution_probe.py): their common arguments, one
 in-process training run on the digits table's setting, bias_lean's table rates,
-a progress bar over the runs, the train-against-val table rows, and how they write
-benchmarks/results/<stem>.{json,md} with the commit they ran at."""
+a progress bar over the runs, the train-against-val table rows, how they write
+benchmarks/results/<stem>.{json,md} with the commit they ran at, and the "da2" they
+measured (probe_method: da2 before its defaults moved to the early adaptors)."""
 import argparse
 import json
 import os
@@ -19,16 +20,23 @@ import torch  # noqa: E402
 from da2ext.data.loaders import domain_loaders  # noqa: E402
 from da2ext.domains.atomic_file import atomic_write  # noqa: E402
 from da2ext.domains.multidomain import MultiDomainModel  # noqa: E402
+from da2ext.methods.method import Method  # noqa: E402
 from da2ext.models import backbones  # noqa: E402
 from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
-__all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "accuracy_row", "add_probe_arguments", "probe_commit",
-           "progress", "provenance", "run_configuration", "run_probe", "train_once", "train_with_metrics",
-           "write_results"]
+__all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "DA2_BEFORE_EARLY_ADAPTORS_RATES", "accuracy_row",
+           "add_probe_arguments", "probe_commit", "probe_method", "progress", "provenance", "run_configuration",
+           "run_probe", "train_once", "train_with_metrics", "write_results"]
 
 # bias_lean's best rates in the digits table (its sweep's 10x), for the shifts and the head.
 BIAS_LEAN_TABLE_RATES = {"shifts": 3e-2, "head": 3e-2}
+
+# "da2" as the probes before 6809c43 measured it: rank-4 adaptors after every block (da2_all_blocks' placement)
+# at 0.1, the shifts and head at 1e-2. da2's defaults moved since (adaptors after the early blocks only,
+# shifts and head at 3e-2); the probes whose tables say "da2" pin this, so that a rerun measures what their
+# committed results describe.
+DA2_BEFORE_EARLY_ADAPTORS_RATES = {"adaptors": 1e-1, "shifts": 1e-2, "head": 1e-2, "default": 1e-2}
 
 # The first columns of a probe table that sets val accuracy beside train accuracy (accuracy_row).
 ACCURACY_COLUMNS = "| configuration | val per seed | val mean | train mean | train - val |"
@@ -44,6 +52,16 @@ def add_probe_arguments(parser):
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
 
 
+def probe_method(name):
+    """The Method a probe's table calls `name`: da2ext's, except "da2", which is da2
+    as those tables measured it (DA2_BEFORE_EARLY_ADAPTORS_RATES, above)."""
+    from da2ext import methods
+    if name != "da2":
+        return methods.get(name)
+    return Method("da2", "da2 before 6809c43: rank-4 adaptors after every block, adaptors 0.1, shifts and head 1e-2",
+                  methods.get("da2_all_blocks").build, DA2_BEFORE_EARLY_ADAPTORS_RATES)
+
+
 def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
     """Learn args.domain once with `method` on a fresh ImageNet EfficientNet-Lite0 (64x64,
     batch 64, args.subsample images, args.epochs epochs), in this process. prepare_backbone:
@@ -56,9 +74,11 @@ def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
 def train_with_metrics(args, method, seed, prepare_backbone=None, augment=False, epochs=None, image_size=64,
                        **train_kwargs):
     """train_once, returning train_domain's whole metrics (per-epoch train and val
-    accuracy, ...) and the seconds it took. augment: the training images randomly
+    accuracy, ...) and the seconds it took. method: a Method, or a name for probe_method. augment: the training images randomly
     cropped after edge padding (da2ext.data.loaders.image_transform); epochs: in place
     of args.epochs; image_size: in place of the table's 64."""
+    if isinstance(method, str):
+        method = probe_method(method)
     torch.manual_seed(seed)
     network = backbones.create("efficientnet_lite0", pretrained=True)
     train_loader, val_loader, classes = domain_loaders(

@@ -36,15 +36,16 @@ NEW_DA2 = {"adaptors": 0.1, "shifts": 1e-2, "head": 1e-2}
 OLD_TAIL = {"adaptors": 3e-2, "shifts": 1e-3, "head": 1e-3, "tail": 1e-3}
 MID_TAIL = {"adaptors": 0.1, "shifts": 3e-3, "head": 3e-3, "tail": 1e-3}
 NEW_TAIL = dict(NEW_DA2, tail=1e-3)
-# (row name, method, warmup fraction, rates in place of the method's)
+# (row name, method, warmup fraction, rates in place of the method's). "da2" rows train da2_all_blocks, da2's
+# placement when this probe ran (166e4f1: rank-4 adaptors after every block), at the rates each row names.
 CONFIGS = (
     ("bias_lean, cosine", "bias_lean", 0.0, {}),
     ("bias_lean, warmup", "bias_lean", 0.1, {}),
     ("bias_lean, warmup, shifts+head 1e-2", "bias_lean", 0.1, {"shifts": 1e-2, "head": 1e-2}),
-    ("da2, cosine, shifts+head 3e-3", "da2", 0.0, OLD_DA2),
-    ("da2, warmup, shifts+head 3e-3", "da2", 0.1, OLD_DA2),
-    ("da2, cosine, shifts+head 1e-2", "da2", 0.0, NEW_DA2),
-    ("da2, warmup, shifts+head 1e-2", "da2", 0.1, NEW_DA2),
+    ("da2, cosine, shifts+head 3e-3", "da2_all_blocks", 0.0, OLD_DA2),
+    ("da2, warmup, shifts+head 3e-3", "da2_all_blocks", 0.1, OLD_DA2),
+    ("da2, cosine, shifts+head 1e-2", "da2_all_blocks", 0.0, NEW_DA2),
+    ("da2, warmup, shifts+head 1e-2", "da2_all_blocks", 0.1, NEW_DA2),
     ("da2_tail5, frozen stats, cosine, tail rates A", "da2_tail5_frozen_stats", 0.0, OLD_TAIL),
     ("da2_tail5, frozen stats, warmup, tail rates A", "da2_tail5_frozen_stats", 0.1, OLD_TAIL),
     ("da2_tail5, frozen stats, warmup, tail rates B", "da2_tail5_frozen_stats", 0.1, MID_TAIL),
