@@ -39,8 +39,7 @@ from da2ext import methods  # noqa: E402
 from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.deep_attention_adaptor import RANK  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from da2ext.ops.attention_branch import attention_logits  # noqa: E402
-from da2ext.ops.reference import ResidualAttentionAdaptor  # noqa: E402
+from da2ext.ops.reference import ResidualAttentionAdaptor, reference_attention_logits  # noqa: E402
 from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance,  # noqa: E402
                         run_configuration, run_probe)
 
@@ -52,10 +51,7 @@ class _OneFactorAdaptor(ResidualAttentionAdaptor):
     factor = None
 
     def forward(self, x):
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias = self.branch_parameters()
-        spatial = torch.cat([x.mean(dim=1, keepdim=True), x.max(dim=1, keepdim=True)[0]], dim=1)
-        channel_logits, spatial_logits = attention_logits(x.mean(dim=(2, 3)), spatial, fc1_weight, fc1_bias,
-                                                          fc2_weight, fc2_bias, spatial_weight, spatial_bias)
+        channel_logits, spatial_logits = reference_attention_logits(x, *self.branch_parameters())
         n, c = x.shape[0], x.shape[1]
         rank = spatial_logits.shape[1]
         gamma = self.gamma.reshape(1, rank, c, 1, 1)

@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_rows_with_gap, provenance, run_probe,  # noqa: E402
                         train_with_metrics)
 
 
@@ -56,11 +56,8 @@ def markdown(records, args, argv):
              "training batches; val: the held-out images. {}".format(
                  args.domain, args.subsample, seeds, provenance("augmentation_probe.py", argv)), "",
              ACCURACY_COLUMNS + " da2 - bias_lean (val) |", "| --- | --- | --- | --- | --- | --- |"]
-    means = {}
-    for label, name, _, augment, epochs in configurations():
-        row, means[(name, augment, epochs)] = accuracy_row(label, [r for r in records if r["config"] == label])
-        gap = means[(name, augment, epochs)] - means[("bias_lean", augment, epochs)]
-        lines.append(row + " {} |".format("{:+.1f}".format(gap) if name == "da2" else ""))
+    lines += accuracy_rows_with_gap([(label, name, (augment, epochs))
+                                     for label, name, _, augment, epochs in configurations()], records)
     return "\n".join(lines) + "\n"
 
 

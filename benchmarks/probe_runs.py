@@ -26,7 +26,7 @@ from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 __all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "DA2_BEFORE_EARLY_ADAPTORS_RATES", "accuracy_row",
-           "add_probe_arguments", "probe_commit", "probe_method", "progress", "provenance", "run_configuration",
+           "accuracy_rows_with_gap", "add_probe_arguments", "probe_commit", "probe_method", "progress", "provenance", "run_configuration",
            "run_probe", "train_once", "train_with_metrics", "write_results"]
 
 # bias_lean's best rates in the digits table (its sweep's 10x), for the shifts and the head.
@@ -158,3 +158,15 @@ def accuracy_row(label, rows):
     train = 100 * sum(r["train_accuracy"] for r in rows) / len(rows)
     return "| {} | {} | {:.1f} | {:.1f} | {:+.1f} |".format(
         label, " / ".join("{:.1f}".format(100 * r["val_accuracy"]) for r in rows), val, train, train - val), val
+
+
+def accuracy_rows_with_gap(rows, records):
+    """The table rows of (label, method name, setting) triples: accuracy_row's
+    columns, then da2's val mean less bias_lean's at the same setting (empty on
+    the other methods' rows). Each setting's bias_lean row comes before its da2 row."""
+    means, lines = {}, []
+    for label, name, setting in rows:
+        row, means[(name, setting)] = accuracy_row(label, [r for r in records if r["config"] == label])
+        gap = "{:+.1f}".format(means[(name, setting)] - means[("bias_lean", setting)]) if name == "da2" else ""
+        lines.append(row + " {} |".format(gap))
+    return lines

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance, run_probe,  # noqa: E402
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_rows_with_gap, provenance, run_probe,  # noqa: E402
                         train_with_metrics)
 
 SIZES = (64, 128)
@@ -54,11 +54,7 @@ def markdown(records, args, argv):
              "epoch's accuracy on the training batches; val: the held-out images. {}".format(
                  args.domain, args.subsample, args.epochs, seeds, provenance("resolution_probe.py", argv)), "",
              ACCURACY_COLUMNS + " da2 - bias_lean (val) |", "| --- | --- | --- | --- | --- | --- |"]
-    means = {}
-    for label, name, _, size in configurations():
-        row, means[(name, size)] = accuracy_row(label, [r for r in records if r["config"] == label])
-        gap = means[(name, size)] - means[("bias_lean", size)]
-        lines.append(row + " {} |".format("{:+.1f}".format(gap) if name == "da2" else ""))
+    lines += accuracy_rows_with_gap([(label, name, size) for label, name, _, size in configurations()], records)
     return "\n".join(lines) + "\n"
 
 

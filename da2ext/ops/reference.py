@@ -10,18 +10,25 @@ import torch
 from ._validation import check_feature_map
 from .attention_branch import AttentionBranch, attention_logits
 
-__all__ = ["ResidualAttentionAdaptor", "residual_attention_reference"]
+__all__ = ["ResidualAttentionAdaptor", "reference_attention_logits", "residual_attention_reference"]
 
 
-def residual_attention_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias,
-                                 gamma, mode="add"):
+def reference_attention_logits(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias):
+    """The branch's logits on F = x, eager: the descriptors of §2 (channel mean;
+    spatial mean and max over the channels) through the MLP and the spatial conv.
+    Returns (channel logits N x k*C, spatial logits N x k x H x W)."""
     channel_mean = x.mean(dim=(2, 3))
     spatial_mean = x.mean(dim=1, keepdim=True)
     # torch.max (not amax): its gradient goes to the one argmax channel, as in §2
     spatial_max = x.max(dim=1, keepdim=True)[0]
-    channel_logits, spatial_logits = attention_logits(
-        channel_mean, torch.cat([spatial_mean, spatial_max], dim=1), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-        spatial_weight, spatial_bias)
+    return attention_logits(channel_mean, torch.cat([spatial_mean, spatial_max], dim=1), fc1_weight, fc1_bias,
+                            fc2_weight, fc2_bias, spatial_weight, spatial_bias)
+
+
+def residual_attention_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias,
+                                 gamma, mode="add"):
+    channel_logits, spatial_logits = reference_attention_logits(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                                spatial_weight, spatial_bias)
     rank = spatial_logits.shape[1]
     if rank == 1:
         attention = torch.sigmoid(channel_logits)[:, :, None, None] * torch.sigmoid(spatial_logits)
