@@ -14,6 +14,7 @@ while its backward runs.
     python python/adapt_any_model.py --model regnet_x_400mf
     python python/adapt_any_model.py --model efficientnet_b0
     python python/adapt_any_model.py --model convnext_tiny --recompute-dtype float16
+    python python/adapt_any_model.py --model mobilenet_v3_large --adaptor-max-stride 8
 """
 import argparse
 import copy
@@ -33,6 +34,9 @@ def parse_args():
     parser.add_argument("--image-size", type=int, default=224, help="image height and width (default: 224)")
     parser.add_argument("--recompute-dtype", choices=["float16", "bfloat16"], default=None,
                         help="keep recomputed blocks' inputs in half the bytes (default: as they are, exact)")
+    parser.add_argument("--adaptor-max-stride", type=int, default=None,
+                        help="adaptors only after the stages whose output is at most this many times smaller than "
+                             "the input, as da2 places them with 8 (default: after every stage)")
     return parser.parse_args()
 
 
@@ -47,7 +51,7 @@ def main():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = da2ext.adapt(model, num_classes=10, rank=4, recompute_dtype=getattr(torch, args.recompute_dtype)
-                             if args.recompute_dtype else None)
+                             if args.recompute_dtype else None, adaptor_max_stride=args.adaptor_max_stride)
     for warning in caught:
         print("adapt() said: {}".format(warning.message))
     print("adaptors after: {}".format(", ".join(model.da2ext_stages)))

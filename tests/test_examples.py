@@ -122,3 +122,11 @@ def test_adapt_any_model_on_a_model_of_recomputed_blocks():
     assert ratio > 8, output
     search(r"^while its backward runs, the largest recomputed block \(.*\) holds \d+\.\d MiB more$", output)
 
+
+
+def test_adapt_any_model_places_adaptors_by_stride():
+    """--adaptor-max-stride 8, da2's placement: RegNetX's first two stages (strides 4 and 8)
+    get adaptors, the last two (16 and 32) none."""
+    output = run_script("adapt_any_model.py", ["--adaptor-max-stride", "8"])
+    search(r"^adaptors after: trunk_output\.block1, trunk_output\.block2$", output)
+    assert "trunk_output.module.block3.adaptor" not in output, output
