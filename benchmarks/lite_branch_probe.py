@@ -21,6 +21,10 @@ import os
 import re
 import sys
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -38,9 +42,72 @@ EARLY_BLOCKS = 5
 TINYTL_TABLE_RATES = {"other": 9e-3, "default": 3e-2}  # tinytl's rates at its sweep's 10x (digits.md)
 
 
-def _lite_branches(keep, adaptors):
+class _BottleneckBranch(nn.Module):
+    """A low-rank lite branch: avg-pool by 2 -> 1x1 conv C_in -> width -> ReLU -> 3x3 conv
+    width -> width (the block's stride) -> ReLU -> 1x1 conv width -> C_out -> BN (scale
+    initialised to 0) -> bilinear upsampling; what it keeps for backward is the pooled
+    input and width-channel maps, its weights O(width * (C_in + C_out + 9 * width))."""
+
+    def __init__(self, in_channels, out_channels, stride, width):
+        super(_BottleneckBranch, self).__init__()
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)  # LiteResidualBlock reads conv1
+        self.conv = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.expand = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.final_bn = nn.BatchNorm2d(out_channels)
+        nn.init.zeros_(self.final_bn.weight)
+
+    def forward(self, x, size):
+        y = torch.relu(self.conv(torch.relu(self.conv1(self.pool(x)))))
+        return F.interpolate(self.final_bn(self.expand(y)), size=size, mode="bilinear", align_corners=False)
+
+
+class _LowRankBranch(nn.Module):
+    """_BottleneckBranch without its BN: the last 1x1 conv starts at zero instead (as
+    LoRA's up-projection does), so that nothing of C_out channels is kept for backward:
+    the pooled input and width-channel maps only."""
+
+    def __init__(self, in_channels, out_channels, stride, width):
+        super(_LowRankBranch, self).__init__()
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)  # LiteResidualBlock reads conv1
+        self.conv = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.expand = nn.Conv2d(width, out_channels, 1, bias=False)
+        nn.init.zeros_(self.expand.weight)
+
+    def forward(self, x, size):
+        y = torch.relu(self.conv(torch.relu(self.conv1(self.pool(x)))))
+        return F.interpolate(self.expand(y), size=size, mode="bilinear", align_corners=False)
+
+
+class _NormalisedLowRankBranch(nn.Module):
+    """A low-rank branch normalised inside: avg-pool by 2 -> 1x1 conv C_in -> width -> BN -> ReLU
+    -> 3x3 conv (the block's stride) -> BN -> ReLU -> 1x1 conv width -> C_out whose weight is
+    gamma[c] * V[c, :] (V as PyTorch initialises a conv, gamma starting at 0), so the branch starts
+    at zero and grows its output by about its rate per step, as _BottleneckBranch's zero BN scale
+    does, while nothing of C_out channels is kept for backward (gamma's gradient comes through
+    the weight)."""
+
+    def __init__(self, in_channels, out_channels, stride, width):
+        super(_NormalisedLowRankBranch, self).__init__()
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)  # LiteResidualBlock reads conv1
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.direction = nn.Parameter(nn.Conv2d(width, out_channels, 1, bias=False).weight.detach().clone())
+        self.gamma = nn.Parameter(torch.zeros(out_channels, 1, 1, 1))
+
+    def forward(self, x, size):
+        y = torch.relu(self.bn2(self.conv(torch.relu(self.bn1(self.conv1(self.pool(x)))))))
+        z = F.conv2d(y, self.gamma * self.direction)
+        return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+
+
+def _lite_branches(keep, adaptors, width=None, branch=None):
     """A build: the lean backbone with its shifts and head, tinytl's lite branches beside
-    the blocks whose index `keep` accepts, and da2's adaptors if `adaptors`."""
+    the blocks whose index `keep` accepts (low-rank ones of `width` channels if given),
+    and da2's adaptors if `adaptors`."""
     def build(backbone, num_classes):
         if adaptors:
             model = adapt(backbone, num_classes, rank=RANK, adaptor_max_stride=ADAPTOR_MAX_STRIDE)
@@ -52,17 +119,22 @@ def _lite_branches(keep, adaptors):
         for index, (parent, name, child) in enumerate(sites):
             if not keep(index):
                 setattr(parent, name, child.main)
+            elif width is not None:
+                lite = child.lite
+                child.lite = (branch or _BottleneckBranch)(lite.conv1.in_channels, lite.final_bn.num_features,
+                                               lite.conv1.stride[0], width).to(lite.conv1.weight.device)
         return model.train()
     return build
 
 
 def configurations():
     """(label, method, rates) in the order of the table."""
-    def row(label, keep, adaptors=False):
-        rates = dict(BIAS_LEAN_TABLE_RATES, other=TINYTL_TABLE_RATES["other"])
+    def row(label, keep, adaptors=False, width=None, branch_rate=TINYTL_TABLE_RATES["other"], branch=None):
+        rates = dict(BIAS_LEAN_TABLE_RATES, other=branch_rate)
         if adaptors:
             rates["adaptors"] = methods.get("da2").learning_rates["adaptors"]
-        return label, Method("lite_branch_variant", label, _lite_branches(keep, adaptors), TINYTL_TABLE_RATES), rates
+        return label, Method("lite_branch_variant", label, _lite_branches(keep, adaptors, width, branch),
+                             TINYTL_TABLE_RATES), rates
     return (
         ("bias_lean (shifts and head 3e-2)", methods.get("bias_lean"), dict(BIAS_LEAN_TABLE_RATES)),
         row("tinytl: branches beside every block", lambda i: True),
@@ -70,6 +142,29 @@ def configurations():
         row("branches beside the last 11 blocks (stride >= 16)", lambda i: i >= EARLY_BLOCKS),
         row("branches beside the last 5 blocks (stride 32)", lambda i: i >= 11),
         row("da2 + branches beside the last 11 blocks", lambda i: i >= EARLY_BLOCKS, adaptors=True),
+        row("da2 + width-32 bottleneck branches beside the last 11 blocks", lambda i: i >= EARLY_BLOCKS,
+            adaptors=True, width=32),
+        row("da2 + width-64 bottleneck branches beside the last 11 blocks", lambda i: i >= EARLY_BLOCKS,
+            adaptors=True, width=64),
+        row("da2 + width-64 bottleneck branches beside the last 5 blocks", lambda i: i >= 11, adaptors=True,
+            width=64),
+        row("width-64 bottleneck branches beside the last 11 blocks", lambda i: i >= EARLY_BLOCKS, width=64),
+        row("da2 + width-64 bottleneck branches beside the last 5 blocks at 3e-2", lambda i: i >= 11,
+            adaptors=True, width=64, branch_rate=3e-2),
+        row("da2 + width-64 bottleneck branches beside the last 5 blocks at 1e-1", lambda i: i >= 11,
+            adaptors=True, width=64, branch_rate=1e-1),
+        row("da2 + width-128 bottleneck branches beside the last 5 blocks at 3e-2", lambda i: i >= 11,
+            adaptors=True, width=128, branch_rate=3e-2),
+        row("da2 + width-64 low-rank branches (no BN) beside the last 5 blocks at 3e-2", lambda i: i >= 11,
+            adaptors=True, width=64, branch_rate=3e-2, branch=_LowRankBranch),
+        row("da2 + width-64 low-rank branches (no BN) beside the last 5 blocks at 1e-2", lambda i: i >= 11,
+            adaptors=True, width=64, branch_rate=1e-2, branch=_LowRankBranch),
+        row("da2 + width-64 low-rank branches (no BN) beside the last 4 blocks at 3e-2", lambda i: i >= 12,
+            adaptors=True, width=64, branch_rate=3e-2, branch=_LowRankBranch),
+        row("da2 + width-64 normalised low-rank branches beside the last 5 blocks at 3e-2", lambda i: i >= 11,
+            adaptors=True, width=64, branch_rate=3e-2, branch=_NormalisedLowRankBranch),
+        row("da2 + width-64 normalised low-rank branches beside the last 5 blocks at 1e-1", lambda i: i >= 11,
+            adaptors=True, width=64, branch_rate=1e-1, branch=_NormalisedLowRankBranch),
     )
 
 
