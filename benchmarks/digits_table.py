@@ -282,12 +282,17 @@ def nano_bytes(method_names, batch_size=8, image_size=224):
 
 def nano_column(args):
     """nano_bytes for args.methods, computed in a child process (the models it builds
-    would otherwise stay in this process's memory) and cached in the work directory."""
+    would otherwise stay in this process's memory) and cached in the work directory
+    for the commit of the package they were measured with (a method's name does not
+    say what it builds: a cache of another commit, or of uncommitted code, is not reused)."""
     path = os.path.join(args.workdir, "nano_bytes.json")
+    commit = git_commit()
     cached = {}
-    if os.path.isfile(path):
+    if os.path.isfile(path) and "+changes" not in commit:
         with open(path) as f:
-            cached = json.load(f)
+            stored = json.load(f)
+        if stored.get("commit") == commit:
+            cached = stored.get("bytes", {})
     missing = [m for m in args.methods if m not in cached]
     if missing:
         code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import digits_table; "
@@ -296,7 +301,7 @@ def nano_column(args):
         cached.update(json.loads(output.decode("utf-8").strip().splitlines()[-1]))
         if not os.path.isdir(args.workdir):
             os.makedirs(args.workdir)
-        text = json.dumps(cached, indent=1, sort_keys=True) + "\n"
+        text = json.dumps({"commit": commit, "bytes": cached}, indent=1, sort_keys=True) + "\n"
         atomic_write(path, lambda f: f.write(text), mode="w")
     return cached
 

@@ -18,7 +18,7 @@ from .lean.recomputed_block import RecomputedBlock
 from .lean.shift_calibration import calibrate_shifts
 from .lean.trainable import print_trainable_parameters, trainable_parameters
 from .models import backbones
-from .nn import PackedReLU, PackedReLU6, ResidualAttentionAdaptor
+from .nn import LowRankConvBranch, PackedReLU, PackedReLU6, ResidualAttentionAdaptor
 from .ops import backend, packed_activation, packed_relu, packed_relu6, reference, residual_attention
 from .ops.attention_branch import spatial_kernel_size
 from .profiling import SavedTensorCounter, profile_step, saved_bytes
@@ -31,6 +31,7 @@ __all__ = [
     "DomainFileError",
     "FrozenConvBNAct",
     "LeanMaxPool2d",
+    "LowRankConvBranch",
     "MultiDomainModel",
     "PackedReLU",
     "PackedReLU6",

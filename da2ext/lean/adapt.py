@@ -19,6 +19,7 @@ from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
 from ..ops.reference import ResidualAttentionAdaptor as ReferenceResidualAttentionAdaptor
 from .adaptor_placement import keep_adaptors_up_to_stride
+from .late_branches import add_late_branches
 from .frozen_blocks import InferenceOnly, block_out_channels, freeze_block, freeze_conv_bn_act
 from .frozen_conv import FrozenConvBNAct
 from .generic_adapt import adapt_generic, classifier_name
@@ -41,15 +42,18 @@ class Head(nn.Linear):
 
 
 class AdaptedBlock(nn.Module):
-    """A frozen block followed by its residual attention adaptor. The block always
-    computes its inference behaviour, whatever model.train() says, unless it is
-    part of a trainable tail (which decides for itself); the adaptor runs in its
-    own dtype (float32 after a float16 backbone)."""
+    """A frozen block followed by its residual attention adaptor, and beside it,
+    where adapt() puts one (branch_width), a low-rank branch on the block's input
+    added to its output. The block always computes its inference behaviour,
+    whatever model.train() says, unless it is part of a trainable tail (which
+    decides for itself); adaptor and branch run in their own dtype (float32 after a
+    float16 backbone)."""
 
-    def __init__(self, block, adaptor):
+    def __init__(self, block, adaptor, branch=None):
         super(AdaptedBlock, self).__init__()
         self.block = block
         self.adaptor = adaptor
+        self.branch = branch
 
     def train(self, mode=True):
         super(AdaptedBlock, self).train(mode)
@@ -60,7 +64,12 @@ class AdaptedBlock(nn.Module):
         return self
 
     def forward(self, x):
-        y = self.block(x)
+        if self.branch is None:
+            y = self.block(x)
+        else:  # the branch reads x before the block runs, so that nothing the block does to x can change it
+            side = self.branch(x.to(self.branch.up.weight.dtype))
+            y = self.block(x)
+            y = y + self.branch.upsample(side, y.shape[-2:]).to(y.dtype)
         if self.adaptor is None:
             return y
         dtype = self.adaptor.gamma.dtype
@@ -364,7 +373,7 @@ def _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts,
 def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=True, backbone_dtype=torch.float32,
           lean=True, cpu_channels_last=True, rank=1, train_last=0, memory_budget_mib=None,
           budget_input_shape=(8, 3, 224, 224), tail_statistics="final", recompute_dtype=None,
-          adaptor_max_stride=None):
+          adaptor_max_stride=None, branch_width=None, branch_min_stride=32):
     """Freeze `model` and rewrite it for DA2, in place; returns it.
 
     model: torchvision ResNet (18..152, wide, ResNeXt) or MobileNetV2, or timm's
@@ -387,6 +396,13 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         224 x 224, recorded in model.da2ext_adaptor_strides). DA2's method uses 8:
         late adaptors fit a small domain's training images without generalising
         (docs/design.md §2, "Rank and placement").
+    branch_width: None adds no branch; an int w puts a low-rank convolution branch
+        of w inner channels (da2ext.nn.LowRankConvBranch, parameter group
+        "branches") beside every block whose output stride is at least
+        branch_min_stride (traced as for adaptor_max_stride; recorded in
+        model.da2ext_branch_strides). DA2's method uses w = 64 beside the blocks of
+        stride 32: the frozen deep stages cap a far domain, and their maps are small
+        (docs/design.md §2, "Late branches"). Models whose blocks adapt() knows only.
     shifts: train the frozen BNs' shifts (beta), the §3a recipe.
     backbone_dtype: float32, or float16 to hold the frozen backbone in half
         precision (Jetson) while adaptors, shifts and head stay float32;
@@ -461,7 +477,15 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
     if adaptor_max_stride is not None and (isinstance(adaptor_max_stride, bool) or
                                            not isinstance(adaptor_max_stride, int) or adaptor_max_stride < 1):
         raise ValueError("adapt: adaptor_max_stride must be None or an int >= 1, got {!r}".format(adaptor_max_stride))
+    for option, value in (("branch_width", branch_width), ("branch_min_stride", branch_min_stride)):
+        if (value is not None or option == "branch_min_stride") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("adapt: {} must be {}an int >= 1, got {!r}".format(
+                option, "None or " if option == "branch_width" else "", value))
     in_channels = _input_channels(model)
+    if family is None and branch_width is not None:
+        raise ValueError("adapt: branch_width needs a model whose blocks adapt() knows (torchvision ResNet or "
+                         "MobileNetV2, timm ResNet or EfficientNet), got {}".format(type(model).__name__))
     if family is None:
         return _adapt_unknown_family(model, num_classes, mode, reduction, adaptors, shifts, backbone_dtype, lean,
                                      rank, train_last, memory_budget_mib, recompute_dtype, adaptor_max_stride,
@@ -486,7 +510,8 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         settings = dict(num_classes=num_classes, mode=mode, reduction=reduction, adaptors=adaptors, shifts=shifts,
                         lean=lean, cpu_channels_last=cpu_channels_last, rank=rank,
                         tail_statistics=tail_statistics, recompute_dtype=recompute_dtype,
-                        adaptor_max_stride=adaptor_max_stride)
+                        adaptor_max_stride=adaptor_max_stride, branch_width=branch_width,
+                        branch_min_stride=branch_min_stride)
         train_last, measured = largest_tail_within_budget(
             model, lambda m, k: adapt(m, train_last=k, **settings), blocks, memory_budget_mib, shape)
         model = adapt(model, train_last=train_last, **settings)
@@ -521,6 +546,12 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
                 if isinstance(module, FrozenConvBNAct):
                     module.hold_weight_in(torch.channels_last)
     _place_adaptors(model, adaptor_max_stride, in_channels)
+    model.da2ext_branch_strides = None
+    if branch_width is not None:
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedBlock)]
+        head_dtype = next(m for m in model.modules() if isinstance(m, Head)).weight.dtype  # as the adaptors'
+        model.da2ext_branch_strides = add_late_branches(model, named, branch_width, branch_min_stride, in_channels,
+                                                        head_dtype)
     if rewriter.unchanged:
         warnings.warn("da2ext.adapt: {} module(s) run unchanged (frozen, eval mode, plain autograd: they keep "
                       "their activations for backward): {}".format(

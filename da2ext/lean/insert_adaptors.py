@@ -16,7 +16,7 @@ from ..nn.adaptor import ResidualAttentionAdaptor
 from ..ops.attention_branch import MAX_RANK
 from .submodules import replace_submodule
 
-__all__ = ["AdaptorAfter", "feature_map_channels", "feature_map_shapes", "insert_adaptors"]
+__all__ = ["AdaptorAfter", "feature_map_channels", "feature_map_io_shapes", "feature_map_shapes", "insert_adaptors"]
 
 
 class AdaptorAfter(nn.Module):
@@ -60,16 +60,19 @@ def _chosen(model, after):
     return chosen
 
 
-def feature_map_shapes(model, chosen, example_input):
-    """{name: (N, C, H, W)} for each of the chosen (name, module) pairs whose output
-    is an N x C x H x W tensor, from one forward of example_input without autograd,
-    in eval mode (the model's mode is restored)."""
+def feature_map_io_shapes(model, chosen, example_input):
+    """{name: (input shape, output shape)} for each of the chosen (name, module) pairs
+    whose output is an N x C x H x W tensor (the input shape: that of its first
+    argument, None unless it is one too), from one forward of example_input without
+    autograd, in eval mode (the model's mode is restored)."""
     shapes, hooks = {}, []
 
     def record(name):
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes[name] = tuple(output.shape)
+                first = inputs[0] if inputs else None
+                shapes[name] = (tuple(first.shape) if isinstance(first, torch.Tensor) and first.dim() == 4 else None,
+                                tuple(output.shape))
         return hook
 
     for name, module in chosen:
@@ -84,6 +87,11 @@ def feature_map_shapes(model, chosen, example_input):
         for hook in hooks:
             hook.remove()
     return shapes
+
+
+def feature_map_shapes(model, chosen, example_input):
+    """{name: (N, C, H, W)} of each chosen module's output (feature_map_io_shapes)."""
+    return dict((name, io[1]) for name, io in feature_map_io_shapes(model, chosen, example_input).items())
 
 
 def feature_map_channels(model, chosen, example_input):

@@ -1,12 +1,13 @@
 """kept_bytes_by_part(): where a model's training memory goes, part by part
 (docs/design.md §3, "Models of unknown blocks"): what each part's forward makes
 autograd keep for backward, and whether the part runs lean, in plain autograd,
-or is an adaptor or the head."""
+or is an adaptor, a low-rank branch or the head."""
 import itertools
 
 import torch
 from torch import nn
 
+from ..nn.low_rank_branch import LowRankConvBranch
 from ..ops.attention_branch import AttentionBranch
 from ..profiling import SavedTensorCounter, model_state, storage_key_and_bytes
 from .adapt import AdaptedBlock, Head
@@ -25,19 +26,21 @@ def _default_parts(model):
     for name, module in model.named_modules():
         if not isinstance(module, (AdaptedBlock, AdaptorAfter)):
             continue
-        for attribute in ("block", "module", "adaptor"):  # AdaptedBlock's block, AdaptorAfter's module
+        for attribute in ("block", "module", "adaptor", "branch"):  # AdaptedBlock's block, AdaptorAfter's module
             if isinstance(getattr(module, attribute, None), nn.Module):
                 parts.append("{}.{}".format(name, attribute) if name else attribute)
     return parts
 
 
 def _treatment(module):
-    """How a part runs: "adaptor", "lean" (packed bits for backward), "recomputed"
+    """How a part runs: "adaptor", "branch", "lean" (packed bits for backward), "recomputed"
     (keeps its input, runs again in backward), "head", "lean in part" or "plain autograd"."""
     while isinstance(module, InferenceOnly):  # a wrapper that only keeps eval mode
         module = module.module
     if isinstance(module, AttentionBranch):
         return "adaptor"
+    if isinstance(module, LowRankConvBranch):
+        return "branch"
     if isinstance(module, RecomputedBlock):
         return "recomputed"
     heads = [m for m in module.modules() if isinstance(m, Head)]

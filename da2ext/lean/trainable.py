@@ -1,7 +1,9 @@
 """What a model trains, in the spirit of PEFT's print_trainable_parameters, with
-DA2's groups: adaptors, BN shifts, head, a trainable tail, and anything else that trains."""
+DA2's groups: adaptors, low-rank branches, BN shifts, head, a trainable tail, and
+anything else that trains."""
 from torch import nn
 
+from ..nn.low_rank_branch import LowRankConvBranch
 from ..ops.attention_branch import AttentionBranch
 from .adapt import Head
 from .frozen_conv import FrozenConvBNAct
@@ -9,7 +11,7 @@ from .trainable_tail import TrainableTail
 
 __all__ = ["PARAMETER_GROUPS", "parameter_groups", "print_trainable_parameters", "trainable_parameters"]
 
-_GROUPS = ("adaptors", "shifts", "head", "tail", "other")
+_GROUPS = ("adaptors", "branches", "shifts", "head", "tail", "other")
 PARAMETER_GROUPS = _GROUPS  # the names learning rates are given for
 
 
@@ -20,6 +22,8 @@ def _group_of_parameters(model):
             kind = "tail"
         elif isinstance(module, AttentionBranch):
             kind = "adaptors"
+        elif isinstance(module, LowRankConvBranch):
+            kind = "branches"
         elif isinstance(module, FrozenConvBNAct):
             group[id(module.shift)] = "shifts"
             continue
@@ -37,8 +41,8 @@ def _group_of_parameters(model):
 
 
 def parameter_groups(model):
-    """The trainable parameters by group: {"adaptors": [...], "shifts": [...],
-    "head": [...], "tail": [...], "other": [...]}, empty groups left out."""
+    """The trainable parameters by group: {"adaptors": [...], "branches": [...],
+    "shifts": [...], "head": [...], "tail": [...], "other": [...]}, empty groups left out."""
     group = _group_of_parameters(model)
     groups = {}
     for p in model.parameters():
@@ -50,7 +54,7 @@ def parameter_groups(model):
 def trainable_parameters(model):
     """A dict: "trainable" and "total" parameter counts (total includes the lean
     backbone's folded weights, which are buffers), "percent", and the
-    trainable count of each group ("adaptors", "shifts", "head", "other")."""
+    trainable count of each group ("adaptors", "branches", "shifts", "head", "tail", "other")."""
     group = _group_of_parameters(model)
     counts = dict((name, 0) for name in _GROUPS)
     trainable = total = 0
@@ -70,6 +74,7 @@ def print_trainable_parameters(model):
     """Print, e.g.: trainable params: 391,460 || all params: 23,919,012 || trainable%: 1.6366
     (adaptors 137,632, shifts 53,120, head 204,900)."""
     c = trainable_parameters(model)
-    detail = ", ".join("{} {:,}".format(name, c[name]) for name in _GROUPS if c[name] or name not in ("tail", "other"))
+    detail = ", ".join("{} {:,}".format(name, c[name]) for name in _GROUPS
+                       if c[name] or name not in ("branches", "tail", "other"))
     print("trainable params: {:,} || all params: {:,} || trainable%: {:.4f} ({})".format(
         c["trainable"], c["total"], c["percent"], detail))

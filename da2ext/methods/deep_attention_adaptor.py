@@ -1,7 +1,8 @@
-"""DA2 and its ablations (docs/design.md §3a): the fused adaptors, the BN shifts and
-a head on the lean frozen backbone; the same recipe in plain PyTorch
-(da2_eager); the adaptors without the shifts (da2_adaptor_only); and DA2 with a
-trainable tail, by block count (da2_tail<k>) or by memory budget
+"""DA2 and its ablations (docs/design.md §3a): the fused adaptors after the early
+blocks, low-rank branches beside the late ones, the BN shifts and a head on the
+lean frozen backbone; the same recipe in plain PyTorch (da2_eager); without the
+shifts (da2_adaptor_only); without the branches (da2_no_branches); and DA2 with
+a trainable tail, by block count (da2_tail<k>) or by memory budget
 (da2_budget<MiB>).
 
 The rates: the adaptors learn only with a rate of their own, far above the
@@ -19,8 +20,17 @@ table's; benchmarks/results/adaptor_variants.md). On the digits table's seeds
 that margin did not hold (benchmarks/results/digits.md: every placement within
 the seeds' spread of the shifts alone); the placement stays for what it saves.
 
-da2_eager, da2_adaptor_only and da2_rank1 change one thing of da2 each;
-da2_all_blocks puts its adaptors after every block (the placement's ablation).
+The branches: beside the blocks of stride 32 (the last stage), a width-64
+low-rank convolution branch on the block's input (da2ext.nn.LowRankConvBranch),
+at 3e-2 like the shifts. The frozen deep stages cap what the shifts and the
+adaptors learn on a far domain; TinyTL's lite branches pass the shifts alone
+there, and their margin lives in the late blocks (benchmarks/lite_branch_probe.py,
+benchmarks/results/lite_branch_probe.md, seeds 0, 3 and 4), where the maps are
+small: ResNet-50's three branches keep 2.9 MiB for backward at 224 x 224, batch 8.
+
+da2_eager, da2_adaptor_only, da2_rank1 and da2_no_branches change one thing of
+da2 each; da2_all_blocks puts its adaptors after every block (the placement's
+ablation).
 The tails keep the recipe they were measured with (adaptors after every block,
 shifts and head at 1e-2, the tail at 1e-3: benchmarks/training_recipe_probe.py,
 benchmarks/results/training_recipe.md).
@@ -35,7 +45,12 @@ from .method import Method
 RANK = 4
 # Adaptors after the blocks whose output is at most this many times smaller than the input (adapt()).
 ADAPTOR_MAX_STRIDE = 8
-LEARNING_RATES = {"adaptors": 1e-1, "shifts": 3e-2, "head": 3e-2, "default": 3e-2}
+# Low-rank branches of this width beside the blocks whose output is at least this many times smaller (adapt()).
+BRANCH_WIDTH = 64
+BRANCH_MIN_STRIDE = 32
+LEARNING_RATES = {"adaptors": 1e-1, "branches": 3e-2, "shifts": 3e-2, "head": 3e-2, "default": 3e-2}
+# da2 before its branches: the same groups less "branches" (a method's rates name only groups it trains).
+NO_BRANCH_LEARNING_RATES = dict((group, rate) for group, rate in LEARNING_RATES.items() if group != "branches")
 # A tail's pretrained weights take a rate well under the shifts' (in the digits table's sweep, at 3x these
 # rates, the tail at 3e-3, a frozen-statistics tail stayed at chance: benchmarks/results/digits_sweep.json);
 # its shifts and head keep the 1e-2 the tails were measured with.
@@ -43,29 +58,34 @@ TAIL_LEARNING_RATES = {"adaptors": 1e-1, "shifts": 1e-2, "head": 1e-2, "default"
 # Where da2_budget<MiB> measures its training memory: docs/design.md §4's nano setting (batch 8, 224 x 224).
 BUDGET_INPUT_SHAPE = (8, 3, 224, 224)
 
-DA2 = Method("da2", "fused rank-{} adaptors after the blocks of stride <= {} + BN shifts + head, lean frozen "
-             "backbone".format(RANK, ADAPTOR_MAX_STRIDE),
-             lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK,
-                                                 adaptor_max_stride=ADAPTOR_MAX_STRIDE), LEARNING_RATES)
+
+
+def _da2_build(**options):
+    """adapt() with da2's rank, adaptor placement and branches, changed by `options`."""
+    settings = dict(rank=RANK, adaptor_max_stride=ADAPTOR_MAX_STRIDE, branch_width=BRANCH_WIDTH,
+                    branch_min_stride=BRANCH_MIN_STRIDE)
+    settings.update(options)
+    return lambda backbone, num_classes: adapt(backbone, num_classes, **settings)
+
+
+DA2 = Method("da2", "fused rank-{} adaptors after the blocks of stride <= {} + width-{} low-rank branches beside the "
+             "blocks of stride {} + BN shifts + head, lean frozen backbone".format(
+                 RANK, ADAPTOR_MAX_STRIDE, BRANCH_WIDTH, BRANCH_MIN_STRIDE), _da2_build(), LEARNING_RATES)
 DA2_EAGER = Method("da2_eager", "the da2 recipe in plain PyTorch on a plainly frozen backbone",
-                   lambda backbone, num_classes: adapt(backbone, num_classes, lean=False, rank=RANK,
-                                                       adaptor_max_stride=ADAPTOR_MAX_STRIDE), LEARNING_RATES)
-DA2_ADAPTOR_ONLY = Method("da2_adaptor_only", "da2's adaptors + head, no BN shifts, lean backbone",
-                          lambda backbone, num_classes: adapt(backbone, num_classes, shifts=False, rank=RANK,
-                                                              adaptor_max_stride=ADAPTOR_MAX_STRIDE),
-                          LEARNING_RATES)
-DA2_RANK1 = Method("da2_rank1", "da2 with rank-1 adaptors (the original adaptor; ablation)",
-                   lambda backbone, num_classes: adapt(backbone, num_classes, rank=1,
-                                                       adaptor_max_stride=ADAPTOR_MAX_STRIDE), LEARNING_RATES)
+                   _da2_build(lean=False), LEARNING_RATES)
+DA2_ADAPTOR_ONLY = Method("da2_adaptor_only", "da2's adaptors and branches + head, no BN shifts, lean backbone",
+                          _da2_build(shifts=False), LEARNING_RATES)
+DA2_RANK1 = Method("da2_rank1", "da2 with rank-1 adaptors (the original adaptor; ablation)", _da2_build(rank=1),
+                   LEARNING_RATES)
 DA2_ALL_BLOCKS = Method("da2_all_blocks", "da2 with an adaptor after every block (the placement's ablation)",
-                        lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK), LEARNING_RATES)
+                        _da2_build(adaptor_max_stride=None), LEARNING_RATES)
+DA2_NO_BRANCHES = Method("da2_no_branches", "da2 without its low-rank branches (adaptors, shifts and head)",
+                         _da2_build(branch_width=None), NO_BRANCH_LEARNING_RATES)
 
 # Not among METHODS (the digits table runs those all): on a backbone whose blocks are all bit-lean it is da2.
 DA2_HALF_RECOMPUTE = Method(
     "da2_half_recompute", "da2 with the recomputed blocks' inputs kept in float16 (SiLU, GELU, SE, LayerNorm blocks)",
-    lambda backbone, num_classes: adapt(backbone, num_classes, rank=RANK, recompute_dtype=torch.float16,
-                                        adaptor_max_stride=ADAPTOR_MAX_STRIDE),
-    LEARNING_RATES)
+    _da2_build(recompute_dtype=torch.float16), LEARNING_RATES)
 
 _TAIL = re.compile(r"^da2_tail([1-9][0-9]*)(?:_(batch|frozen)_stats)?$")
 _BUDGET = re.compile(r"^da2_budget([1-9][0-9]*)$")

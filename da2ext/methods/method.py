@@ -19,7 +19,7 @@ MAX_RATE = 1e6
 class Method(object):
     """name: as the CLI spells it; description: one line for --help and tables;
     build(backbone, num_classes) -> the model to train (rewritten in place);
-    learning_rates: Adam learning rate per parameter group ("adaptors", "shifts",
+    learning_rates: Adam learning rate per parameter group ("adaptors", "branches", "shifts",
     "head", "other"; "default" for any group not named)."""
 
     def __init__(self, name, description, build, learning_rates):
