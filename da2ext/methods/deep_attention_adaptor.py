@@ -25,8 +25,9 @@ low-rank convolution branch on the block's input (da2ext.nn.LowRankConvBranch),
 at 3e-2 like the shifts. The frozen deep stages cap what the shifts and the
 adaptors learn on a far domain; TinyTL's lite branches pass the shifts alone
 there, and their margin lives in the late blocks (benchmarks/lite_branch_probe.py,
-benchmarks/results/lite_branch_probe.md, seeds 0, 3 and 4), where the maps are
-small: ResNet-50's three branches keep 2.9 MiB for backward at 224 x 224, batch 8.
+benchmarks/results/lite_branch_probe.md, seeds none of the digits table's), where
+the maps are small: ResNet-50's three branches keep about 2 MiB for backward at
+224 x 224, batch 8.
 
 da2_eager, da2_adaptor_only, da2_rank1 and da2_no_branches change one thing of
 da2 each; da2_all_blocks puts its adaptors after every block (the placement's
