@@ -166,17 +166,19 @@ def configurations():
         row("da2 + width-64 normalised low-rank branches beside the last 5 blocks at 1e-1", lambda i: i >= 11,
             adaptors=True, width=64, branch_rate=1e-1, branch=_NormalisedLowRankBranch),
         _adapt_branches_row(),
+        _adapt_branches_row(rank=1),
     )
 
 
-def _adapt_branches_row():
+def _adapt_branches_row(rank=RANK):
     """da2 with adapt()'s own late branches (branch_width=64 beside the blocks of stride 32: Lite0's last 5):
     _BottleneckBranch's design, pooling by twice the block's stride and keeping nothing of C_out channels
     for backward (da2ext.nn.LowRankConvBranch), all at 3e-2."""
-    label = "da2 + adapt's branches (branch_width=64, stride 32) at 3e-2"
+    label = "da2 + adapt's branches (branch_width=64, stride 32) at 3e-2" + ("" if rank == RANK else
+                                                                            ", rank-{} adaptors".format(rank))
 
     def build(backbone, num_classes):
-        return adapt(backbone, num_classes, rank=RANK, adaptor_max_stride=ADAPTOR_MAX_STRIDE, branch_width=64)
+        return adapt(backbone, num_classes, rank=rank, adaptor_max_stride=ADAPTOR_MAX_STRIDE, branch_width=64)
     rates = dict(BIAS_LEAN_TABLE_RATES, adaptors=methods.get("da2").learning_rates["adaptors"], branches=3e-2)
     return label, Method("lite_branch_variant", label, build, dict(TINYTL_TABLE_RATES, branches=3e-2)), rates
 

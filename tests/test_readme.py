@@ -23,11 +23,14 @@ BLOCK = re.compile(r"(?:<!--\s*no-test:\s*(?P<reason>.*?)\s*-->\s*\n)?```python\
 
 # Checks appended to the block whose code contains the key.
 CHECKS = {
-    "da2ext.adapt(model, num_classes=10, rank=4, adaptor_max_stride=8)": """
+    "da2ext.adapt(model, num_classes=10, rank=4, adaptor_max_stride=8, branch_width=64)": """
 gammas = [p for name, p in model.named_parameters() if name.endswith("adaptor.gamma")]
 # an adaptor after each of layer1's and layer2's 7 blocks (stride <= 8), and three Adam steps moved
 # their gamma off zero: they were trained, not just run
 assert len(gammas) == 7 and all(g.abs().sum().item() > 0 for g in gammas), len(gammas)
+# a branch beside each of layer4's 3 blocks (stride 32), its BN scale moved off zero too
+scales = [p for name, p in model.named_parameters() if name.endswith("branch.bn.weight")]
+assert len(scales) == 3 and all(s.abs().sum().item() > 0 for s in scales), len(scales)
 assert torch.isfinite(loss).all()
 assert kept.saved_bytes < 16 * 2 ** 20, kept.saved_bytes  # the lean backbone's claim, as printed
 """,
