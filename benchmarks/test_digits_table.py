@@ -174,3 +174,17 @@ def test_the_sweep_leaves_da2s_adaptor_rate_as_the_method_sets_it(tmp_path):
     assert rate * 3.0 == pytest.approx(0.1)  # --lr-scale 3 brings it back to da2's own 0.1
     assert "--lr" not in digits_table._train_command(args, "da2", "mnist", 0, 1.0, str(tmp_path / "run"))
     assert "--lr" not in digits_table._train_command(args, "bias_lean", "mnist", 0, 3.0, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("stale", [{"last": {"saved_bytes": -1}},  # the cache's format before its commit key
+                                   {"commit": "0000000", "bytes": {"last": {"saved_bytes": -1}}}])
+def test_a_nano_cache_of_another_commit_is_measured_again(tmp_path, stale):
+    import argparse
+    with open(str(tmp_path / "nano_bytes.json"), "w") as f:
+        json.dump(stale, f)
+    args = argparse.Namespace(workdir=str(tmp_path), methods=["last"])
+    measured = digits_table.nano_column(args)
+    assert measured["last"]["saved_bytes"] >= 0
+    with open(str(tmp_path / "nano_bytes.json")) as f:
+        stored = json.load(f)
+    assert stored["bytes"]["last"] == measured["last"] and stored["commit"] != "0000000"
