@@ -26,7 +26,6 @@ Writes benchmarks/results/adaptor_variants.{md,json} (mnist_m), or
 adaptor_variants_<domain>.{md,json}.
 """
 import os
-import re
 import sys
 
 import torch
@@ -40,8 +39,8 @@ from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.deep_attention_adaptor import RANK  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.ops.reference import ResidualAttentionAdaptor, reference_attention_logits  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance,  # noqa: E402
-                        run_configuration, run_probe)
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, add_only_argument, labelled_accuracy_rows,  # noqa: E402
+                        labelled_runs, provenance, run_configuration, run_probe)
 
 
 class _OneFactorAdaptor(ResidualAttentionAdaptor):
@@ -140,20 +139,12 @@ def markdown(records, args, argv):
              "{}".format(args.domain, args.subsample, args.epochs, seeds, RANK, ADAPTOR_RATE,
                         provenance("adaptor_variants_probe.py", argv)),
              "", ACCURACY_COLUMNS, "| --- | --- | --- | --- | --- |"]
-    for label, _, _ in configurations():
-        rows = [r for r in records if r["config"] == label]
-        if rows:
-            lines.append(accuracy_row(label, rows)[0])
+    lines += labelled_accuracy_rows(configurations(), records)
     return "\n".join(lines) + "\n"
 
 
 def _runs(args):
-    return [(label, seed) for label, _, _ in configurations() for seed in args.seeds
-            if not args.only or re.search(args.only, label)]
-
-
-def _arguments(parser):
-    parser.add_argument("--only", help="a regular expression: run only the rows whose label it matches")
+    return labelled_runs(configurations(), args)
 
 
 def _stem(args):
@@ -162,7 +153,7 @@ def _stem(args):
 
 def main(argv=None):
     run_probe(argv, __doc__.split("\n\n")[0], _runs, run_one, markdown, _stem, "adaptor_variants_probe.py",
-              add_arguments=_arguments)
+              add_arguments=add_only_argument)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ their sweep's 10x: shifts and head 3e-2, tinytl's branches 9e-3).
 Writes benchmarks/results/lite_branch_probe.{md,json} (or lite_branch_probe_<domain>).
 """
 import os
-import re
 import sys
 
 import torch
@@ -34,8 +33,8 @@ from da2ext.methods.deep_attention_adaptor import ADAPTOR_MAX_STRIDE, RANK  # no
 from da2ext.methods.lite_residual import LiteResidualBlock, add_lite_residuals  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.lean.adapt import adapt  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, provenance,  # noqa: E402
-                        run_configuration, run_probe)
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, add_only_argument, labelled_accuracy_rows,  # noqa: E402
+                        labelled_runs, provenance, run_configuration, run_probe)
 
 # EfficientNet-Lite0's 16 blocks: the first 5 end at output stride <= 8 (2, 4, 4, 8, 8), the rest at 16 and 32.
 EARLY_BLOCKS = 5
@@ -198,26 +197,18 @@ def markdown(records, args, argv):
                                                              ADAPTOR_MAX_STRIDE,
                                                              provenance("lite_branch_probe.py", argv)),
              "", ACCURACY_COLUMNS, "| --- | --- | --- | --- | --- |"]
-    for label, _, _ in configurations():
-        rows = [r for r in records if r["config"] == label]
-        if rows:
-            lines.append(accuracy_row(label, rows)[0])
+    lines += labelled_accuracy_rows(configurations(), records)
     return "\n".join(lines) + "\n"
 
 
 def _runs(args):
-    return [(label, seed) for label, _, _ in configurations() for seed in args.seeds
-            if not args.only or re.search(args.only, label)]
-
-
-def _arguments(parser):
-    parser.add_argument("--only", help="a regular expression: run only the rows whose label it matches")
+    return labelled_runs(configurations(), args)
 
 
 def main(argv=None):
     run_probe(argv, __doc__.split("\n\n")[0], _runs, run_one, markdown,
               lambda args: "lite_branch_probe" if args.domain == "mnist_m" else "lite_branch_probe_" + args.domain,
-              "lite_branch_probe.py", add_arguments=_arguments)
+              "lite_branch_probe.py", add_arguments=add_only_argument)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -26,7 +27,8 @@ from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 __all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "DA2_BEFORE_EARLY_ADAPTORS_RATES", "accuracy_row",
-           "accuracy_rows_with_gap", "add_probe_arguments", "probe_commit", "probe_method", "progress", "provenance", "run_configuration",
+           "accuracy_rows_with_gap", "add_only_argument", "add_probe_arguments", "labelled_accuracy_rows",
+           "labelled_runs", "probe_commit", "probe_method", "progress", "provenance", "run_configuration",
            "run_probe", "train_once", "train_with_metrics", "write_results"]
 
 # bias_lean's best rates in the digits table (its sweep's 10x), for the shifts and the head.
@@ -169,4 +171,26 @@ def accuracy_rows_with_gap(rows, records):
         row, means[(name, setting)] = accuracy_row(label, [r for r in records if r["config"] == label])
         gap = "{:+.1f}".format(means[(name, setting)] - means[("bias_lean", setting)]) if name == "da2" else ""
         lines.append(row + " {} |".format(gap))
+    return lines
+
+
+def add_only_argument(parser):
+    """--only REGEX: a probe runs only the rows whose label matches (labelled_runs)."""
+    parser.add_argument("--only", help="a regular expression: run only the rows whose label it matches")
+
+
+def labelled_runs(configurations, args):
+    """(label, seed) for every row of `configurations` ((label, ...) tuples) and seed of
+    args.seeds, only the rows whose label matches args.only when it is given."""
+    return [(row[0], seed) for row in configurations for seed in args.seeds
+            if not args.only or re.search(args.only, row[0])]
+
+
+def labelled_accuracy_rows(configurations, records):
+    """accuracy_row of each row of `configurations` that has records, in their order."""
+    lines = []
+    for row in configurations:
+        runs = [r for r in records if r["config"] == row[0]]
+        if runs:
+            lines.append(accuracy_row(row[0], runs)[0])
     return lines
