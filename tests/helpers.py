@@ -299,13 +299,15 @@ def write_image_folder(root, train_per_class=8, val_per_class=4, seed=0):
 # CUDA graph steps against eager ones (test_cuda_graph_step.py, tools/cuda_determinism_check.py)
 
 
-def adapted_resnet18(device):
+def adapted_resnet18(device, branch_width=None):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = da2ext.adapt(torchvision.models.resnet18(), 10).to(device).train()
+    model = da2ext.adapt(torchvision.models.resnet18(), 10, branch_width=branch_width).to(device).train()
     with torch.no_grad():
         for adaptor in (m for m in model.modules() if isinstance(m, da2ext.ResidualAttentionAdaptor)):
             adaptor.gamma.normal_(std=0.5)  # gamma starts at 0; non-zero exercises the whole adaptor
+        for branch in (m for m in model.modules() if isinstance(m, da2ext.LowRankConvBranch)):
+            branch.bn.weight.normal_(std=0.5)  # the same for a branch's BN scale
     return model
 
 

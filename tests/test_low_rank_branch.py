@@ -4,6 +4,7 @@ placement by adapt(..., branch_width=w, branch_min_stride=s)
 gradients in float64, what it keeps for backward, where adapt() puts branches,
 that a fresh branch changes nothing, the "branches" group, and bad values
 refused by name."""
+import copy
 import types
 
 import pytest
@@ -16,6 +17,8 @@ from da2ext.lean.kept_bytes import kept_bytes_by_part
 from da2ext.lean.trainable import parameter_groups, trainable_parameters
 from da2ext.models import backbones
 from da2ext.nn.low_rank_branch import LowRankConvBranch, pool_and_project, project_and_normalise
+
+from helpers import all_devices
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -210,7 +213,6 @@ def test_a_model_adapted_generically_takes_no_branch():
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile needs torch >= 2.0")
 def test_a_model_with_branches_compiles_fullgraph_and_trains_a_step_as_eager():
-    import copy
     torch.manual_seed(0)
     eager = da2ext.adapt(torchvision.models.resnet18(), 10, adaptor_max_stride=8, branch_width=8).train()
     with torch.no_grad():
@@ -231,3 +233,25 @@ def test_a_model_with_branches_compiles_fullgraph_and_trains_a_step_as_eager():
             # conv_down's weight gradient comes from a float16 copy of the pooled input, which the two
             # graphs may round from float32 values a few ulps apart
             assert error < (2e-3 if name.endswith("down.weight") else 1e-4), (name, error)
+
+
+@pytest.mark.parametrize("device", all_devices())
+@pytest.mark.parametrize("stride, size, out_size", [(1, 7, 7), (2, 14, 7)])
+def test_the_float32_branch_matches_its_float64_formula(device, stride, size, out_size):
+    """The branch as it trains (float32, the pooled input kept in float16) against its formula
+    in float64: forward to float32 rounding, gradients within the float16 copy's resolution."""
+    branch = _branch(64, 96, stride=stride, width=16)
+    with torch.no_grad():
+        branch.bn.weight.normal_()
+    x64 = torch.randn(8, 64, size, size, dtype=torch.float64)
+    grad = torch.randn(8, 96, out_size, out_size, dtype=torch.float64)
+    expected = _formula(branch, x64.requires_grad_(), out_size)
+    expected_grads = torch.autograd.grad(expected, [x64] + list(branch.parameters()), grad)
+    ours = copy.deepcopy(branch).float().to(device)
+    x = x64.detach().float().to(device).requires_grad_()
+    out = ours(x, (out_size, out_size))
+    torch.testing.assert_close(out.double().cpu(), expected.detach(), rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(out, [x] + list(ours.parameters()), grad.float().to(device))
+    for name, got, want in zip(["x"] + [n for n, _ in ours.named_parameters()], grads, expected_grads):
+        error = float((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-12))
+        assert error < (2e-3 if name == "down.weight" else 1e-4), (name, error)

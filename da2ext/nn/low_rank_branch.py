@@ -85,51 +85,71 @@ def _per_channel(v):
     return v[None, :, None, None]
 
 
+def _all_reduce_sum(tensor, group):
+    import torch.distributed as dist
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
 class _ProjectAndNormaliseFunction(torch.autograd.Function):
     """bn_weight * (z - mean) * invstd + bn_bias with z = conv_1x1(h, weight) and the
     batch's per-channel mean and inverse deviation, keeping h, not z: backward
-    recomputes z from h (one small conv) and applies batch norm's own gradient."""
+    recomputes z from h (one small conv) and applies batch norm's own gradient.
+    group: a torch.distributed process group whose processes share the batch (its
+    statistics and their gradient's two sums are summed over the group, as
+    SyncBatchNorm does), or None."""
 
     @staticmethod
-    def forward(ctx, h, weight, bn_weight, bn_bias, eps):
+    def forward(ctx, h, weight, bn_weight, bn_bias, eps, group):
         z = F.conv2d(h, weight)
-        mean = z.mean(dim=(0, 2, 3))
-        var = z.var(dim=(0, 2, 3), unbiased=False)
+        count = z.numel() // z.shape[1]
+        if group is None:
+            mean = z.mean(dim=(0, 2, 3))
+            var = z.var(dim=(0, 2, 3), unbiased=False)
+        else:  # the group's batch: sums over the processes, then the mean, then the deviations from it
+            sums = _all_reduce_sum(torch.cat([z.sum(dim=(0, 2, 3)), z.new_tensor([count])]), group)
+            count = int(round(float(sums[-1])))
+            mean = sums[:-1] / count
+            var = _all_reduce_sum((z - _per_channel(mean)).pow(2).sum(dim=(0, 2, 3)), group) / count
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(h, weight, bn_weight, mean, invstd)
+        ctx.count, ctx.group = count, group
         ctx.mark_non_differentiable(mean, var)
         out = (z - _per_channel(mean)) * _per_channel(invstd * bn_weight) + _per_channel(bn_bias)
-        return out, mean, var
+        return out, mean, var, z.new_tensor(float(count))
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_var):
+    def backward(ctx, grad, _grad_mean, _grad_var, _grad_count):
         h, weight, bn_weight, mean, invstd = ctx.saved_tensors
         dims = (0, 2, 3)
-        count = grad.numel() // grad.shape[1]
         normalised = (F.conv2d(h, weight) - _per_channel(mean)) * _per_channel(invstd)
         grad_bn_bias = grad.sum(dim=dims)
         grad_bn_weight = (grad * normalised).sum(dim=dims)
         # batch norm's input gradient, per channel: (g - mean(g) - x_hat * mean(g * x_hat)) * invstd, g the
-        # gradient at x_hat
+        # gradient at x_hat, the means over the (group's) batch
         grad_normalised = grad * _per_channel(bn_weight)
-        grad_z = (grad_normalised - _per_channel(grad_normalised.sum(dim=dims) / count)
-                  - normalised * _per_channel((grad_normalised * normalised).sum(dim=dims) / count)) \
+        sums = torch.stack([grad_normalised.sum(dim=dims), (grad_normalised * normalised).sum(dim=dims)])
+        if ctx.group is not None:
+            sums = _all_reduce_sum(sums, ctx.group)
+        grad_z = (grad_normalised - _per_channel(sums[0] / ctx.count) - normalised * _per_channel(sums[1] / ctx.count)) \
             * _per_channel(invstd)
         grad_h = F.conv_transpose2d(grad_z, weight) if ctx.needs_input_grad[0] else None
         grad_weight = torch.einsum("nchw,nkhw->ck", grad_z, h)[:, :, None, None] if ctx.needs_input_grad[1] else None
-        return grad_h, grad_weight, grad_bn_weight, grad_bn_bias, None
+        return grad_h, grad_weight, grad_bn_weight, grad_bn_bias, None, None
 
 
-def project_and_normalise(h, weight, bn):
+def project_and_normalise(h, weight, bn, group=None):
     """bn(F.conv2d(h, weight)) for a BatchNorm2d `bn` in training (the batch's
     statistics; its running statistics moved as its own forward moves them),
-    keeping h for backward instead of the C_out-channel projection."""
-    out, mean, var = _ProjectAndNormaliseFunction.apply(h, weight, bn.weight, bn.bias, bn.eps)
+    keeping h for backward instead of the C_out-channel projection. group: a
+    torch.distributed process group sharing the batch (statistics over all of it,
+    as SyncBatchNorm), or None."""
+    out, mean, var, count = _ProjectAndNormaliseFunction.apply(h, weight, bn.weight, bn.bias, bn.eps, group)
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            count = out.numel() // out.shape[1]
+            count = float(count)
             bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
             bn.running_var.mul_(1 - factor).add_(var * count / max(count - 1, 1), alpha=factor)  # unbiased, as BN
     return out
@@ -165,6 +185,9 @@ class LowRankConvBranch(nn.Module):
         self.up = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         nn.init.zeros_(self.bn.weight)  # a fresh branch adds nothing: the adapted model starts as the pretrained one
+        # A torch.distributed process group whose processes share each batch (set by
+        # da2ext.training.distributed.DistributedRun.wrap): the BN's statistics are then the group's.
+        self.statistics_group = None
 
     def extra_repr(self):
         return "{}, {}, stride={}, width={}".format(self.in_channels, self.out_channels, self.stride, self.width)
@@ -177,7 +200,7 @@ class LowRankConvBranch(nn.Module):
         keep = self.keep_dtype if x.dtype == torch.float32 else None
         h = torch.relu(self.conv(torch.relu(pool_and_project(x, self.down.weight, keep))))
         if self.bn.training and torch.is_grad_enabled():
-            z = project_and_normalise(h, self.up.weight, self.bn)
+            z = project_and_normalise(h, self.up.weight, self.bn, self.statistics_group)
         else:
             z = self.bn(self.up(h))  # inference (running statistics), exported and traced as standard ops
         return z if size is None else self.upsample(z, size)

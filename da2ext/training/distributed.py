@@ -76,9 +76,16 @@ class DistributedRun(object):
     def wrap(self, module):
         """DistributedDataParallel over `module`'s parameters that require gradients
         (frozen ones are not synchronised); buffers are not broadcast every step
-        (a frozen backbone's are the same everywhere)."""
+        (a frozen backbone's are the same everywhere). Submodules with a
+        `statistics_group` (da2ext.nn.LowRankConvBranch) normalise over the group's batch."""
         import inspect
         from torch.nn.parallel import DistributedDataParallel
+        import torch.distributed as dist
+        # Modules normalising with their batch's statistics (da2's late branches) take the whole group's batch,
+        # so that N processes learn what one process learns over the same global batches.
+        for submodule in module.modules():
+            if hasattr(submodule, "statistics_group"):
+                submodule.statistics_group = dist.group.WORLD
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         options = inspect.signature(DistributedDataParallel.__init__).parameters
         # Newer torch names the switch forward_sync_buffers (broadcast_buffers is deprecated there).
