@@ -140,7 +140,7 @@ def _adaptor_tensors(domain_file):
 
 def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, capsys):
     # --lr adaptors=0 is the ablation "da2 with its adaptors frozen": the step is
-    # then bias_lean's exactly, in the same model (same random start of the head).
+    # adaptors as they start, in the same model (same random start of the head).
     pytest.importorskip("safetensors")
     data = tmp_path / "shapes"
     write_image_folder(str(data), train_per_class=4, val_per_class=3, seed=0)
@@ -154,10 +154,11 @@ def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, cap
         with open(os.path.join(runs, "metrics", "shapes-da2.json")) as f:
             metrics = json.load(f)
         if tag == "frozen":
-            assert metrics["learning_rates"] == {"adaptors": 0.0, "head": 0.05, "shifts": DA2_RATES["shifts"]}
+            assert metrics["learning_rates"] == {"adaptors": 0.0, "branches": DA2_RATES["branches"], "head": 0.05,
+                                                 "shifts": DA2_RATES["shifts"]}
             assert metrics["settings"]["learning_rates"] == {"adaptors": 0.0, "head": 0.05}
         else:
-            assert metrics["learning_rates"] == dict((g, DA2_RATES[g]) for g in ("adaptors", "head", "shifts"))
+            assert metrics["learning_rates"] == dict((g, DA2_RATES[g]) for g in ("adaptors", "branches", "head", "shifts"))
             assert "learning_rates" not in metrics["settings"]
     trained, frozen = _adaptor_tensors(files["default"]), _adaptor_tensors(files["frozen"])
     gammas = [k for k in frozen if k.endswith(".gamma")]
@@ -166,7 +167,7 @@ def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lr", "adaptor=0"], "GROUP=RATE with GROUP one of adaptors, shifts, head, tail, other"),
+    (["--lr", "adaptor=0"], "GROUP=RATE with GROUP one of adaptors, branches, shifts, head, tail, other"),
     (["--lr", "head"], "GROUP=RATE"),
     (["--lr", "head=-1"], "a finite number >= 0, got -1.0"),
     (["--lr", "head=nan"], "a finite number >= 0"),

@@ -66,7 +66,7 @@ def test_train_domain_end_to_end(shapes_dir, tmp_path):
     assert recorded["file_bytes"] == os.path.getsize(domain_path)
     assert recorded["settings"]["note"] == "test" and recorded["settings"]["train_images"] == 32
     rates = methods.get("da2").learning_rates
-    assert recorded["learning_rates"] == dict((g, rates[g]) for g in ("adaptors", "head", "shifts"))
+    assert recorded["learning_rates"] == dict((g, rates[g]) for g in ("adaptors", "branches", "head", "shifts"))
     assert metrics["final_val_accuracy"] == recorded["val_accuracy"][-1]
     assert not os.path.exists(checkpoint_path), "the checkpoint stays after the domain file is written"
 

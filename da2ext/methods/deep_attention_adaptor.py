@@ -40,7 +40,7 @@ import re
 
 import torch
 
-from ..lean.adapt import adapt
+from ..lean.adapt import adapt, supported_family
 from .method import Method
 
 RANK = 4
@@ -62,11 +62,18 @@ BUDGET_INPUT_SHAPE = (8, 3, 224, 224)
 
 
 def _da2_build(**options):
-    """adapt() with da2's rank, adaptor placement and branches, changed by `options`."""
+    """adapt() with da2's rank, adaptor placement and branches, changed by `options`.
+    A model adapt() adapts generically (blocks it does not know) gets no branches."""
     settings = dict(rank=RANK, adaptor_max_stride=ADAPTOR_MAX_STRIDE, branch_width=BRANCH_WIDTH,
                     branch_min_stride=BRANCH_MIN_STRIDE)
     settings.update(options)
-    return lambda backbone, num_classes: adapt(backbone, num_classes, **settings)
+
+    def build(backbone, num_classes):
+        chosen = dict(settings)
+        if supported_family(backbone) is None:
+            chosen["branch_width"] = None
+        return adapt(backbone, num_classes, **chosen)
+    return build
 
 
 DA2 = Method("da2", "fused rank-{} adaptors after the blocks of stride <= {} + width-{} low-rank branches beside the "
