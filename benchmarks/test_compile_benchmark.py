@@ -34,7 +34,10 @@ pytestmark = [
 def setups():
     pytest.importorskip("torchvision")
     torch._dynamo.reset()
-    compared = compile_table.ComparedSetups("resnet18", "da2", 4, 64, torch.device("cpu"), "default")
+    # da2 without its late branches: what the partitioner keeps of the adaptors and the lean blocks (with
+    # the branches it keeps more of them than their autograd Functions do: 1.2x eager's in all at 224x224,
+    # benchmarks/results/compile_cpu-2cores.md; tests/test_low_rank_branch.py compiles them fullgraph)
+    compared = compile_table.ComparedSetups("resnet18", "da2_no_branches", 4, 64, torch.device("cpu"), "default")
     figures = compared.first_steps()
     yield compared, figures
     torch._dynamo.reset()
@@ -56,17 +59,18 @@ def test_compiled_step(benchmark, setups):
 
 def test_compile_table_writes_its_results(tmp_path):
     pytest.importorskip("torchvision")
-    code = compile_table.main(["--models", "resnet18", "--methods", "da2", "--batch-size", "2", "--image-size", "32",
+    code = compile_table.main(["--models", "resnet18", "--methods", "da2_no_branches", "--batch-size", "2",
+                               "--image-size", "32",
                                "--steps", "1", "--tag", "test", "--out-dir", str(tmp_path)])
     assert code == 0
     with open(str(tmp_path / "compile_test.json")) as f:
         results = json.load(f)
     (record,) = results["records"]
-    assert record["model"] == "resnet18" and record["method"] == "da2"
+    assert record["model"] == "resnet18" and record["method"] == "da2_no_branches"
     assert abs(record["compiled_loss"] - record["eager_loss"]) <= 1e-4 * abs(record["eager_loss"])
     assert 0 < record["compiled_saved_bytes"] <= 2 * record["eager_saved_bytes"]
     assert record["compiled_step_time"] > 0 and record["compile_seconds"] >= 0
-    assert results["meta"]["command"] == ("python benchmarks/compile_table.py --models resnet18 --methods da2 "
-                                          "--batch-size 2 --image-size 32 --steps 1 --tag test")
+    assert results["meta"]["command"] == ("python benchmarks/compile_table.py --models resnet18 --methods "
+                                          "da2_no_branches --batch-size 2 --image-size 32 --steps 1 --tag test")
     table = (tmp_path / "compile_test.md").read_text()
-    assert "| resnet18 | 2 | da2 |" in table and results["meta"]["commit"] in table
+    assert "| resnet18 | 2 | da2_no_branches |" in table and results["meta"]["commit"] in table
