@@ -139,8 +139,8 @@ def _adaptor_tensors(domain_file):
 
 
 def test_lr_sets_one_group_and_adaptors_0_keeps_them_as_they_start(tmp_path, capsys):
-    # --lr adaptors=0 is the ablation "da2 with its adaptors frozen": the step is
-    # adaptors as they start, in the same model (same random start of the head).
+    # --lr adaptors=0 is the ablation "da2 with its adaptors frozen": the adaptors stay as
+    # they start, in the same model (same random start of the head).
     pytest.importorskip("safetensors")
     data = tmp_path / "shapes"
     write_image_folder(str(data), train_per_class=4, val_per_class=3, seed=0)
