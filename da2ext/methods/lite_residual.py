@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lean.adapt import AdaptedBlock, adapt
+from ..lean.insert_adaptors import feature_map_io_shapes
 from .method import Method
 
 __all__ = ["LiteResidual", "LiteResidualBlock", "TINYTL", "add_lite_residuals"]
@@ -59,29 +60,16 @@ class LiteResidualBlock(nn.Module):
         return out + self.lite(x.to(self.lite.conv1.weight.dtype), out.shape[-2:]).to(out.dtype)
 
 
-def _block_shapes(model, blocks, image_size):
-    """(input shape, output shape) of each block, found by running a dummy image."""
-    shapes = {}
-    hooks = [block.register_forward_hook(
-        lambda module, inputs, output: shapes.__setitem__(id(module), (inputs[0].shape, output.shape)))
-        for block in blocks]
-    parameter = next(model.parameters())
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [shapes[id(block)] for block in blocks]
-
-
 def add_lite_residuals(model, image_size=64):
     """Put a LiteResidual beside every AdaptedBlock of an adapt()ed model, in place."""
     sites = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if isinstance(child, AdaptedBlock)]
     if not sites:
         raise TypeError("tinytl: the model has no adapted blocks")
-    shapes = _block_shapes(model, [child for _, _, child in sites], image_size)
+    parameter = next(model.parameters())
+    traced = feature_map_io_shapes(model, [(i, child) for i, (_, _, child) in enumerate(sites)], torch.zeros(
+        1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype))
+    shapes = [traced[i] for i in range(len(sites))]
     for (parent, name, child), (in_shape, out_shape) in zip(sites, shapes):
         stride = max(1, int(round(in_shape[-1] / float(out_shape[-1]))))
         lite = LiteResidual(in_shape[1], out_shape[1], stride).to(next(model.parameters()).device)
