@@ -11,9 +11,10 @@ each method keeps for backward on ResNet-50 and its training memory (kept for
 backward + gradients + Adam state) on ResNet-50 and EfficientNet-Lite0.
 
 Before the table, each method's learning rates are scaled by the factor of
---sweep-scales that does best on --sweep-domain with seed 0 (every group of the
-method scaled alike, so their ratios stay the method's own, but DA2's adaptors,
-whose rate is chosen on its own), the range extended while the best is at an end. --calibrate-shifts
+--sweep-scales that does best on --sweep-domain, on average over --sweep-seeds
+(0 and 3, none of the table's seeds), every group of the method scaled alike so
+that their ratios stay the method's own (but DA2's adaptors, whose rate is chosen
+on its own), the range extended while the best is at an end. --calibrate-shifts
 starts the BN shifts of every method that trains them where AdaBN's running means
 on the domain put them (train --calibrate-shifts), and only those methods' runs.
 
@@ -205,27 +206,36 @@ def _next_scale(scale, up):
 
 def sweep_learning_rates(args, bar=None):
     """Each method's lr scale: the one that gives the best val accuracy on
-    args.sweep_domain with seed 0 (not one of the benchmark's seeds), among
-    args.sweep_scales and, where the best is at an end of the range, up to
-    args.sweep_extend further steps beyond it on the 1-3-10 grid (no method is
-    left at the edge of its sweep when a step further might do better).
+    args.sweep_domain, averaged over args.sweep_seeds (none of the benchmark's
+    seeds), among args.sweep_scales and, where the best is at an end of the
+    range, up to args.sweep_extend further steps beyond it on the 1-3-10 grid (no
+    method is left at the edge of its sweep when a step further might do better).
+    More than one seed because one run's accuracy moves by a point or two from seed
+    to seed: on one seed, two scales a point apart are a coin toss.
     Returns ({method: scale}, the sweep's records, {method: sorted scales tried})."""
     threads = max(1, (os.cpu_count() or 1) // args.sweep_jobs) if args.sweep_jobs > 1 else None
     tried = dict((m, sorted(args.sweep_scales)) for m in args.methods)
-    runs = [(m, args.sweep_domain, 0, scale) for m in args.methods for scale in args.sweep_scales]
+
+    def runs_at(method, scale):
+        return [(method, args.sweep_domain, seed, scale) for seed in args.sweep_seeds]
+
+    runs = [run for m in args.methods for scale in args.sweep_scales for run in runs_at(m, scale)]
     records = _run_all(args, args.sweep_jobs, bar, "sweep", runs, threads)
     chosen = {}
     for step in range(args.sweep_extend + 1):
         extra = []
         for method in args.methods:
-            rows = [r for r in records if r["method"] == method]
-            # Best accuracy; on a tie the scale nearest the method's own rates (1).
-            best = max(rows, key=lambda r: (r["val_accuracy"], -abs(math.log(r["lr_scale"]))))
-            chosen[method] = best["lr_scale"]
+            by_scale = {}
+            for r in records:
+                if r["method"] == method:
+                    by_scale.setdefault(r["lr_scale"], []).append(r["val_accuracy"])
+            # Best mean accuracy over the seeds; on a tie the scale nearest the method's own rates (1).
+            best = max(by_scale, key=lambda scale: (_mean(by_scale[scale]), -abs(math.log(scale))))
+            chosen[method] = best
             scales = tried[method]
-            if step < args.sweep_extend and len(scales) > 1 and best["lr_scale"] in (scales[0], scales[-1]):
-                scale = _next_scale(best["lr_scale"], up=best["lr_scale"] == scales[-1])
-                extra.append((method, args.sweep_domain, 0, scale))
+            if step < args.sweep_extend and len(scales) > 1 and best in (scales[0], scales[-1]):
+                scale = _next_scale(best, up=best == scales[-1])
+                extra += runs_at(method, scale)
                 tried[method] = sorted(scales + [scale])
         if not extra:
             break
@@ -539,6 +549,9 @@ def parse_args(argv):
     parser.add_argument("--sweep-extend", type=int, default=2,
                         help="steps the sweep goes on beyond an end of --sweep-scales while the best is there "
                              "(default: 2)")
+    parser.add_argument("--sweep-seeds", default="0,3",
+                        help="seeds of the sweep's runs, none of --seeds; a scale's score is its mean val accuracy "
+                             "over them (default: 0,3)")
     parser.add_argument("--sweep-domain", help="the sweep's domain (default: mnist_m if present, else the first)")
     parser.add_argument("--sweep-jobs", type=int, default=1,
                         help="sweep runs at once, the CPU threads shared among them (default: 1)")
@@ -562,6 +575,12 @@ def parse_args(argv):
         args.domains = ["mnist", "digits", "mnist_m"]
     args.seeds = [int(s) for s in _list(args.seeds)]
     args.sweep_scales = [float(s) for s in _list(args.sweep_scales)]
+    args.sweep_seeds = [int(s) for s in _list(args.sweep_seeds)]
+    if not args.sweep_seeds:
+        parser.error("--sweep-seeds: at least one seed")
+    if set(args.sweep_seeds) & set(args.seeds):
+        parser.error("--sweep-seeds {} and --seeds {} share a seed: the table's rates would be chosen on the runs it "
+                     "reports".format(",".join(map(str, args.sweep_seeds)), ",".join(map(str, args.seeds))))
     if not args.sweep_scales or min(args.sweep_scales) <= 0:
         parser.error("--sweep-scales must be positive numbers")
     if args.sweep_domain is None:
@@ -585,7 +604,7 @@ def main(argv=None):
     nano = {} if args.no_nano else nano_column(args)
     scales, sweep, tried = dict((m, 1.0) for m in args.methods), [], {}
     if args.sweep_scales != [1.0]:
-        bar = _progress(len(args.methods) * len(args.sweep_scales), not args.no_progress)
+        bar = _progress(len(args.methods) * len(args.sweep_scales) * len(args.sweep_seeds), not args.no_progress)
         scales, sweep, tried = sweep_learning_rates(args, bar)
         if bar is not None:
             bar.close()
@@ -613,10 +632,11 @@ def main(argv=None):
                    else ""))
     if sweep:
         setting += (" lr scale: the factor on the method's learning rates that gave the best val accuracy among "
-                    "{} on {} with seed 0, extended by up to {} step(s) of the 1-3-10 grid beyond an end while the "
+                    "{} on {} (mean over seed(s) {}), extended by up to {} step(s) of the 1-3-10 grid beyond an end while the "
                     "best was there (edge: the best is still at an end of what was tried); DA2's adaptor rate is not "
                     "scaled, it is chosen on its own (same epochs and images; {}_sweep.json).".format(
-                        ", ".join("{:g}".format(x) for x in args.sweep_scales), args.sweep_domain, args.sweep_extend,
+                        ", ".join("{:g}".format(x) for x in args.sweep_scales), args.sweep_domain,
+                        ", ".join(str(x) for x in args.sweep_seeds), args.sweep_extend,
                         args.tag))
     meta = {"seeds": args.seeds, "setting": setting, "machine": "{} ({} CPUs)".format(platform.machine(),
                                                                                      os.cpu_count()),

@@ -29,7 +29,7 @@ def test_a_tiny_run_writes_records_table_and_plot_and_resumes(tiny_digits, tmp_p
     argv = ["--methods", "last,da2", "--data", tiny_digits, "--seeds", "1", "--epochs", "1",
             "--batch-size", "16", "--image-size", "32", "--workdir", str(tmp_path / "work"), "--out-dir", out,
             "--tag", "tiny", "--no-nano", "--no-progress", "--sweep-scales", "0.5,1", "--sweep-jobs", "2",
-            "--sweep-extend", "0"]
+            "--sweep-extend", "0", "--sweep-seeds", "0"]
     assert digits_table.main(argv) == 0
     with open(os.path.join(out, "tiny.json")) as f:
         records = json.load(f)
@@ -161,7 +161,32 @@ def test_the_sweep_goes_beyond_an_end_while_the_best_is_there(tmp_path, monkeypa
     assert chosen == {"da2": 1.0, "bias_lean": 30.0, "ft": 0.03}
     assert tried == {"da2": [0.3, 1.0, 3.0], "bias_lean": [0.3, 1.0, 3.0, 10.0, 30.0],
                      "ft": [0.03, 0.1, 0.3, 1.0, 3.0]}
-    assert len(ran) == len(records) == 9 + 4
+    assert len(ran) == len(records) == 2 * (9 + 4)  # each scale on both sweep seeds, 0 and 3
+    assert sorted(set(seed for _, _, seed, _ in ran)) == [0, 3]
+
+
+def test_the_sweep_chooses_on_the_mean_over_its_seeds(tmp_path, monkeypatch):
+    for split in ("train", "val"):
+        os.makedirs(str(tmp_path / "mnist_m" / split))
+    args = digits_table.parse_args(["--methods", "da2", "--data", str(tmp_path), "--sweep-extend", "0"])
+    # 0.3 wins on seed 0 by a little and loses on seed 3 by a lot: 1 is the better scale.
+    accuracy = {(0.3, 0): 0.73, (1.0, 0): 0.72, (3.0, 0): 0.2, (0.3, 3): 0.70, (1.0, 3): 0.76, (3.0, 3): 0.2}
+
+    def fake_run_all(args, jobs, bar, stage, runs, threads=None):
+        return [{"method": m, "lr_scale": scale, "seed": seed, "val_accuracy": accuracy[scale, seed]}
+                for m, _, seed, scale in runs]
+
+    monkeypatch.setattr(digits_table, "_run_all", fake_run_all)
+    chosen, records, _ = digits_table.sweep_learning_rates(args)
+    assert chosen == {"da2": 1.0} and len(records) == 6
+
+
+def test_the_sweep_seeds_must_not_be_the_tables(tmp_path, capsys):
+    for split in ("train", "val"):
+        os.makedirs(str(tmp_path / "mnist_m" / split))
+    with pytest.raises(SystemExit):
+        digits_table.parse_args(["--data", str(tmp_path), "--seeds", "1,2", "--sweep-seeds", "0,2"])
+    assert "share a seed" in capsys.readouterr().err
 
 
 def test_the_sweep_leaves_da2s_adaptor_rate_as_the_method_sets_it(tmp_path):
