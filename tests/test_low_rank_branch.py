@@ -2,8 +2,8 @@
 placement by adapt(..., branch_width=w, branch_min_stride=s)
 (da2ext/lean/late_branches.py): the pool that keeps nothing, the branch's maths and
 gradients in float64, what it keeps for backward, where adapt() puts branches,
-that a fresh branch changes nothing, the "branches" group, and bad values
-refused by name."""
+that a fresh branch changes nothing, the "branches" group, bad values
+refused by name, and the branch's folded inference twin."""
 import copy
 import types
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import da2ext
+from da2ext.deploy.inference_model import FoldedLowRankBranch
 from da2ext.lean.adapt import AdaptedBlock
 from da2ext.lean.kept_bytes import kept_bytes_by_part
 from da2ext.lean.trainable import parameter_groups, trainable_parameters
@@ -255,3 +256,47 @@ def test_the_float32_branch_matches_its_float64_formula(device, stride, size, ou
     for name, got, want in zip(["x"] + [n for n, _ in ours.named_parameters()], grads, expected_grads):
         error = float((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-12))
         assert error < (2e-3 if name == "down.weight" else 1e-4), (name, error)
+
+
+def _trained_looking_branch(stride, seed=0):
+    """A branch whose BN scale, shift and running statistics are not their fresh values."""
+    torch.manual_seed(seed)
+    branch = LowRankConvBranch(12, 20, stride, width=8).double()
+    with torch.no_grad():
+        branch.bn.weight.normal_()
+        branch.bn.bias.normal_()
+        branch.bn.running_mean.normal_()
+        branch.bn.running_var.uniform_(0.5, 2.0)
+    return branch.eval()
+
+
+@pytest.mark.parametrize("stride, size", [(1, 4), (1, 2), (2, 4), (1, 7), (2, 7), (1, 1), (2, 6)])
+def test_the_folded_branch_computes_what_the_branch_infers(stride, size):
+    branch = _trained_looking_branch(stride)
+    folded = FoldedLowRankBranch(branch)
+    x = torch.randn(3, 12, size, size + (size % 2), dtype=torch.float64)  # even and odd heights; widths even
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), branch(x), rtol=1e-10, atol=1e-10)
+    assert not any(p.requires_grad for p in folded.parameters())
+    with pytest.raises(TypeError, match="LowRankConvBranch"):
+        FoldedLowRankBranch(torch.nn.Conv2d(1, 1, 1))
+
+
+@pytest.mark.parametrize("block_stride, size", [(1, 2), (2, 2), (1, 4), (2, 7)])
+def test_a_one_by_one_branch_output_is_added_as_its_upsampling_would_add_it(block_stride, size):
+    """AdaptedBlock adds a 1 x 1 branch output by broadcasting (no Resize in an exported
+    graph): the same output and gradients as bilinear upsampling, which gives the one
+    value everywhere."""
+    branch = _trained_looking_branch(block_stride).train()
+    block = torch.nn.Conv2d(12, 20, 3, block_stride, 1).double().requires_grad_(False)
+    adapted = AdaptedBlock(block, None, branch)
+    x = torch.randn(2, 12, size, size, dtype=torch.float64, requires_grad=True)
+
+    def upsampled(t):
+        return block(t) + branch.upsample(branch(t), block(t).shape[-2:])
+
+    torch.testing.assert_close(adapted(x), upsampled(x))
+    assert torch.autograd.gradcheck(adapted, (x,))
+    grads = [torch.autograd.grad(f(x).square().sum(), [x] + list(branch.parameters())) for f in (adapted, upsampled)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

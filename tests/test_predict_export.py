@@ -12,6 +12,7 @@ import torch
 from da2ext import ResidualAttentionAdaptor
 from da2ext.data.loaders import image_transform, load_rgb
 from da2ext.deploy import export_domain, inference_model
+from da2ext.nn.low_rank_branch import LowRankConvBranch
 from da2ext.domains.domain_file import DomainFileError, read_domain_file, write_domain_file
 from da2ext.lean.frozen_conv import FrozenConvBNAct
 from da2ext.domains.preprocessing import check_preprocessing, image_tensor, make_preprocessing
@@ -207,7 +208,8 @@ def test_inference_model_computes_the_domains_logits_with_standard_ops(method, t
     pytest.importorskip("torchvision")
     model, data = _learned(str(tmp_path), method)
     network = inference_model(model, "shapes")
-    lean = [type(m).__name__ for m in network.modules() if isinstance(m, (FrozenConvBNAct, ResidualAttentionAdaptor))]
+    lean = [type(m).__name__ for m in network.modules()
+            if isinstance(m, (FrozenConvBNAct, ResidualAttentionAdaptor, LowRankConvBranch))]
     assert not lean, lean
     assert not any(p.requires_grad for p in network.parameters())
     inputs = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE)

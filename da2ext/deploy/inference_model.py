@@ -12,6 +12,10 @@ without da2ext:
 - a ResidualAttentionAdaptor becomes InferenceAdaptor: the same maths in
   standard ops, the rank-k sum of gate products as one batched matrix product
   (N x C x k by N x k x H*W) instead of k broadcast products;
+- a LowRankConvBranch becomes FoldedLowRankBranch: its output BN folded into the
+  last 1x1 conv, and on inputs of even height and width its 2 x 2 mean pool
+  folded into the first (one 2 x 2 stride-2 conv: a runtime runs one op, not a
+  pool and a conv);
 - the lean max pool, the frozen blocks, the head and a trainable tail run as
   they do without autograd (plain conv, max_pool2d, add, clamp, linear).
 
@@ -27,9 +31,10 @@ from torch import nn
 from ..lean.frozen_conv import FrozenConvBNAct, pad_same
 from ..lean.input_grad_only import InputGradOnlyBatchNorm2d, InputGradOnlyConv2d
 from ..lean.recomputed_block import RecomputedBlock
+from ..nn.low_rank_branch import LowRankConvBranch
 from ..ops.attention_branch import AttentionBranch
 
-__all__ = ["FoldedConvAct", "InferenceAdaptor", "inference_model"]
+__all__ = ["FoldedConvAct", "FoldedLowRankBranch", "InferenceAdaptor", "inference_model"]
 
 
 def _clamp(y, upper):
@@ -98,6 +103,47 @@ class InferenceAdaptor(nn.Module):
         return y.to(x.dtype)
 
 
+class FoldedLowRankBranch(nn.Module):
+    """A LowRankConvBranch's inference (its BN's running statistics) in three convs:
+
+        h = relu(conv_3x3,s(relu(down(x))))    down = mean_pool_2 then the 1x1 conv
+        z = up(h)                              the 1x1 conv with the BN folded in
+
+    down is one 2 x 2 stride-2 conv holding the 1x1 weight / 4 in each tap where x's
+    height and width are even (each window then holds 4 positions); otherwise the
+    ceil-mode pool's edge windows average fewer, and down stays the pool and the
+    1x1 conv. `up` is a Conv2d, and upsample() the branch's own, as AdaptedBlock
+    calls them."""
+
+    def __init__(self, branch):
+        super(FoldedLowRankBranch, self).__init__()
+        if not isinstance(branch, LowRankConvBranch):
+            raise TypeError("expected a LowRankConvBranch, got {}".format(type(branch).__name__))
+        bn = branch.bn
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            self.register_buffer("down_weight", branch.down.weight.detach().clone())
+            self.register_buffer("pooled_down_weight", branch.down.weight.detach().repeat(1, 1, 2, 2) / 4.0)
+            self.register_buffer("conv_weight", branch.conv.weight.detach().clone())
+            up = branch.up.weight
+            self.up = nn.Conv2d(branch.width, branch.out_channels, 1).to(device=up.device, dtype=up.dtype)
+            self.up.weight.copy_(branch.up.weight * scale[:, None, None, None])
+            self.up.bias.copy_(bn.bias - bn.running_mean * scale)
+        self.up.requires_grad_(False)
+        self.stride = branch.stride
+
+    upsample = staticmethod(LowRankConvBranch.upsample)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if height % 2 == 0 and width % 2 == 0:
+            pooled_down = F.conv2d(x, self.pooled_down_weight, stride=2)
+        else:
+            pooled_down = F.conv2d(F.avg_pool2d(x, 2, 2, ceil_mode=True), self.down_weight)
+        h = torch.relu(F.conv2d(torch.relu(pooled_down), self.conv_weight, stride=self.stride, padding=1))
+        return self.up(h)
+
+
 def _swap(network, kind, build):
     """Replace every submodule of type `kind` by build(it), in place."""
     for module in list(network.modules()):
@@ -122,6 +168,7 @@ def inference_model(model, domain, dtype=None):
     _swap(network, InputGradOnlyBatchNorm2d, lambda m: m.bn)
     _swap(network, RecomputedBlock, lambda m: m.module)
     _swap(network, AttentionBranch, InferenceAdaptor)  # the fused adaptor and its reference twin (lean=False)
+    _swap(network, LowRankConvBranch, FoldedLowRankBranch)
     network.requires_grad_(False)
     if dtype is not None:
         network = network.to(dtype)

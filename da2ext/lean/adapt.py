@@ -69,7 +69,12 @@ class AdaptedBlock(nn.Module):
         else:  # the branch reads x before the block runs, so that nothing the block does to x can change it
             side = self.branch(x.to(self.branch.up.weight.dtype))
             y = self.block(x)
-            y = y + self.branch.upsample(side, y.shape[-2:]).to(y.dtype)
+            # A 1 x 1 side (the last stage at small inputs) is added by broadcasting: bilinear
+            # resizing of one value gives it everywhere, and an exported graph then needs no
+            # Resize and no shape arithmetic for it.
+            if tuple(side.shape[-2:]) not in (tuple(y.shape[-2:]), (1, 1)):
+                side = self.branch.upsample(side, y.shape[-2:])
+            y = y + side.to(y.dtype)
         if self.adaptor is None:
             return y
         dtype = self.adaptor.gamma.dtype
