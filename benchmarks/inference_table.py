@@ -33,6 +33,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import da2ext  # noqa: E402
+from da2ext import methods  # noqa: E402
 from da2ext.deploy import export_domain  # noqa: E402
 from da2ext.deploy.export import INPUT_NAME, OUTPUT_NAME  # noqa: E402
 from da2ext.domains.preprocessing import make_preprocessing  # noqa: E402
@@ -181,10 +182,9 @@ def profile_markdown(profiles):
 def markdown(records, meta, profiles=None):
     lines = ["# Inference latency: an adapted domain against the plain pretrained backbone", "",
              "{} · torch {} · onnxruntime {} · da2ext {} at {} · EfficientNet-Lite0 (ImageNet weights), da2 "
-             "(rank-4 adaptors after every block) · median of {} runs after {} warm-up, round-robin in blocks "
-             "of {}".format(
-                 meta["device"], meta["torch"], meta["onnxruntime"], meta["da2ext"], meta["commit"], meta["runs"],
-                 meta["warmup"], BLOCK),
+             "({}) · median of {} runs after {} warm-up, round-robin in blocks of {}".format(
+                 meta["device"], meta["torch"], meta["onnxruntime"], meta["da2ext"], meta["commit"],
+                 methods.get("da2").description, meta["runs"], meta["warmup"], BLOCK),
              "", "Rerun: `{}`".format(meta["command"]), "",
              "vs backbone ONNX: latency over the plain backbone's in ONNX Runtime at the same size and batch "
              "(the adapted ONNX row is the adaptors' inference overhead).", "",
