@@ -9,11 +9,14 @@ lean modules, eval mode, no autograd), its exported ONNX file in ONNX Runtime
 ops), and the plain pretrained backbone (timm's tf_efficientnet_lite0 with its
 ImageNet weights and 1000-class head) in PyTorch and exported the same way.
 The adaptors' inference overhead is the adapted ONNX model's latency over the
-plain backbone's ONNX latency. Each model is run --runs times after warm-up,
-round-robin over the models in blocks of 10 runs (each block after one untimed
-run, so that one model's threads have gone quiet before the next is timed;
-ONNX Runtime's threads do not spin-wait), so that a slow moment of the machine
-hits them all; figures are medians. The domain's tensors are random (adaptors with non-zero
+plain backbone's ONNX latency. The runs are split into --rounds rounds, each
+with fresh ONNX Runtime sessions (one session's latency differs from the next
+one's by several per cent on the same file); in a round each model is run
+round-robin in blocks of 10 runs (each block after one untimed run, so that one
+model's threads have gone quiet before the next is timed; ONNX Runtime's threads
+do not spin-wait), so that a slow moment of the machine hits them all. A row's
+latency is the median over rounds of each round's median, its ratio the median
+of the rounds' paired ratios, shown with their range. The domain's tensors are random (adaptors with non-zero
 gamma, rank 4, shifts moved): latency does not depend on their values.
 
 Writes benchmarks/results/inference_<tag>.json and .md, with the commit, the
@@ -83,14 +86,21 @@ def export_backbone(path, image_size):
     return network
 
 
+def onnx_runners(directory, threads):
+    """{ONNX row: a function of a batch}, each on a fresh ONNX Runtime session."""
+    def onnx_runner(name):
+        session = onnx_session(os.path.join(directory, name + ".onnx"), threads)
+        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+
+    return {ROWS[1]: onnx_runner("adapted"), ROWS[3]: onnx_runner("backbone")}
+
+
 def runners(image_size, directory, threads):
-    """{row: a function of a batch (N x 3 x S x S float32 tensor)}."""
+    """{row: a function of a batch (N x 3 x S x S float32 tensor)} and the adapted model;
+    the ONNX files are written into `directory` (onnx_runners opens them again)."""
     adapted = adapted_domain(image_size)
-    adapted_path = os.path.join(directory, "adapted.onnx")
-    export_domain(adapted, "bench", adapted_path, "onnx")
-    backbone_path = os.path.join(directory, "backbone.onnx")
-    backbone = export_backbone(backbone_path, image_size)
-    sessions = {"adapted": onnx_session(adapted_path, threads), "backbone": onnx_session(backbone_path, threads)}
+    export_domain(adapted, "bench", os.path.join(directory, "adapted.onnx"), "onnx")
+    backbone = export_backbone(os.path.join(directory, "backbone.onnx"), image_size)
 
     def torch_runner(model):
         def run(batch):
@@ -98,11 +108,9 @@ def runners(image_size, directory, threads):
                 return model(batch)
         return run
 
-    def onnx_runner(session):
-        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-
-    return {ROWS[0]: torch_runner(adapted), ROWS[1]: onnx_runner(sessions["adapted"]),
-            ROWS[2]: torch_runner(backbone), ROWS[3]: onnx_runner(sessions["backbone"])}, adapted
+    run_by_row = {ROWS[0]: torch_runner(adapted), ROWS[2]: torch_runner(backbone)}
+    run_by_row.update(onnx_runners(directory, threads))
+    return run_by_row, adapted
 
 
 def kernel_time_by_op(path, batch, threads, runs=20):
@@ -125,8 +133,25 @@ def kernel_time_by_op(path, batch, threads, runs=20):
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def measure(image_size, batch_sizes, runs, warmup, threads, profile=False):
+def _round(run_by_row, batch, runs, warmup):
+    """{row: [seconds]} of one round: warm-up, then the rows in turn, a block of runs at a time."""
+    times = dict((row, []) for row in ROWS)
+    for row in ROWS:
+        for _ in range(warmup):
+            run_by_row[row](batch)
+    for _ in range(0, runs, BLOCK):
+        for row in ROWS:  # each model in turn, a block of runs at a time, its first untimed
+            run_by_row[row](batch)
+            for _ in range(BLOCK):
+                start = time.perf_counter()
+                run_by_row[row](batch)
+                times[row].append(time.perf_counter() - start)
+    return times
+
+
+def measure(image_size, batch_sizes, runs, warmup, threads, profile=False, rounds=1):
     records, profiles = [], {}
+    per_round = max(BLOCK, runs // rounds // BLOCK * BLOCK)
     with tempfile.TemporaryDirectory() as directory:
         run_by_row, adapted = runners(image_size, directory, threads)
         for batch_size in batch_sizes:
@@ -135,26 +160,28 @@ def measure(image_size, batch_sizes, runs, warmup, threads, profile=False):
                 expected = adapted(batch)
             onnx_error = float((torch.from_numpy(run_by_row[ROWS[1]](batch)) - expected).abs().max())
             times = dict((row, []) for row in ROWS)
+            round_latencies = dict((row, []) for row in ROWS)
+            for number in range(rounds):
+                if number:
+                    run_by_row.update(onnx_runners(directory, threads))  # fresh sessions
+                for row, values in _round(run_by_row, batch, per_round, warmup).items():
+                    times[row] += values
+                    round_latencies[row].append(median(values))
+            latency = dict((row, median(values)) for row, values in round_latencies.items())
             for row in ROWS:
-                for _ in range(warmup):
-                    run_by_row[row](batch)
-            for _ in range(0, runs, BLOCK):
-                for row in ROWS:  # each model in turn, a block of runs at a time, its first untimed
-                    run_by_row[row](batch)
-                    for _ in range(BLOCK):
-                        start = time.perf_counter()
-                        run_by_row[row](batch)
-                        times[row].append(time.perf_counter() - start)
-            latency = dict((row, median(values)) for row, values in times.items())
-            for row in ROWS:
+                ratios = [a / b for a, b in zip(round_latencies[row], round_latencies[ROWS[3]])]
                 records.append({"image_size": image_size, "batch_size": batch_size, "model": row,
                                 "latency": latency[row], "latencies": times[row],
-                                "vs_backbone_onnx": latency[row] / latency[ROWS[3]],
+                                "round_latencies": round_latencies[row],
+                                "vs_backbone_onnx": median(ratios),
+                                "vs_backbone_onnx_range": [min(ratios), max(ratios)],
                                 "adapted_onnx_max_logit_error": onnx_error})
+            adapted_onnx = records[-3]
             print("{}x{} batch {:3d}: ".format(image_size, image_size, batch_size) + "  ".join(
                 "{} {:.2f} ms".format(row, 1e3 * latency[row]) for row in ROWS) +
-                "  (adaptors' overhead in ONNX Runtime: {:.2f}x)".format(latency[ROWS[1]] / latency[ROWS[3]]),
-                flush=True)
+                "  (adaptors' overhead in ONNX Runtime: {:.2f}x, {:.2f}-{:.2f} over {} rounds)".format(
+                    adapted_onnx["vs_backbone_onnx"], adapted_onnx["vs_backbone_onnx_range"][0],
+                    adapted_onnx["vs_backbone_onnx_range"][1], rounds), flush=True)
         if profile:
             batch = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
             profiles[image_size] = dict((name, kernel_time_by_op(os.path.join(directory, name + ".onnx"), batch,
@@ -182,16 +209,18 @@ def profile_markdown(profiles):
 def markdown(records, meta, profiles=None):
     lines = ["# Inference latency: an adapted domain against the plain pretrained backbone", "",
              "{} · torch {} · onnxruntime {} · da2ext {} at {} · EfficientNet-Lite0 (ImageNet weights), da2 "
-             "({}) · median of {} runs after {} warm-up, round-robin in blocks of {}".format(
+             "({}) · median of {} runs after {} warm-up, round-robin in blocks of {}, in {} rounds of fresh ONNX Runtime sessions (the median of the rounds' medians; the ratio: the median of the rounds' paired ratios)".format(
                  meta["device"], meta["torch"], meta["onnxruntime"], meta["da2ext"], meta["commit"],
-                 methods.get("da2").description, meta["runs"], meta["warmup"], BLOCK),
+                 methods.get("da2").description, meta["runs"], meta["warmup"], BLOCK, meta["rounds"]),
              "", "Rerun: `{}`".format(meta["command"]), "",
              "vs backbone ONNX: latency over the plain backbone's in ONNX Runtime at the same size and batch "
              "(the adapted ONNX row is the adaptors' inference overhead).", "",
-             "| input | batch | model | latency ms | vs backbone ONNX |", "| --- | --- | --- | --- | --- |"]
+             "| input | batch | model | latency ms | vs backbone ONNX | range over rounds |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        lines.append("| {0}x{0} | {1} | {2} | {3:.2f} | {4:.2f}x |".format(
-            r["image_size"], r["batch_size"], r["model"], 1e3 * r["latency"], r["vs_backbone_onnx"]))
+        low, high = r["vs_backbone_onnx_range"]
+        lines.append("| {0}x{0} | {1} | {2} | {3:.2f} | {4:.2f}x | {5:.2f}-{6:.2f}x |".format(
+            r["image_size"], r["batch_size"], r["model"], 1e3 * r["latency"], r["vs_backbone_onnx"], low, high))
     errors = sorted(set((r["image_size"], r["batch_size"], r["adapted_onnx_max_logit_error"]) for r in records))
     lines += ["", "Largest logit difference, adapted ONNX Runtime against PyTorch: " + "; ".join(
         "{0}x{0} batch {1}: {2:.1e}".format(*e) for e in errors) + "."]
@@ -205,6 +234,8 @@ def main(argv=None):
                                                                 "and 224)")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model (median; a multiple of 10)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds the runs are split into, each on fresh ONNX Runtime sessions (default: 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime's intra-op threads (default 0: its own choice, one per core)")
@@ -213,6 +244,8 @@ def main(argv=None):
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.runs < BLOCK * args.rounds:
+        parser.error("--rounds must be positive and --runs at least {} per round".format(BLOCK))
     try:
         import onnxruntime
     except ImportError:
@@ -220,12 +253,12 @@ def main(argv=None):
     records, profiles = [], {}
     for image_size in [int(s) for s in args.image_sizes.split(",")]:
         rows, profile = measure(image_size, [int(b) for b in args.batch_sizes.split(",")], args.runs, args.warmup,
-                                args.threads, args.profile)
+                                args.threads, args.profile, args.rounds)
         records += rows
         profiles.update(profile)
     meta = {"device": device_description("cpu"),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "da2ext": da2ext.__version__,
-            "commit": git_commit(), "runs": args.runs, "warmup": args.warmup,
+            "commit": git_commit(), "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup,
             "command": rerun_command("benchmarks/inference_table.py", sys.argv[1:] if argv is None else argv)}
     write_table(args.out_dir, "inference_" + args.tag, {"meta": meta, "records": records, "onnx_profiles": profiles},
                 markdown(records, meta, profiles))
