@@ -30,7 +30,7 @@ ALLOWED = {
     "models": ("domains.safe_load",),     # the backbones (their weight files load through safe_load)
     "data": ("models",),                  # a domain's images, normalised as its backbone expects
     "training": ("data", "domains", "lean", "models", "profiling"),  # workflow -> loop (lean: shift calibration)
-    "deploy": ("ops", "lean", "domains"),  # a learned domain as a plain inference model and its files
+    "deploy": ("ops", "nn", "lean", "domains"),  # a learned domain as a plain inference model and its files
 }
 
 

@@ -1,6 +1,7 @@
 """Using a learned domain: MultiDomainModel.predict, `python -m da2ext predict`,
 the plain inference model (da2ext.deploy.inference_model) and its ONNX and
 TorchScript files, which run without da2ext with the same logits."""
+import copy
 import json
 import os
 import subprocess
@@ -12,11 +13,12 @@ import torch
 from da2ext import ResidualAttentionAdaptor
 from da2ext.data.loaders import image_transform, load_rgb
 from da2ext.deploy import export_domain, inference_model
-from da2ext.nn.low_rank_branch import LowRankConvBranch
 from da2ext.domains.domain_file import DomainFileError, read_domain_file, write_domain_file
-from da2ext.lean.frozen_conv import FrozenConvBNAct
 from da2ext.domains.preprocessing import check_preprocessing, image_tensor, make_preprocessing
+from da2ext.lean.adapt import remove_memory_order_hook
+from da2ext.lean.frozen_conv import FrozenConvBNAct
 from da2ext.models.backbones import imagenet_normalization
+from da2ext.nn.low_rank_branch import LowRankConvBranch
 from da2ext.training.workflow import WorkDir, build_model, learn_domain
 from helpers import CLASSES, relative_error, run_cli, write_image_folder
 
@@ -212,6 +214,8 @@ def test_inference_model_computes_the_domains_logits_with_standard_ops(method, t
             if isinstance(m, (FrozenConvBNAct, ResidualAttentionAdaptor, LowRankConvBranch))]
     assert not lean, lean
     assert not any(p.requires_grad for p in network.parameters())
+    # the lean model's memory-order hook stays on the model and is not copied into the network
+    assert remove_memory_order_hook(network) == 0 and remove_memory_order_hook(copy.deepcopy(model.model)) == 1
     inputs = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         assert relative_error(network(inputs), reference_logits(model, inputs)) < 1e-5

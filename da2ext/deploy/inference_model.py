@@ -22,14 +22,13 @@ without da2ext:
 Nothing in it requires a gradient, and its state is exactly the domain's.
 """
 import copy
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lean.adapt import _input_in_backbone_order
+from ..lean.adapt import remove_memory_order_hook
 from ..lean.frozen_conv import FrozenConvBNAct, pad_same
 from ..lean.input_grad_only import InputGradOnlyBatchNorm2d, InputGradOnlyConv2d
 from ..lean.recomputed_block import RecomputedBlock
@@ -173,9 +172,7 @@ def inference_model(model, domain, dtype=None):
     _swap(network, LowRankConvBranch, FoldedLowRankBranch)
     # The lean model's memory-order hook serves its kernels' layouts; standard ops take any
     # order, and an export of a channels_last batch would end in a strided gather before the head.
-    for key, hook in list(network._forward_pre_hooks.items()):
-        if isinstance(hook, functools.partial) and hook.func is _input_in_backbone_order:
-            del network._forward_pre_hooks[key]
+    remove_memory_order_hook(network)
     network.requires_grad_(False)
     if dtype is not None:
         network = network.to(dtype)

@@ -101,6 +101,17 @@ def _input_in_backbone_order(cpu_channels_last, module, inputs):
     return (x,) + tuple(inputs[1:])
 
 
+def remove_memory_order_hook(model):
+    """Take _input_in_backbone_order off `model` (a copy of a lean model that will run
+    standard ops only: they take either order). Returns how many hooks were removed."""
+    hooks = model._forward_pre_hooks
+    found = [key for key, hook in hooks.items()
+             if isinstance(hook, functools.partial) and hook.func is _input_in_backbone_order]
+    for key in found:
+        del hooks[key]
+    return len(found)
+
+
 def supported_family(model):
     """"resnet", "mobilenet_v2" (torchvision), "timm_efficientnet" (timm's
     EfficientNet class: tf_efficientnet_lite*, mobilenetv2_*, ...), "timm_resnet"
