@@ -113,24 +113,20 @@ class FoldedLowRankBranch(nn.Module):
     down is one 2 x 2 stride-2 conv holding the 1x1 weight / 4 in each tap where x's
     height and width are even (each window then holds 4 positions); otherwise the
     ceil-mode pool's edge windows average fewer, and down stays the pool and the
-    1x1 conv. `up` is a Conv2d, and upsample() the branch's own, as AdaptedBlock
-    calls them."""
+    1x1 conv. `up` is a FoldedConvAct (the BN folded as the backbone's are, by
+    FrozenConvBNAct.fold) whose `weight` gives AdaptedBlock the branch's dtype, and
+    upsample() the branch's own, as AdaptedBlock calls them."""
 
     def __init__(self, branch):
         super(FoldedLowRankBranch, self).__init__()
         if not isinstance(branch, LowRankConvBranch):
             raise TypeError("expected a LowRankConvBranch, got {}".format(type(branch).__name__))
-        bn = branch.bn
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             self.register_buffer("down_weight", branch.down.weight.detach().clone())
             self.register_buffer("pooled_down_weight", branch.down.weight.detach().repeat(1, 1, 2, 2) / 4.0)
             self.register_buffer("conv_weight", branch.conv.weight.detach().clone())
-            up = branch.up.weight
-            self.up = nn.Conv2d(branch.width, branch.out_channels, 1).to(device=up.device, dtype=up.dtype)
-            self.up.weight.copy_(branch.up.weight * scale[:, None, None, None])
-            self.up.bias.copy_(bn.bias - bn.running_mean * scale)
-        self.up.requires_grad_(False)
+        self.up = FoldedConvAct(FrozenConvBNAct.fold(branch.up, branch.bn, train_shift=False,
+                                                     dtype=branch.up.weight.dtype))
         self.stride = branch.stride
 
     upsample = staticmethod(LowRankConvBranch.upsample)
