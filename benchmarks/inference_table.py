@@ -168,20 +168,20 @@ def measure(image_size, batch_sizes, runs, warmup, threads, profile=False, round
                     times[row] += values
                     round_latencies[row].append(median(values))
             latency = dict((row, median(values)) for row, values in round_latencies.items())
+            ratios = dict((row, [a / b for a, b in zip(round_latencies[row], round_latencies[ROWS[3]])])
+                          for row in ROWS)
             for row in ROWS:
-                ratios = [a / b for a, b in zip(round_latencies[row], round_latencies[ROWS[3]])]
                 records.append({"image_size": image_size, "batch_size": batch_size, "model": row,
                                 "latency": latency[row], "latencies": times[row],
                                 "round_latencies": round_latencies[row],
-                                "vs_backbone_onnx": median(ratios),
-                                "vs_backbone_onnx_range": [min(ratios), max(ratios)],
+                                "vs_backbone_onnx": median(ratios[row]),
+                                "vs_backbone_onnx_range": [min(ratios[row]), max(ratios[row])],
                                 "adapted_onnx_max_logit_error": onnx_error})
-            adapted_onnx = records[-3]
+            overhead = ratios[ROWS[1]]
             print("{}x{} batch {:3d}: ".format(image_size, image_size, batch_size) + "  ".join(
                 "{} {:.2f} ms".format(row, 1e3 * latency[row]) for row in ROWS) +
                 "  (adaptors' overhead in ONNX Runtime: {:.2f}x, {:.2f}-{:.2f} over {} rounds)".format(
-                    adapted_onnx["vs_backbone_onnx"], adapted_onnx["vs_backbone_onnx_range"][0],
-                    adapted_onnx["vs_backbone_onnx_range"][1], rounds), flush=True)
+                    median(overhead), min(overhead), max(overhead), rounds), flush=True)
         if profile:
             batch = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
             profiles[image_size] = dict((name, kernel_time_by_op(os.path.join(directory, name + ".onnx"), batch,
@@ -209,7 +209,9 @@ def profile_markdown(profiles):
 def markdown(records, meta, profiles=None):
     lines = ["# Inference latency: an adapted domain against the plain pretrained backbone", "",
              "{} · torch {} · onnxruntime {} · da2ext {} at {} · EfficientNet-Lite0 (ImageNet weights), da2 "
-             "({}) · median of {} runs after {} warm-up, round-robin in blocks of {}, in {} rounds of fresh ONNX Runtime sessions (the median of the rounds' medians; the ratio: the median of the rounds' paired ratios)".format(
+             "({}) · median of {} runs after {} warm-up, round-robin in blocks of {}, in {} rounds of fresh ONNX "
+             "Runtime sessions (the median of the rounds' medians; the ratio: the median of the rounds' paired "
+             "ratios)".format(
                  meta["device"], meta["torch"], meta["onnxruntime"], meta["da2ext"], meta["commit"],
                  methods.get("da2").description, meta["runs"], meta["warmup"], BLOCK, meta["rounds"]),
              "", "Rerun: `{}`".format(meta["command"]), "",
