@@ -632,9 +632,9 @@ def main(argv=None):
                    else ""))
     if sweep:
         setting += (" lr scale: the factor on the method's learning rates that gave the best val accuracy among "
-                    "{} on {} (mean over seed(s) {}), extended by up to {} step(s) of the 1-3-10 grid beyond an end while the "
-                    "best was there (edge: the best is still at an end of what was tried); DA2's adaptor rate is not "
-                    "scaled, it is chosen on its own (same epochs and images; {}_sweep.json).".format(
+                    "{} on {} (mean over seed(s) {}), extended by up to {} step(s) of the 1-3-10 grid beyond an end "
+                    "while the best was there (edge: the best is still at an end of what was tried); DA2's adaptor "
+                    "rate is not scaled, it is chosen on its own (same epochs and images; {}_sweep.json).".format(
                         ", ".join("{:g}".format(x) for x in args.sweep_scales), args.sweep_domain,
                         ", ".join(str(x) for x in args.sweep_seeds), args.sweep_extend,
                         args.tag))

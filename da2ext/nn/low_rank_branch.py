@@ -131,8 +131,8 @@ class _ProjectAndNormaliseFunction(torch.autograd.Function):
         sums = torch.stack([grad_normalised.sum(dim=dims), (grad_normalised * normalised).sum(dim=dims)])
         if ctx.group is not None:
             sums = _all_reduce_sum(sums, ctx.group)
-        grad_z = (grad_normalised - _per_channel(sums[0] / ctx.count) - normalised * _per_channel(sums[1] / ctx.count)) \
-            * _per_channel(invstd)
+        grad_z = (grad_normalised - _per_channel(sums[0] / ctx.count)
+                  - normalised * _per_channel(sums[1] / ctx.count)) * _per_channel(invstd)
         grad_h = F.conv_transpose2d(grad_z, weight) if ctx.needs_input_grad[0] else None
         grad_weight = torch.einsum("nchw,nkhw->ck", grad_z, h)[:, :, None, None] if ctx.needs_input_grad[1] else None
         return grad_h, grad_weight, grad_bn_weight, grad_bn_bias, None, None
