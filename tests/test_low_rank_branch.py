@@ -19,7 +19,7 @@ from da2ext.lean.trainable import parameter_groups, trainable_parameters
 from da2ext.models import backbones
 from da2ext.nn.low_rank_branch import LowRankConvBranch, pool_and_project, project_and_normalise
 
-from helpers import all_devices
+from helpers import all_devices, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -259,15 +259,9 @@ def test_the_float32_branch_matches_its_float64_formula(device, stride, size, ou
 
 
 def _trained_looking_branch(stride, seed=0):
-    """A branch whose BN scale, shift and running statistics are not their fresh values."""
+    """A branch whose BN scale, shift and running statistics are not their fresh values (eval mode)."""
     torch.manual_seed(seed)
-    branch = LowRankConvBranch(12, 20, stride, width=8).double()
-    with torch.no_grad():
-        branch.bn.weight.normal_()
-        branch.bn.bias.normal_()
-        branch.bn.running_mean.normal_()
-        branch.bn.running_var.uniform_(0.5, 2.0)
-    return branch.eval()
+    return randomize_bn(LowRankConvBranch(12, 20, stride, width=8).double(), seed)
 
 
 @pytest.mark.parametrize("stride, size", [(1, 4), (1, 2), (2, 4), (1, 7), (2, 7), (1, 1), (2, 6)])
