@@ -60,8 +60,9 @@ def probe_method(name):
     from da2ext import methods
     if name != "da2":
         return methods.get(name)
+    from da2ext.lean.adapt import adapt
     return Method("da2", "da2 before 6809c43: rank-4 adaptors after every block, adaptors 0.1, shifts and head 1e-2",
-                  methods.get("da2_all_blocks").build, DA2_BEFORE_EARLY_ADAPTORS_RATES)
+                  lambda backbone, num_classes: adapt(backbone, num_classes, rank=4), DA2_BEFORE_EARLY_ADAPTORS_RATES)
 
 
 def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):

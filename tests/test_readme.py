@@ -23,7 +23,7 @@ BLOCK = re.compile(r"(?:<!--\s*no-test:\s*(?P<reason>.*?)\s*-->\s*\n)?```python\
 
 # Checks appended to the block whose code contains the key.
 CHECKS = {
-    "da2ext.adapt(model, num_classes=10, rank=4, adaptor_max_stride=8, branch_width=64)": """
+    "da2ext.adapt(model, num_classes=10, rank=1, adaptor_max_stride=8, branch_width=64)": """
 gammas = [p for name, p in model.named_parameters() if name.endswith("adaptor.gamma")]
 # an adaptor after each of layer1's and layer2's 7 blocks (stride <= 8), and three Adam steps moved
 # their gamma off zero: they were trained, not just run

@@ -404,7 +404,7 @@ def adapt(model, num_classes, mode="add", reduction=16, adaptors=True, shifts=Tr
         (model.da2ext_stages), a warning; no trainable tail or float16 there.
     num_classes: the new head's size.
     mode, reduction, rank: the adaptors' (see ResidualAttentionAdaptor); rank k
-        sums k channel-gate x spatial-map products (DA2's method uses 4).
+        sums k channel-gate x spatial-map products (DA2's method uses 1).
     adaptors: put an adaptor after every block (False: none, for ablations).
     adaptor_max_stride: None puts one after every block; an int s only after the
         blocks whose output map is at most s times smaller than the input (the

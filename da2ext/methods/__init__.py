@@ -4,7 +4,7 @@ is a small module defining a Method and one line in METHODS below."""
 from collections import OrderedDict
 
 from .batchnorm_training import BN_TRAIN
-from .deep_attention_adaptor import (DA2, DA2_ADAPTOR_ONLY, DA2_ALL_BLOCKS, DA2_EAGER, DA2_NO_BRANCHES, DA2_RANK1,
+from .deep_attention_adaptor import (DA2, DA2_ADAPTOR_ONLY, DA2_ALL_BLOCKS, DA2_EAGER, DA2_NO_BRANCHES, DA2_RANK4,
                                      parametrised)
 from .finetune import FT
 from .frozen_baselines import BIAS, BIAS_LEAN, LAST
@@ -15,8 +15,8 @@ from .piggyback import PIGGYBACK
 from .residual_adapters import PARALLEL_ADAPTER, SERIES_ADAPTER
 
 METHODS = OrderedDict((m.name, m) for m in (FT, LAST, BN_TRAIN, BIAS, BIAS_LEAN, TINYTL, SERIES_ADAPTER,
-                                            PARALLEL_ADAPTER, PIGGYBACK, LORA_CONV, DA2_EAGER, DA2_ADAPTOR_ONLY, DA2_RANK1,
-                                            DA2_ALL_BLOCKS, DA2_NO_BRANCHES, DA2))
+                                            PARALLEL_ADAPTER, PIGGYBACK, LORA_CONV, DA2_EAGER, DA2_ADAPTOR_ONLY,
+                                            DA2_RANK4, DA2_ALL_BLOCKS, DA2_NO_BRANCHES, DA2))
 
 __all__ = ["METHODS", "Method", "get"]
 
