@@ -11,7 +11,8 @@ without da2ext:
   then ReLU / ReLU6 (TensorFlow "SAME" padding as an explicit pad);
 - a ResidualAttentionAdaptor becomes InferenceAdaptor: the same maths in
   standard ops, the rank-k sum of gate products as one batched matrix product
-  (N x C x k by N x k x H*W) instead of k broadcast products;
+  (N x C x k by N x k x H*W) instead of k broadcast products, and at rank 1 the
+  one product as a broadcast (two fewer nodes in an exported graph);
 - a LowRankConvBranch becomes FoldedLowRankBranch: its output BN folded into the
   last 1x1 conv, and on inputs of even height and width its 2 x 2 mean pool
   folded into the first (one 2 x 2 stride-2 conv: a runtime runs one op, not a
@@ -97,9 +98,12 @@ class InferenceAdaptor(nn.Module):
                                   self.fc2_bias)
         padding = self.spatial_weight.shape[-1] // 2
         spatial_logits = F.conv2d(spatial, self.spatial_weight, self.spatial_bias, padding=padding)  # N x k x H x W
-        gate_channel = self.gamma * torch.sigmoid(channel_logits).reshape(n, rank, c)           # N x k x C
-        gate_spatial = torch.sigmoid(spatial_logits).reshape(n, rank, h * w)                     # N x k x HW
-        scaled = torch.matmul(gate_channel.transpose(1, 2), gate_spatial).reshape(n, c, h, w)   # sum over k
+        if rank == 1:  # one product: broadcast N x C x 1 x 1 by N x 1 x H x W, no reshapes of the maps
+            scaled = (self.gamma * torch.sigmoid(channel_logits)).reshape(n, c, 1, 1) * torch.sigmoid(spatial_logits)
+        else:
+            gate_channel = self.gamma * torch.sigmoid(channel_logits).reshape(n, rank, c)           # N x k x C
+            gate_spatial = torch.sigmoid(spatial_logits).reshape(n, rank, h * w)                     # N x k x HW
+            scaled = torch.matmul(gate_channel.transpose(1, 2), gate_spatial).reshape(n, c, h, w)   # sum over k
         y = z + scaled if not self.multiplicative else z * (1 + scaled)
         return y.to(x.dtype)
 
