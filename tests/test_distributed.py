@@ -114,19 +114,26 @@ def test_two_processes_learn_what_one_learns_over_the_same_global_batches(shapes
     assert not os.path.exists(str(tmp_path / "two" / "checkpoints" / "shapes-da2.pt"))
 
 
+# The step runs in a function, as train's does: DistributedDataParallel holds the process group,
+# and a wrapper left in a module global is freed only while the interpreter shuts down, where
+# tearing gloo's group down can abort the process (it did once in CI: SIGABRT after the step).
 STEP_SCRIPT = """
 import sys, torch, torch.nn.functional as F
 sys.path.insert(0, {tests!r})
 from helpers import adapted_resnet18, batches
 from da2ext.training.distributed import DistributedRun
+
+def step(run):
+    model = adapted_resnet18("cpu", branch_width={branch_width!r})
+    images, labels = batches("cpu", count=1, batch_size=8)[0]
+    share = slice(run.rank * 8 // run.world_size, (run.rank + 1) * 8 // run.world_size)
+    wrapped = run.wrap(model)
+    F.cross_entropy(wrapped(images[share]), labels[share]).backward()
+    if run.is_main:
+        torch.save({{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}, {out!r})
+
 run = DistributedRun.from_environment("cpu", 60)
-model = adapted_resnet18("cpu", branch_width={branch_width!r})
-images, labels = batches("cpu", count=1, batch_size=8)[0]
-share = slice(run.rank * 8 // run.world_size, (run.rank + 1) * 8 // run.world_size)
-wrapped = run.wrap(model)
-F.cross_entropy(wrapped(images[share]), labels[share]).backward()
-if run.is_main:
-    torch.save({{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}, {out!r})
+step(run)
 run.close()
 """
 
