@@ -27,12 +27,8 @@ sys.path.insert(0, ROOT)
 
 from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, accuracy_row, probe_method, provenance,  # noqa: E402
-                        run_configuration, run_probe)
-
-# The rank this probe measured with (da2's default until the rank-choice run moved it to 1:
-# benchmarks/results/da2_rank_choice.md); kept so that a rerun measures what its results file says.
-RANK = 4
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, PROBE_RANK, accuracy_row, probe_method,  # noqa: E402
+                        provenance, run_configuration, run_probe)
 
 
 class _AdaptorWeightDecay(Method):
@@ -53,7 +49,7 @@ class _AdaptorWeightDecay(Method):
 def _adaptors_after_last(blocks):
     """da2 with an adaptor after the last `blocks` blocks only (the others removed)."""
     def build(backbone, num_classes):
-        model = adapt(backbone, num_classes, rank=RANK)
+        model = adapt(backbone, num_classes, rank=PROBE_RANK)
         adapted = [m for m in model.modules() if isinstance(m, AdaptedBlock) and m.adaptor is not None]
         for block in adapted[:len(adapted) - blocks]:
             block.adaptor = None

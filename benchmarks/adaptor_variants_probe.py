@@ -38,12 +38,8 @@ from da2ext import methods  # noqa: E402
 from da2ext.lean.adapt import AdaptedBlock, adapt  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.ops.reference import ResidualAttentionAdaptor, reference_attention_logits  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, add_only_argument, labelled_accuracy_rows,  # noqa: E402
-                        labelled_runs, provenance, run_configuration, run_probe)
-
-# The rank this probe measured with (da2's default until the rank-choice run moved it to 1:
-# benchmarks/results/da2_rank_choice.md); kept so that a rerun measures what its results file says.
-RANK = 4
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, PROBE_RANK, add_only_argument,  # noqa: E402
+                        labelled_accuracy_rows, labelled_runs, provenance, run_configuration, run_probe)
 
 
 class _OneFactorAdaptor(ResidualAttentionAdaptor):
@@ -72,7 +68,7 @@ class _ChannelOnly(_OneFactorAdaptor):
     factor = "channel"
 
 
-def _adaptors(first=None, factor_class=None, rank=RANK):
+def _adaptors(first=None, factor_class=None, rank=PROBE_RANK):
     """A build with rank-`rank` adaptors after the first `first` blocks only (None:
     every block), each swapped for factor_class (None: the fused adaptor)."""
     def build(backbone, num_classes):
@@ -139,7 +135,7 @@ def markdown(records, args, argv):
              "rank {} at {:g} unless the row says otherwise; 'first k blocks': adaptors after those only (Lite0's "
              "strides: 2, 4, 4, 8, 8, then 16 from the sixth block). train: the last epoch's accuracy on the "
              "training batches (dropout on, as it trained); val: the held-out images. "
-             "{}".format(args.domain, args.subsample, args.epochs, seeds, RANK, ADAPTOR_RATE,
+             "{}".format(args.domain, args.subsample, args.epochs, seeds, PROBE_RANK, ADAPTOR_RATE,
                         provenance("adaptor_variants_probe.py", argv)),
              "", ACCURACY_COLUMNS, "| --- | --- | --- | --- | --- |"]
     lines += labelled_accuracy_rows(configurations(), records)

@@ -33,16 +33,12 @@ from da2ext.methods.deep_attention_adaptor import ADAPTOR_MAX_STRIDE  # noqa: E4
 from da2ext.methods.lite_residual import LiteResidualBlock, add_lite_residuals  # noqa: E402
 from da2ext.methods.method import Method  # noqa: E402
 from da2ext.lean.adapt import adapt  # noqa: E402
-from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, add_only_argument, labelled_accuracy_rows,  # noqa: E402
-                        labelled_runs, provenance, run_configuration, run_probe)
+from probe_runs import (ACCURACY_COLUMNS, BIAS_LEAN_TABLE_RATES, PROBE_RANK, add_only_argument,  # noqa: E402
+                        labelled_accuracy_rows, labelled_runs, provenance, run_configuration, run_probe)
 
 # EfficientNet-Lite0's 16 blocks: the first 5 end at output stride <= 8 (2, 4, 4, 8, 8), the rest at 16 and 32.
 EARLY_BLOCKS = 5
 TINYTL_TABLE_RATES = {"other": 9e-3, "default": 3e-2}  # tinytl's rates at its sweep's 10x (digits.md)
-
-# The rank this probe measured with (da2's default until the rank-choice run moved it to 1:
-# benchmarks/results/da2_rank_choice.md); kept so that a rerun measures what its results file says.
-RANK = 4
 
 
 class _BottleneckBranch(nn.Module):
@@ -113,7 +109,7 @@ def _lite_branches(keep, adaptors, width=None, branch=None):
     and da2's adaptors if `adaptors`."""
     def build(backbone, num_classes):
         if adaptors:
-            model = adapt(backbone, num_classes, rank=RANK, adaptor_max_stride=ADAPTOR_MAX_STRIDE)
+            model = adapt(backbone, num_classes, rank=PROBE_RANK, adaptor_max_stride=ADAPTOR_MAX_STRIDE)
         else:
             model = adapt(backbone, num_classes, adaptors=False, shifts=True)
         add_lite_residuals(model)
@@ -173,11 +169,11 @@ def configurations():
     )
 
 
-def _adapt_branches_row(rank=RANK):
+def _adapt_branches_row(rank=PROBE_RANK):
     """da2 with adapt()'s own late branches (branch_width=64 beside the blocks of stride 32: Lite0's last 5):
     _BottleneckBranch's design, pooling by twice the block's stride and keeping nothing of C_out channels
     for backward (da2ext.nn.LowRankConvBranch), all at 3e-2."""
-    label = "da2 + adapt's branches (branch_width=64, stride 32) at 3e-2" + ("" if rank == RANK else
+    label = "da2 + adapt's branches (branch_width=64, stride 32) at 3e-2" + ("" if rank == PROBE_RANK else
                                                                             ", rank-{} adaptors".format(rank))
 
     def build(backbone, num_classes):
@@ -197,8 +193,8 @@ def markdown(records, args, argv):
              "then cosine, every run with `--calibrate-shifts`. Seeds {} (none of the digits table's). Lite branches "
              "(TinyTL's, da2ext/methods/lite_residual.py) at 9e-3, shifts and head at 3e-2, da2's adaptors (rank {}, "
              "after the blocks of stride <= {}) at their 0.1. train: the last epoch's accuracy on the training "
-             "batches; val: the held-out images. {}".format(args.domain, args.subsample, args.epochs, seeds, RANK,
-                                                             ADAPTOR_MAX_STRIDE,
+             "batches; val: the held-out images. {}".format(args.domain, args.subsample, args.epochs, seeds,
+                                                             PROBE_RANK, ADAPTOR_MAX_STRIDE,
                                                              provenance("lite_branch_probe.py", argv)),
              "", ACCURACY_COLUMNS, "| --- | --- | --- | --- | --- |"]
     lines += labelled_accuracy_rows(configurations(), records)

@@ -26,10 +26,10 @@ from da2ext.models import backbones  # noqa: E402
 from da2ext.training.loop import train_domain  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
-__all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "DA2_BEFORE_EARLY_ADAPTORS_RATES", "accuracy_row",
-           "accuracy_rows_with_gap", "add_only_argument", "add_probe_arguments", "labelled_accuracy_rows",
-           "labelled_runs", "probe_commit", "probe_method", "progress", "provenance", "run_configuration",
-           "run_probe", "train_once", "train_with_metrics", "write_results"]
+__all__ = ["ACCURACY_COLUMNS", "BIAS_LEAN_TABLE_RATES", "DA2_BEFORE_EARLY_ADAPTORS_RATES", "PROBE_RANK",
+           "accuracy_row", "accuracy_rows_with_gap", "add_only_argument", "add_probe_arguments",
+           "labelled_accuracy_rows", "labelled_runs", "probe_commit", "probe_method", "progress", "provenance",
+           "run_configuration", "run_probe", "train_once", "train_with_metrics", "write_results"]
 
 # bias_lean's best rates in the digits table (its sweep's 10x), for the shifts and the head.
 BIAS_LEAN_TABLE_RATES = {"shifts": 3e-2, "head": 3e-2}
@@ -38,6 +38,9 @@ BIAS_LEAN_TABLE_RATES = {"shifts": 3e-2, "head": 3e-2}
 # at 0.1, the shifts and head at 1e-2. da2's defaults moved since (adaptors after the early blocks only,
 # shifts and head at 3e-2); the probes whose tables say "da2" pin this, so that a rerun measures what their
 # committed results describe.
+# The adaptors' rank the probes measured with: da2's default until the rank-choice run moved it to 1
+# (benchmarks/results/da2_rank_choice.md); pinned so that a rerun measures what their results files say.
+PROBE_RANK = 4
 DA2_BEFORE_EARLY_ADAPTORS_RATES = {"adaptors": 1e-1, "shifts": 1e-2, "head": 1e-2, "default": 1e-2}
 
 # The first columns of a probe table that sets val accuracy beside train accuracy (accuracy_row).
@@ -62,7 +65,8 @@ def probe_method(name):
         return methods.get(name)
     from da2ext.lean.adapt import adapt
     return Method("da2", "da2 before 6809c43: rank-4 adaptors after every block, adaptors 0.1, shifts and head 1e-2",
-                  lambda backbone, num_classes: adapt(backbone, num_classes, rank=4), DA2_BEFORE_EARLY_ADAPTORS_RATES)
+                  lambda backbone, num_classes: adapt(backbone, num_classes, rank=PROBE_RANK),
+                  DA2_BEFORE_EARLY_ADAPTORS_RATES)
 
 
 def train_once(args, method, seed, prepare_backbone=None, **train_kwargs):
