@@ -53,17 +53,23 @@ Mode mode_of(bool multiplicative) {
   return multiplicative ? Mode::Mul : Mode::Add;
 }
 
+// row_out[n, c] = the sum of image n's tile partials of row c, in tile order (divided by
+// mean_count when it is > 0). A task takes whole images: no division per element.
 template <typename acc_t, typename out_t>
 void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tiles, int64_t C, int64_t mean_count,
                       out_t* out) {
-  at::parallel_for(0, N * C, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / C, c = i % C;
-      acc_t sum = 0;
-      for (int64_t t = 0; t < tiles; ++t) {
-        sum += partial[(n * tiles + t) * C + c];
+  const int64_t image_grain = std::max<int64_t>(1, 1024 / (C * tiles));
+  at::parallel_for(0, N, image_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t* first = &partial[n * tiles * C];
+      out_t* row_out = out + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t sum = 0;
+        for (int64_t t = 0; t < tiles; ++t) {
+          sum += first[t * C + c];
+        }
+        row_out[c] = static_cast<out_t>(mean_count > 0 ? sum / static_cast<acc_t>(mean_count) : sum);
       }
-      out[i] = static_cast<out_t>(mean_count > 0 ? sum / static_cast<acc_t>(mean_count) : sum);
     }
   });
 }
@@ -158,10 +164,7 @@ void attention_apply_kernel(Mode mode, const scalar_t* input, const acc_t* gate_
     return;
   }
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      cpu::apply_plane(mode, input + plane * HW, gate_channel[plane], gate_spatial + (plane / C) * HW, HW,
-                       output + plane * HW);
-    }
+    cpu::apply_planes(mode, input, gate_channel, gate_spatial, C, HW, begin, end, output);
   });
 }
 
@@ -281,13 +284,8 @@ void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const a
     return;
   }
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C;
-      const acc_t* grad_mean = grad_spatial + n * 2 * HW;
-      cpu::input_grad_plane(mode, grad_output + plane * HW, gate_channel[plane], grad_channel_mean[plane] * inv_hw,
-                            gate_spatial + n * HW, grad_mean, grad_mean + HW, argmax + n * HW,
-                            static_cast<int32_t>(plane % C), inv_c, HW, grad_input + plane * HW);
-    }
+    cpu::input_grad_planes(mode, grad_output, gate_channel, grad_channel_mean, inv_hw, gate_spatial, grad_spatial,
+                           argmax, inv_c, C, HW, begin, end, grad_input);
   });
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 namespace da2ext {
 namespace ops {
@@ -15,8 +16,40 @@ using math::Mode;
 
 namespace {
 
-template <typename scalar_t, typename acc_t>
-DA2EXT_ALWAYS_INLINE void pool_tile_body(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums,
+// A length known at compile time, for the few positions of a small map (a 1x1 to 3x3
+// plane, a tile of as few): the loops over it unroll and keep their per-position
+// state in registers, where a loop of runtime length spent more on its set-up and
+// reduction tail than on its arithmetic. The same arithmetic, in the same order.
+template <int64_t L>
+using Length = std::integral_constant<int64_t, L>;
+
+// Runs the statement `...` with `length` bound to len: a Length<len> for len 1 to 9,
+// the runtime value above.
+#define DA2EXT_SHORT_CASE(L, ...) \
+  case L: {                      \
+    const Length<L> length;      \
+    __VA_ARGS__;                 \
+    return;                      \
+  }
+#define DA2EXT_BY_LENGTH(len, ...)                                                            \
+  switch (len) {                                                                              \
+    DA2EXT_SHORT_CASE(1, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(2, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(3, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(4, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(5, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(6, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(7, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(8, __VA_ARGS__)                                                         \
+    DA2EXT_SHORT_CASE(9, __VA_ARGS__)                                                         \
+    default: {                                                                                \
+      const int64_t length = len;                                                             \
+      __VA_ARGS__;                                                                            \
+    }                                                                                         \
+  }
+
+template <typename scalar_t, typename acc_t, typename Len>
+DA2EXT_ALWAYS_INLINE void pool_tile_body(const scalar_t* tile, int64_t C, int64_t HW, Len len, acc_t* row_sums,
                                          scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {
   acc_t sum[kMaxTile], max[kMaxTile];
   int32_t index[kMaxTile];
@@ -46,19 +79,40 @@ DA2EXT_ALWAYS_INLINE void pool_tile_body(const scalar_t* tile, int64_t C, int64_
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
-DA2EXT_ALWAYS_INLINE void apply_plane_body(const scalar_t* input, acc_t gate_channel, const acc_t* gate_spatial,
-                                           int64_t HW, scalar_t* output) {
-  for (int64_t i = 0; i < HW; ++i) {
-    output[i] =
-        static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(input[i]), gate_channel, gate_spatial[i]));
+// Planes [begin, end) of the whole map (plane = n*C + c), in one call: on small maps
+// (a few positions a plane) a call per plane, or a division per plane to find its
+// image, cost more than the plane's arithmetic. body(n, c, plane) does one plane.
+template <typename Body>
+DA2EXT_ALWAYS_INLINE void for_each_plane(int64_t C, int64_t begin, int64_t end, const Body& body) {
+  int64_t n = begin / C, c = begin - n * C;
+  for (int64_t plane = begin; plane < end; ++plane) {
+    body(n, c, plane);
+    if (++c == C) {
+      c = 0;
+      ++n;
+    }
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
+template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* gate_channel,
+                                            const acc_t* gate_spatial, int64_t C, Len HW, int64_t begin,
+                                            int64_t end, scalar_t* output) {
+  for_each_plane(C, begin, end, [&](int64_t n, int64_t, int64_t plane) {
+    const scalar_t* in = input + plane * HW;
+    scalar_t* out = output + plane * HW;
+    const acc_t gc = gate_channel[plane];
+    const acc_t* gs = gate_spatial + n * HW;
+    for (int64_t i = 0; i < HW; ++i) {
+      out[i] = static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(in[i]), gc, gs[i]));
+    }
+  });
+}
+
+template <Mode mode, typename scalar_t, typename acc_t, typename Len>
 DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scalar_t* input_tile,
                                            const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,
-                                           int64_t HW, int64_t len, acc_t* row_sums, acc_t* spatial_sum) {
+                                           int64_t HW, Len len, acc_t* row_sums, acc_t* spatial_sum) {
   acc_t column[kMaxTile];
   std::fill(column, column + len, acc_t(0));
   for (int64_t c = 0; c < C; ++c) {
@@ -78,16 +132,26 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scal
   std::copy(column, column + len, spatial_sum);
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
-DA2EXT_ALWAYS_INLINE void input_grad_plane_body(const scalar_t* grad_output, acc_t gate_channel, acc_t channel_share,
-                                                const acc_t* gate_spatial, const acc_t* grad_mean,
-                                                const acc_t* grad_max, const int32_t* argmax, int32_t channel,
-                                                acc_t inv_c, int64_t HW, scalar_t* grad_input) {
-  for (int64_t i = 0; i < HW; ++i) {
-    grad_input[i] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(grad_output[i]), gate_channel,
-                                                           gate_spatial[i], channel_share, grad_mean[i] * inv_c,
-                                                           argmax[i] == channel, grad_max[i]));
-  }
+template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+DA2EXT_ALWAYS_INLINE void input_grad_planes_body(const scalar_t* grad_output, const acc_t* gate_channel,
+                                                 const acc_t* grad_channel_mean, acc_t inv_hw,
+                                                 const acc_t* gate_spatial, const acc_t* grad_spatial,
+                                                 const int32_t* argmax, acc_t inv_c, int64_t C, Len HW,
+                                                 int64_t begin, int64_t end, scalar_t* grad_input) {
+  for_each_plane(C, begin, end, [&](int64_t n, int64_t c, int64_t plane) {
+    const scalar_t* g = grad_output + plane * HW;
+    scalar_t* out = grad_input + plane * HW;
+    const acc_t gc = gate_channel[plane], channel_share = grad_channel_mean[plane] * inv_hw;
+    const acc_t* gs = gate_spatial + n * HW;
+    const acc_t* grad_mean = grad_spatial + n * 2 * HW;
+    const acc_t* grad_max = grad_mean + HW;
+    const int32_t* winner = argmax + n * HW;
+    const int32_t channel = static_cast<int32_t>(c);
+    for (int64_t i = 0; i < HW; ++i) {
+      out[i] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(g[i]), gc, gs[i], channel_share,
+                                                      grad_mean[i] * inv_c, winner[i] == channel, grad_max[i]));
+    }
+  });
 }
 
 // channels_last bodies. Per pixel the C channels are one contiguous run, and
@@ -399,38 +463,28 @@ DA2EXT_DEFINE_CPU_RANK_LOOPS(c10::Half, float)
 #define DA2EXT_DEFINE_CPU_LOOPS(scalar_t, acc_t)                                                                   \
   DA2EXT_CPU_CLONES void pool_tile(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums,     \
                                    scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {                  \
-    pool_tile_body(tile, C, HW, len, row_sums, mean_out, max_out, argmax_out);                                   \
+    DA2EXT_BY_LENGTH(len, pool_tile_body(tile, C, HW, length, row_sums, mean_out, max_out, argmax_out))          \
   }                                                                                                               \
-  DA2EXT_CPU_CLONES void apply_plane(Mode mode, const scalar_t* input, acc_t gate_channel,                        \
-                                     const acc_t* gate_spatial, int64_t HW, scalar_t* output) {                   \
-    if (mode == Mode::Mul) {                                                                                      \
-      apply_plane_body<Mode::Mul>(input, gate_channel, gate_spatial, HW, output);                                 \
-    } else {                                                                                                      \
-      apply_plane_body<Mode::Add>(input, gate_channel, gate_spatial, HW, output);                                 \
-    }                                                                                                             \
+  DA2EXT_CPU_CLONES void apply_planes(Mode mode, const scalar_t* input, const acc_t* gate_channel,                \
+                                      const acc_t* gate_spatial, int64_t C, int64_t HW, int64_t begin,            \
+                                      int64_t end, scalar_t* output) {                                            \
+    DA2EXT_BY_LENGTH(HW, DA2EXT_BY_MODE(apply_planes_body, input, gate_channel, gate_spatial, C, length, begin,   \
+                                        end, output))                                                             \
   }                                                                                                               \
   DA2EXT_CPU_CLONES void reduce_tile(Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,            \
                                      const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C, int64_t HW, \
                                      int64_t len, acc_t* row_sums, acc_t* spatial_sum) {                          \
-    if (mode == Mode::Mul) {                                                                                      \
-      reduce_tile_body<Mode::Mul>(grad_tile, input_tile, gate_channel, gate_spatial, C, HW, len, row_sums,        \
-                                  spatial_sum);                                                                   \
-    } else {                                                                                                      \
-      reduce_tile_body<Mode::Add>(grad_tile, input_tile, gate_channel, gate_spatial, C, HW, len, row_sums,        \
-                                  spatial_sum);                                                                   \
-    }                                                                                                             \
+    DA2EXT_BY_LENGTH(len, DA2EXT_BY_MODE(reduce_tile_body, grad_tile, input_tile, gate_channel, gate_spatial, C,  \
+                                         HW, length, row_sums, spatial_sum))                                      \
   }                                                                                                               \
-  DA2EXT_CPU_CLONES void input_grad_plane(Mode mode, const scalar_t* grad_output, acc_t gate_channel,             \
-                                          acc_t channel_share, const acc_t* gate_spatial, const acc_t* grad_mean, \
-                                          const acc_t* grad_max, const int32_t* argmax, int32_t channel,          \
-                                          acc_t inv_c, int64_t HW, scalar_t* grad_input) {                        \
-    if (mode == Mode::Mul) {                                                                                      \
-      input_grad_plane_body<Mode::Mul>(grad_output, gate_channel, channel_share, gate_spatial, grad_mean,         \
-                                       grad_max, argmax, channel, inv_c, HW, grad_input);                         \
-    } else {                                                                                                      \
-      input_grad_plane_body<Mode::Add>(grad_output, gate_channel, channel_share, gate_spatial, grad_mean,         \
-                                       grad_max, argmax, channel, inv_c, HW, grad_input);                         \
-    }                                                                                                             \
+  DA2EXT_CPU_CLONES void input_grad_planes(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,     \
+                                           const acc_t* grad_channel_mean, acc_t inv_hw,                          \
+                                           const acc_t* gate_spatial, const acc_t* grad_spatial,                  \
+                                           const int32_t* argmax, acc_t inv_c, int64_t C, int64_t HW,             \
+                                           int64_t begin, int64_t end, scalar_t* grad_input) {                    \
+    DA2EXT_BY_LENGTH(HW, DA2EXT_BY_MODE(input_grad_planes_body, grad_output, gate_channel, grad_channel_mean,     \
+                                        inv_hw, gate_spatial, grad_spatial, argmax, inv_c, C, length, begin, end, \
+                                        grad_input))                                                              \
   }                                                                                                               \
   DA2EXT_CPU_CLONES void pool_pixels(const scalar_t* pixels, int64_t C, int64_t len, acc_t* row_sums,             \
                                      scalar_t* mean_out, scalar_t* max_out, int32_t* argmax_out) {                \

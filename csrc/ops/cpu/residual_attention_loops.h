@@ -27,16 +27,19 @@ constexpr int64_t kMaxTile = 2048;
   /* and argmax over channels. len <= kMaxTile. */                                                                \
   void pool_tile(const scalar_t* tile, int64_t C, int64_t HW, int64_t len, acc_t* row_sums, scalar_t* mean_out,   \
                  scalar_t* max_out, int32_t* argmax_out);                                                         \
-  void apply_plane(math::Mode mode, const scalar_t* input, acc_t gate_channel, const acc_t* gate_spatial,         \
-                   int64_t HW, scalar_t* output);                                                                 \
+  /* Planes [begin, end) of the map (plane = n*C + c): pointers are the whole tensors'. */                      \
+  void apply_planes(math::Mode mode, const scalar_t* input, const acc_t* gate_channel, const acc_t* gate_spatial,  \
+                    int64_t C, int64_t HW, int64_t begin, int64_t end, scalar_t* output);                         \
   /* The backward reductions over one tile: row_sums[c] = sum_i t*gate_spatial[i], */                            \
   /* spatial_sum[i] = sum_c t*gate_channel[c]; `input` is read in mode Mul only. */                               \
   void reduce_tile(math::Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,                        \
                    const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C, int64_t HW, int64_t len,      \
                    acc_t* row_sums, acc_t* spatial_sum);                                                          \
-  void input_grad_plane(math::Mode mode, const scalar_t* grad_output, acc_t gate_channel, acc_t channel_share,   \
-                        const acc_t* gate_spatial, const acc_t* grad_mean, const acc_t* grad_max,                 \
-                        const int32_t* argmax, int32_t channel, acc_t inv_c, int64_t HW, scalar_t* grad_input); \
+  /* grad_channel_mean [N, C] (times inv_hw gives each plane's share), grad_spatial [N, 2, HW]. */               \
+  void input_grad_planes(math::Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,                 \
+                         const acc_t* grad_channel_mean, acc_t inv_hw, const acc_t* gate_spatial,                 \
+                         const acc_t* grad_spatial, const int32_t* argmax, acc_t inv_c, int64_t C, int64_t HW,    \
+                         int64_t begin, int64_t end, scalar_t* grad_input);                                       \
   /* channels_last: the same four passes over `len` pixels of one image whose C */                               \
   /* channels are adjacent in memory (`pixels` points at the first one's channel 0; */                         \
   /* gate_spatial and the per-position outputs at its position). */                                            \
