@@ -11,7 +11,7 @@
 // the feature map's dtype in forward, the gates and every gradient of the small branch
 // in the accumulation dtype (float32 for float16/float32 maps, float64 for float64),
 // the parameters' gradients cast back to their dtypes. Where the branch is small (and
-// the map float32 or float64) it runs as loops (cpu/attention_branch_loops.h), which
+// the map float32 or float64) it runs as loops (cpu/attention_branch_loops.cpp), which
 // round differently from BLAS; above that, the same ATen calls as that path, op for op.
 //
 // Registered for the CPU (the CUDA build keeps the Python path until these have
@@ -211,16 +211,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      b2 = fc2_bias.contiguous(), ws = spatial_weight.contiguous(), bs = spatial_bias.contiguous(),
                      g = gamma.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
-      cpu::branch_forward<scalar_t>(shape, channel_mean.data_ptr<scalar_t>(), spatial.data_ptr<scalar_t>(),
-                                    w1.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
-                                    b2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
-                                    hidden_pre.data_ptr<scalar_t>(), channel_logits.data_ptr<scalar_t>(),
-                                    gate_spatial.data_ptr<scalar_t>());
+      cpu::branch_forward(shape, channel_mean.data_ptr<scalar_t>(), spatial.data_ptr<scalar_t>(),
+                          w1.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                          b2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
+                          hidden_pre.data_ptr<scalar_t>(), channel_logits.data_ptr<scalar_t>(),
+                          gate_spatial.data_ptr<scalar_t>());
     });
     const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
-      cpu::channel_gates<scalar_t>(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                                   gate_channel.data_ptr<scalar_t>());
+      cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                         gate_channel.data_ptr<scalar_t>());
     });
     at::Tensor y = attention_apply(input, gate_channel, gate_spatial, multiplicative);
     return std::make_tuple(y, channel_mean, spatial, argmax, hidden_pre, channel_logits);
@@ -255,12 +255,10 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output,
                    bs = spatial_bias.contiguous(), g = gamma.contiguous();
   const at::Tensor channel_sigmoid = logits.sigmoid();  // vectorised exponentials
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
-    for (int64_t n = 0; n < shape.N; ++n) {
-      cpu::spatial_gates<scalar_t>(shape, maps.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
-                                   bs.data_ptr<scalar_t>(), n, gate_spatial.data_ptr<scalar_t>());
-    }
-    cpu::channel_gates<scalar_t>(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                                 gate_channel.data_ptr<scalar_t>());
+    cpu::spatial_gates(shape, maps.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
+                       gate_spatial.data_ptr<scalar_t>());
+    cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                       gate_channel.data_ptr<scalar_t>());
   });
   at::Tensor channel_sum, spatial_sum;
   std::tie(channel_sum, spatial_sum) =
@@ -271,7 +269,7 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output,
              grad_gamma = at::empty_like(g), grad_channel_mean = at::empty({shape.N, shape.C}, options),
              grad_spatial = at::empty({shape.N, 2, shape.H, shape.W}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
-    cpu::branch_backward<scalar_t>(
+    cpu::branch_backward(
         shape, means.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
         channel_sigmoid.data_ptr<scalar_t>(), gate_spatial.data_ptr<scalar_t>(), channel_sum.data_ptr<scalar_t>(),
         spatial_sum.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),

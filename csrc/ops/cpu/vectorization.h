@@ -14,6 +14,9 @@
 // the binary, so results stay deterministic run to run.
 // DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, flag): the same for a loop that also keeps
 // a running max (exact, whatever the order) and an or-ed int flag.
+// DA2EXT_VECTORIZE_SUM4(a, b, c, d): four sums at once (four dot products sharing a vector).
+// DA2EXT_VECTORIZE: a loop with no reduction, vectorised even where it holds an inner
+// loop (each lane runs that inner loop in order: the arithmetic of the scalar loop).
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -29,7 +32,11 @@
 #define DA2EXT_VECTORIZE_SUM(var) DA2EXT_PRAGMA(omp simd reduction(+ : var))
 #define DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, flag) \
   DA2EXT_PRAGMA(omp simd reduction(+ : sum) reduction(max : top) reduction(| : flag))
+#define DA2EXT_VECTORIZE_SUM4(a, b, c, d) DA2EXT_PRAGMA(omp simd reduction(+ : a, b, c, d))
+#define DA2EXT_VECTORIZE DA2EXT_PRAGMA(omp simd)
 #else
 #define DA2EXT_VECTORIZE_SUM(var)
 #define DA2EXT_VECTORIZE_SUM_MAX_OR(sum, top, flag)
+#define DA2EXT_VECTORIZE_SUM4(a, b, c, d)
+#define DA2EXT_VECTORIZE
 #endif
