@@ -15,7 +15,7 @@ each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
 - CUDA kernels (on a GPU): the kernels the profiler saw launched.
 
 Wall time: the median of --runs forward + backward calls at 8x256x2x2, each kind
-in the same run (issue 19 measures the two-op adaptor against the op-by-op one).
+in the same run (issue 19 measures the one-op adaptor against the op-by-op one).
 Writes benchmarks/results/launch_count_<tag>.json and .md.
 """
 import argparse
@@ -42,9 +42,10 @@ SHAPES = ((8, 256, 2, 2), (8, 256, 56, 56))
 OP_PREFIXES = ("aten::", "da2ext::")
 
 
-# "fused": the adaptor as the package runs it (on the CPU two ops, csrc/ops/residual_attention_composite.cpp);
-# "fused, op by op": the same kernels with the small branch in PyTorch ops between them (the CUDA path, and
-# the CPU's before the two-op adaptor); "reference": the pure-PyTorch adaptor.
+# "fused": the adaptor as the package runs it (on the CPU one op whose autograd node is C++,
+# csrc/ops/residual_attention_autograd.cpp); "fused, op by op": the same kernels with the small branch in
+# PyTorch ops between them, in a Python autograd Function (the CUDA path, and the CPU's before the one-op
+# adaptor); "reference": the pure-PyTorch adaptor.
 KINDS = ("fused", "fused, op by op", "reference")
 
 

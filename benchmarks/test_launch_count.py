@@ -25,8 +25,8 @@ def test_launch_count_table(tmp_path):
         assert 0 < r["dispatched_ops"] <= r["all_ops"]
         assert ("wall_time" in r) == (tuple(r["shape"]) == launch_count.SHAPES[0])
     assert results["meta"]["backend"] == da2ext.backend("cpu")
-    if has_op("residual_attention_forward"):
-        # Issue 19's CPU target: the two-op adaptor dispatches at most 15 ops per forward + backward
+    if has_op("residual_attention"):
+        # Issue 19's CPU target: the one-op adaptor dispatches at most 15 ops per forward + backward
         # (72 op by op), and its small branch runs as loops at 8x256x2x2 (far fewer ops in all).
         for r in records:
             if r["adaptor"] == "fused":

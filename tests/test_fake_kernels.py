@@ -91,7 +91,7 @@ def test_residual_attention_ops(device, shape, order, dtype, rank):
 
 
 def branch_parameters(channels, rank, dtype, device, seed=2):
-    """fc1 (hidden 4), fc2, a 3x3 spatial conv and gamma of a rank-k adaptor, as the two-op adaptor takes them."""
+    """fc1 (hidden 4), fc2, a 3x3 spatial conv and gamma of a rank-k adaptor, as the adaptor ops take them."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(4, channels), (4,), (rank * channels, 4), (rank * channels,), (rank, 2, 3, 3), (rank,),
               (channels,) if rank == 1 else (rank, channels)]
@@ -100,10 +100,10 @@ def branch_parameters(channels, rank, dtype, device, seed=2):
 
 @pytest.mark.parametrize("device,shape,order,dtype", [c for c in cases() if c.values[0] == "cpu"])
 @pytest.mark.parametrize("rank", [1, 3])
-def test_two_op_adaptor_ops(device, shape, order, dtype, rank):
+def test_adaptor_forward_and_backward_ops(device, shape, order, dtype, rank):
     # residual_attention_forward / _backward: registered for the CPU (csrc/ops/residual_attention_composite.cpp)
     if not fake_kernels.has_op("residual_attention_forward"):
-        pytest.skip("the two-op adaptor needs an extension built against torch >= 1.11")
+        pytest.skip("the adaptor's forward and backward ops need an extension built against torch >= 1.11")
     ops = torch.ops.da2ext
     x = feature(shape, order, dtype, device)
     grad = feature(shape, order, dtype, device, seed=1)
@@ -117,6 +117,19 @@ def test_two_op_adaptor_ops(device, shape, order, dtype, rank):
             opcheck(ops.residual_attention_backward.default,
                     (grad, x if multiplicative else None, channel_mean, spatial, argmax, hidden_pre, channel_logits,
                      gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias, multiplicative, needs_input_grad))
+
+
+@pytest.mark.parametrize("device,shape,order,dtype", [c for c in cases() if c.values[0] == "cpu"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_one_op_adaptor(device, shape, order, dtype, rank):
+    # residual_attention, with its autograd node in C++ (csrc/ops/residual_attention_autograd.cpp): opcheck
+    # traces its forward and backward through AOTAutograd too (test_aot_dispatch_dynamic)
+    if not fake_kernels.has_op("residual_attention"):
+        pytest.skip("the one-op adaptor needs an extension built against torch >= 1.11")
+    x = feature(shape, order, dtype, device).requires_grad_()
+    params = [p.requires_grad_() for p in branch_parameters(shape[1], rank, dtype, device)]
+    for multiplicative, saved_input_dtype in ((False, None), (True, None), (True, torch.float16)):
+        opcheck(torch.ops.da2ext.residual_attention.default, tuple([x] + params + [multiplicative, saved_input_dtype]))
 
 
 @pytest.mark.parametrize("device,shape,order,dtype", list(cases()))

@@ -1,11 +1,12 @@
-// The whole adaptor as two ops (docs/design.md §2, "The adaptor in two dispatches"):
-// residual_attention_forward and residual_attention_backward run the three heavy
-// passes (descriptor_pool, attention_apply; attention_backward_reduce,
-// attention_input_grad) and the small branch between them (the channel MLP, the
-// spatial conv, the gates and their gradients) from C++, so that one adaptor
-// forward + backward is two trips through the dispatcher from Python instead of
-// about seventy. Where compute is nothing (small maps, small batches) those trips
-// were the whole cost.
+// The adaptor's forward and its backward as one op each (docs/design.md §2, "The
+// adaptor in one dispatch"): residual_attention_forward and residual_attention_backward
+// run the three heavy passes (descriptor_pool, attention_apply; attention_backward_reduce,
+// attention_input_grad) and the small branch between them (the channel MLP, the spatial
+// conv, the gates and their gradients) from C++. The autograd node of
+// torch.ops.da2ext.residual_attention (residual_attention_autograd.cpp) calls them, so
+// that one adaptor forward + backward is one trip through the dispatcher from Python
+// instead of about seventy. Where compute is nothing (small maps, small batches) those
+// trips were the whole cost.
 //
 // The maths is the op-by-op path's (ops/residual_attention.py): the small branch in
 // the feature map's dtype in forward, the gates and every gradient of the small branch

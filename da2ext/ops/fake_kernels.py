@@ -114,9 +114,15 @@ def residual_attention_backward(grad_output, input, channel_mean, spatial, argma
             gamma.new_empty(tuple(gamma.shape)))
 
 
+def residual_attention(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
+                       multiplicative, saved_input_dtype=None):
+    return _empty_in_memory_order(input)
+
+
 FAKE_KERNELS = (descriptor_pool, attention_apply, attention_backward_reduce, attention_input_grad,
                 packed_activation, packed_activation_, packed_activation_backward, packed_bias_activation_,
-                packed_activation_backward_channel_sums, residual_attention_forward, residual_attention_backward)
+                packed_activation_backward_channel_sums, residual_attention_forward, residual_attention_backward,
+                residual_attention)
 
 
 def _registrar():
@@ -139,7 +145,7 @@ def register_fake_kernels():
         return ()
     registered = []
     for kernel in FAKE_KERNELS:
-        if not has_op(kernel.__name__):  # the two-op adaptor is built only against torch >= 1.11
+        if not has_op(kernel.__name__):  # the one-op adaptor's ops are built only against torch >= 1.11
             continue
         register("da2ext::" + kernel.__name__, kernel)
         registered.append(kernel.__name__)

@@ -1,5 +1,11 @@
 """The fused residual attention op with autograd (docs/design.md §2), any rank k.
 
+On the CPU (extension built against torch >= 1.11) the adaptor is one op,
+torch.ops.da2ext.residual_attention, whose forward, saved tensors and backward
+node are C++ (csrc/ops/residual_attention_autograd.cpp): the passes below run
+from C++ with no Python or dispatch between them. Elsewhere (CUDA, older torch)
+ResidualAttentionFunction runs them op by op:
+
 Forward: one kernel pools the descriptors from F, the small branch (MLP and
 spatial conv) runs in plain PyTorch, one kernel writes y. What is kept for
 backward, all through ctx.save_for_backward: the descriptors, the argmax
@@ -24,7 +30,7 @@ from .attention_branch_backward import attention_logits_backward
 from .memory_order import dense, in_memory_order, memory_order
 from .reference import residual_attention_reference
 
-__all__ = ["op_by_op", "residual_attention", "uses_two_ops"]
+__all__ = ["op_by_op", "residual_attention", "uses_one_op"]
 
 
 def _accumulate_dtype(dtype):
@@ -47,7 +53,8 @@ def _gates(channel_logits, spatial_logits, gamma, acc_dtype):
 
 def _keep_for_backward(ctx, x, multiplicative, saved_input_dtype, channel_mean, spatial, argmax, hidden_pre,
                        channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias):
-    """What both Functions keep, all through ctx.save_for_backward. All small: the
+    """What ResidualAttentionFunction keeps (the one-op adaptor keeps the same), all through
+    ctx.save_for_backward. All small: the
     descriptors, the argmax, the MLP's hidden layer, the channel logits, the parameters
     (the spatial logits, k maps of N x H x W, are recomputed in backward from the
     descriptors); plus F in mode "mul", in saved_input_dtype if given."""
@@ -116,67 +123,38 @@ class ResidualAttentionFunction(torch.autograd.Function):
         return (grad_input,) + param_grads + (grad_gamma, None, None)
 
 
-class TwoOpResidualAttentionFunction(torch.autograd.Function):
-    """The same maths as ResidualAttentionFunction in two dispatches: the forward and
-    the backward each one C++ op (csrc/ops/residual_attention_composite.cpp) that runs
-    the heavy kernels and the small branch between them, so that an adaptor costs two
-    trips through the dispatcher from Python, not about seventy. Keeps what
-    ResidualAttentionFunction keeps, through ctx.save_for_backward."""
-
-    @staticmethod
-    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
-                multiplicative, saved_input_dtype):
-        y, channel_mean, spatial, argmax, hidden_pre, channel_logits = torch.ops.da2ext.residual_attention_forward(
-            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, multiplicative)
-        _keep_for_backward(ctx, x, multiplicative, saved_input_dtype, channel_mean, spatial, argmax, hidden_pre,
-                           channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        (channel_mean, spatial, argmax, hidden_pre, channel_logits, gamma, kept_input, fc1_weight, fc2_weight,
-         spatial_weight, spatial_bias) = ctx.saved_tensors
-        needs_input = ctx.needs_input_grad[0]
-        grads = torch.ops.da2ext.residual_attention_backward(
-            in_memory_order(grad_output, ctx.order), kept_input, channel_mean, spatial, argmax, hidden_pre,
-            channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias, ctx.multiplicative,
-            needs_input)
-        return (grads[0] if needs_input else None,) + tuple(grads[1:]) + (None, None)
+_ONE_OP_DEVICES = ("cpu",)  # where the one-op adaptor runs; CUDA keeps the op-by-op path until it ran on a GPU
 
 
-_TWO_OP_DEVICES = ("cpu",)  # where the two-op adaptor runs; CUDA keeps the op-by-op path until it ran on a GPU
+def uses_one_op(x):
+    """Whether residual_attention runs torch.ops.da2ext.residual_attention for `x`: on
+    the devices it is registered for, with an extension that has it (torch >= 1.11)."""
+    return x.device.type in _ONE_OP_DEVICES and _has_one_op()
 
 
-def uses_two_ops(x):
-    """Whether residual_attention runs TwoOpResidualAttentionFunction for `x`: on the
-    devices it is registered for, with an extension that has it (torch >= 1.11)."""
-    return x.device.type in _TWO_OP_DEVICES and _has_two_ops()
-
-
-def _has_two_ops():
-    global _TWO_OPS
-    if _TWO_OPS is None:
+def _has_one_op():
+    global _ONE_OP
+    if _ONE_OP is None:
         from .fake_kernels import has_op
-        _TWO_OPS = has_op("residual_attention_forward") and has_op("residual_attention_backward")
-    return _TWO_OPS
+        _ONE_OP = has_op("residual_attention")
+    return _ONE_OP
 
 
-_TWO_OPS = None
+_ONE_OP = None
 
 
 class op_by_op(object):
     """Within it, residual_attention runs the op-by-op path on every device (the
-    CUDA path, and the baseline the two-op adaptor is measured and tested against)."""
+    CUDA path, and the baseline the one-op adaptor is measured and tested against)."""
 
     def __enter__(self):
-        global _TWO_OP_DEVICES
-        self._saved, _TWO_OP_DEVICES = _TWO_OP_DEVICES, ()
+        global _ONE_OP_DEVICES
+        self._saved, _ONE_OP_DEVICES = _ONE_OP_DEVICES, ()
         return self
 
     def __exit__(self, *exc):
-        global _TWO_OP_DEVICES
-        _TWO_OP_DEVICES = self._saved
+        global _ONE_OP_DEVICES
+        _ONE_OP_DEVICES = self._saved
         return False
 
 
@@ -203,5 +181,7 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
     if not kernels_available(x.device.type):
         warn_fallback(x.device.type)
         return residual_attention_reference(x, *params, mode=mode)
-    function = TwoOpResidualAttentionFunction if uses_two_ops(x) else ResidualAttentionFunction
-    return function.apply(dense(x), *params, mode == "mul", saved_input_dtype)
+    if uses_one_op(x):
+        # one dispatch: the forward, what is kept and the backward node all in C++
+        return torch.ops.da2ext.residual_attention(dense(x), *params, mode == "mul", saved_input_dtype)
+    return ResidualAttentionFunction.apply(dense(x), *params, mode == "mul", saved_input_dtype)

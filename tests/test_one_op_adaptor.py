@@ -1,10 +1,12 @@
-"""The adaptor in two dispatches (csrc/ops/residual_attention_composite.cpp): on the
-CPU the fused adaptor's forward and backward are one op each, the small branch as
-loops on small sizes (cpu/attention_branch_loops.h) and through ATen above. Its
-outputs and every gradient match the op-by-op path's (the CUDA path: the same
-kernels, the small branch in PyTorch ops) to rounding, it passes float64
-gradcheck, it skips the input gradient when nothing needs it, and bad arguments
-are refused naming them."""
+"""The adaptor in one dispatch: on the CPU the fused adaptor is one op,
+torch.ops.da2ext.residual_attention, whose autograd node is C++
+(csrc/ops/residual_attention_autograd.cpp); its forward and backward are one op each
+(csrc/ops/residual_attention_composite.cpp), the small branch as loops on small sizes
+(cpu/attention_branch_loops.cpp) and through ATen above. Its outputs and every
+gradient match the op-by-op path's (the CUDA path: the same kernels, the small branch
+in PyTorch ops) to rounding, it passes float64 gradcheck, it skips the input gradient
+when nothing needs it, it refuses a second-order gradient, it runs in inference mode,
+and bad arguments are refused naming them."""
 import importlib
 
 import pytest
@@ -18,6 +20,8 @@ residual_attention_module = importlib.import_module("da2ext.ops.residual_attenti
 pytestmark = pytest.mark.skipif(
     da2ext.backend("cpu") != "cpu" or not has_op("residual_attention_forward"),
     reason="needs the compiled extension, built against torch >= 1.11")
+if da2ext.backend("cpu") == "cpu" and not has_op("residual_attention"):
+    pytestmark = pytest.mark.skip(reason="needs the one-op adaptor (an extension built against torch >= 1.11)")
 
 
 def _adaptor(channels, rank, mode, dtype=torch.float32, seed=0):
@@ -48,9 +52,11 @@ def _run(module, x, grad):
 @pytest.mark.parametrize("shape,order", [((3, 16, 5, 6), "contiguous"), ((2, 32, 4, 4), "channels_last"),
                                          ((2, 8, 40, 40), "contiguous"), ((2, 8, 31, 33), "channels_last"),
                                          ((8, 256, 2, 2), "contiguous"), ((2, 512, 7, 7), "contiguous"),
-                                         ((1, 4, 1, 1), "contiguous"), ((2, 3, 1, 9), "channels_last")],
+                                         ((1, 4, 1, 1), "contiguous"), ((2, 3, 1, 9), "channels_last"),
+                                         ((3, 24, 3, 3), "contiguous"), ((2, 40, 3, 4), "contiguous"),
+                                         ((4, 64, 1, 1), "contiguous")],
                          ids=["small", "small-cl", "im2col-above-28x28", "odd-cl", "deep-2x2", "deep-7x7",
-                              "one-pixel", "one-row-cl"])
+                              "one-pixel", "one-row-cl", "3x3", "3x4", "deep-1x1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_the_op_by_op_path(rank, mode, shape, order, dtype):
     module = _adaptor(shape[1], rank, mode, dtype)
@@ -58,15 +64,15 @@ def test_matches_the_op_by_op_path(rank, mode, shape, order, dtype):
     if order == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
-    assert residual_attention_module.uses_two_ops(x)
-    two_ops = _run(module, x, grad)
+    assert residual_attention_module.uses_one_op(x)
+    one_op = _run(module, x, grad)
     with residual_attention_module.op_by_op():
-        assert not residual_attention_module.uses_two_ops(x)
+        assert not residual_attention_module.uses_one_op(x)
         op_by_op = _run(module, x, grad)
-    for a, b in zip(two_ops, op_by_op):
+    for a, b in zip(one_op, op_by_op):
         assert_matches(a, b)
     if not (x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):  # a 1x1 map is both
-        assert two_ops[0].is_contiguous(memory_format=torch.channels_last) == (order == "channels_last")
+        assert one_op[0].is_contiguous(memory_format=torch.channels_last) == (order == "channels_last")
 
 
 @pytest.mark.parametrize("rank", [1, 3])
@@ -139,3 +145,31 @@ def test_mode_mul_backward_needs_the_input():
         torch.ops.da2ext.residual_attention_backward(
             torch.randn_like(x), None, *outputs[1:], module.gamma.detach(), module.fc1.weight, module.fc2.weight,
             module.spatial.weight, module.spatial.bias, True, True)
+
+
+def test_a_second_order_gradient_is_refused():
+    module = _adaptor(8, 1, "add")
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    y = module(x)
+    grads = torch.autograd.grad(y.square().sum(), (x, module.gamma), create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        sum(g.sum() for g in grads).backward()
+
+
+def test_a_first_order_gradient_under_create_graph_is_the_same():
+    module = _adaptor(8, 2, "mul")
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    grad = torch.randn(2, 8, 3, 3)
+    plain = torch.autograd.grad(module(x), (x,) + tuple(module.parameters()), grad)
+    graphed = torch.autograd.grad(module(x), (x,) + tuple(module.parameters()), grad, create_graph=True)
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b.detach())
+
+
+def test_inference_mode_runs_the_forward_alone():
+    module = _adaptor(8, 1, "add")
+    x = torch.randn(2, 8, 5, 5)
+    expected = module(x).detach()
+    with torch.inference_mode():
+        y = module(x)
+    assert not y.requires_grad and torch.equal(y, expected)
