@@ -8,7 +8,8 @@ import torch
 
 from helpers import adaptor_pair, all_devices, relative_error
 
-SHAPES = [(2, 3, 5, 7), (4, 64, 9, 11), (2, 300, 17, 19), (8, 32, 56, 56), (3, 2048, 2, 3)]
+SHAPES = [(2, 3, 5, 7), (4, 64, 9, 11), (2, 300, 17, 19), (8, 32, 56, 56), (3, 2048, 2, 3), (4, 512, 1, 1),
+          (8, 256, 2, 2)]
 
 
 def run_forward_backward(module, x, grad_output):

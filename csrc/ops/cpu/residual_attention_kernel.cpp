@@ -11,7 +11,8 @@
 // A channels_last feature map (N x H x W x C in memory) takes the same tasks
 // over runs of pixels whose channels are adjacent: the dual reductions tile
 // positions as above, the elementwise passes split the N*H*W pixels into runs
-// that stay within one image.
+// that stay within one image. A 1x1 map, whose NCHW memory is the same, takes
+// these loops too.
 // Rank k > 1 (gates [N, k, C] and [N, k, H, W]) takes the same tasks and the
 // *_rank loops, with the rank loop inside the element loop; k == 1 runs the
 // rank-1 loops unchanged.
@@ -44,9 +45,20 @@ struct Tiling {
   explicit Tiling(int64_t HW) : tiles(ceil_div(HW, cpu::kMaxTile)), tile(ceil_div(HW, tiles)) {}
 };
 
+// Values a task should take at least: below this, waking a second thread costs more
+// than the pass (on small maps the whole pass is a few microseconds).
+constexpr int64_t kTaskValues = 32768;
+
 // Elementwise passes: enough planes per task to amortise scheduling on small maps.
 int64_t plane_grain(int64_t HW) {
-  return std::max<int64_t>(1, 32768 / HW);
+  return std::max<int64_t>(1, kTaskValues / HW);
+}
+
+// Whether a pass runs the channels_last loops (a run of pixels, each pixel's C channels
+// one vectorised loop): for channels_last maps, and for 1x1 maps, whose NCHW memory is
+// the same (a plane of one value per channel would be C calls of one element).
+bool by_pixel(const FeatureShape& s) {
+  return s.channels_last || s.HW == 1;
 }
 
 Mode mode_of(bool multiplicative) {
@@ -58,7 +70,7 @@ Mode mode_of(bool multiplicative) {
 template <typename acc_t, typename out_t>
 void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tiles, int64_t C, int64_t mean_count,
                       out_t* out) {
-  const int64_t image_grain = std::max<int64_t>(1, 1024 / (C * tiles));
+  const int64_t image_grain = std::max<int64_t>(1, kTaskValues / (C * tiles));
   at::parallel_for(0, N, image_grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* first = &partial[n * tiles * C];
@@ -101,7 +113,7 @@ void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, c
 // [pixel, pixel + len) (absolute indices n*HW + position) within image n.
 template <typename Body>
 void for_each_pixel_run(const FeatureShape& s, const Body& body) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / s.C);
+  const int64_t grain = std::max<int64_t>(1, kTaskValues / s.C);
   at::parallel_for(0, s.N * s.HW, grain, [&](int64_t begin, int64_t end) {
     while (begin < end) {
       const int64_t n = begin / s.HW;
@@ -119,7 +131,7 @@ void descriptor_pool_kernel(const scalar_t* input, const FeatureShape& s, scalar
   const int64_t C = s.C, HW = s.HW;
   dual_reduction<acc_t>(s, /*mean_count=*/HW, channel_mean, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
     scalar_t* mean_out = spatial + n * 2 * HW + hw0;
-    if (s.channels_last) {
+    if (by_pixel(s)) {
       cpu::pool_pixels(input + (n * HW + hw0) * C, C, len, rows, mean_out, mean_out + HW, argmax + n * HW + hw0);
     } else {
       cpu::pool_tile(input + n * C * HW + hw0, C, HW, len, rows, mean_out, mean_out + HW, argmax + n * HW + hw0);
@@ -132,7 +144,7 @@ template <typename scalar_t, typename acc_t>
 void attention_apply_rank_kernel(Mode mode, const scalar_t* input, const acc_t* gate_channel,
                                  const acc_t* gate_spatial, int k, const FeatureShape& s, scalar_t* output) {
   const int64_t C = s.C, HW = s.HW;
-  if (s.channels_last) {
+  if (by_pixel(s)) {
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
       cpu::apply_pixels_rank(mode, input + pixel * C, gate_channel + n * k * C,
                              gate_spatial + n * k * HW + (pixel - n * HW), k, C, HW, len, output + pixel * C);
@@ -156,7 +168,7 @@ void attention_apply_kernel(Mode mode, const scalar_t* input, const acc_t* gate_
     return;
   }
   const int64_t C = s.C, HW = s.HW;
-  if (s.channels_last) {
+  if (by_pixel(s)) {
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
       cpu::apply_pixels(mode, input + pixel * C, gate_channel + n * C, gate_spatial + pixel, C, len,
                         output + pixel * C);
@@ -183,7 +195,7 @@ void attention_backward_reduce_rank_kernel(Mode mode, const scalar_t* grad_outpu
         const acc_t* gc = gate_channel + n * k * C;
         const acc_t* gs = gate_spatial + n * k * HW + hw0;
         acc_t* ss = spatial_sum + n * k * HW + hw0;
-        if (s.channels_last) {
+        if (by_pixel(s)) {
           const int64_t offset = (n * HW + hw0) * C;
           cpu::reduce_pixels_rank(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gc, gs, k,
                                   C, HW, len, rows, ss);
@@ -208,7 +220,7 @@ void attention_backward_reduce_kernel(Mode mode, const scalar_t* grad_output, co
   }
   const int64_t C = s.C, HW = s.HW;
   dual_reduction<acc_t>(s, /*mean_count=*/0, channel_sum, [&](int64_t n, int64_t hw0, int64_t len, acc_t* rows) {
-    if (s.channels_last) {
+    if (by_pixel(s)) {
       const int64_t offset = (n * HW + hw0) * C;
       cpu::reduce_pixels(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gate_channel + n * C,
                          gate_spatial + n * HW + hw0, C, len, rows, spatial_sum + n * HW + hw0);
@@ -238,7 +250,7 @@ void attention_input_grad_rank_kernel(Mode mode, const scalar_t* grad_output, co
                                       scalar_t* grad_input) {
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
-  if (s.channels_last) {
+  if (by_pixel(s)) {
     const std::vector<acc_t> channel_share = channel_shares(grad_channel_mean, s.N * C, inv_hw);
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
       const int64_t position = pixel - n * HW;
@@ -272,7 +284,7 @@ void attention_input_grad_kernel(Mode mode, const scalar_t* grad_output, const a
   }
   const int64_t C = s.C, HW = s.HW;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW), inv_c = acc_t(1) / static_cast<acc_t>(C);
-  if (s.channels_last) {
+  if (by_pixel(s)) {
     const std::vector<acc_t> channel_share = channel_shares(grad_channel_mean, s.N * C, inv_hw);
     for_each_pixel_run(s, [&](int64_t n, int64_t pixel, int64_t len) {
       const int64_t position = pixel - n * HW;
