@@ -52,37 +52,41 @@ DA2EXT_ALWAYS_INLINE void dots(const T* x, const T* matrix, int64_t count, int64
 }
 
 // out[i] += sum over j of coef[j] * matrix[j * stride + i], for i < length, the terms added
-// in order of j: a block of kLanes outputs at a time is kept in registers over the j loop
+// in order of j: a block of `lanes` outputs at a time is kept in registers over the j loop
 // (one load and one store of out per element, not one per term), the block's lanes one
-// vector operation.
-constexpr int64_t kLanes = 16;
+// vector operation: blocks of 16, then of 8, then one output at a time.
+template <int64_t lanes, typename T>
+DA2EXT_ALWAYS_INLINE void add_combination_block(const T* coef, int64_t count, const T* matrix, int64_t stride,
+                                                T* out) {
+  T sum[lanes];
+  for (int64_t b = 0; b < lanes; ++b) {
+    sum[b] = out[b];
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const T c = coef[j];
+    const T* row = matrix + j * stride;
+    for (int64_t b = 0; b < lanes; ++b) {
+      sum[b] += c * row[b];
+    }
+  }
+  for (int64_t b = 0; b < lanes; ++b) {
+    out[b] = sum[b];
+  }
+}
 
 template <typename T>
 DA2EXT_ALWAYS_INLINE void add_combination(const T* coef, int64_t count, const T* matrix, int64_t stride,
                                           int64_t length, T* out) {
-  int64_t i0 = 0;
-  for (; i0 + kLanes <= length; i0 += kLanes) {
-    T sum[kLanes];
-    for (int64_t b = 0; b < kLanes; ++b) {
-      sum[b] = out[i0 + b];
-    }
-    for (int64_t j = 0; j < count; ++j) {
-      const T c = coef[j];
-      const T* row = matrix + j * stride + i0;
-      for (int64_t b = 0; b < kLanes; ++b) {
-        sum[b] += c * row[b];
-      }
-    }
-    for (int64_t b = 0; b < kLanes; ++b) {
-      out[i0 + b] = sum[b];
-    }
+  int64_t i = 0;
+  for (; i + 16 <= length; i += 16) {
+    add_combination_block<16>(coef, count, matrix + i, stride, out + i);
   }
-  for (int64_t i = i0; i < length; ++i) {
-    T sum = out[i];
-    for (int64_t j = 0; j < count; ++j) {
-      sum += coef[j] * matrix[j * stride + i];
-    }
-    out[i] = sum;
+  if (i + 8 <= length) {
+    add_combination_block<8>(coef, count, matrix + i, stride, out + i);
+    i += 8;
+  }
+  for (; i < length; ++i) {
+    add_combination_block<1>(coef, count, matrix + i, stride, out + i);
   }
 }
 
@@ -202,41 +206,44 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
   std::fill(grad_gamma, grad_gamma + rows, T(0));
   std::fill(grad_channel_mean, grad_channel_mean + s.N * C, T(0));
   std::fill(grad_spatial, grad_spatial + s.N * 2 * HW, T(0));
-  // Each product as one pass over its output (add_combination, dots), the batch inside:
-  // fc2's along k*C over fc2's transpose, as in forward; its weight gradient is summed
-  // as [hidden, k*C] and transposed at the end. Every sum over the batch adds its terms
-  // in order of n, from zero.
+  // Each product as one pass over its output (add_combination), vectorised along the
+  // output's long side. Every sum over the batch adds its terms in order of n, from zero.
   const int64_t N = s.N;
-  const std::vector<T> fc2_transposed = transposed(fc2_weight, rows, hidden);
-  std::vector<T> grad_fc2_transposed(hidden * rows, T(0));
-  std::vector<T> grad_logits(N * rows), relu_transposed(hidden * N), grad_hidden(N * hidden),
-      grad_hidden_transposed(hidden * N);
+  // [k*C, N] and [hidden, N]: the batch's column of each logit's and hidden unit's gradient
+  std::vector<T> grad_logits(rows), grad_logits_transposed(rows * N), relu_hidden(N * hidden),
+      grad_hidden(N * hidden), grad_hidden_transposed(hidden * N);
   for (int64_t n = 0; n < N; ++n) {
     // The channel gates: da_c = gamma * sigmoid'(a_c) * channel_sum; dgamma = sigmoid(a_c) * channel_sum.
-    T* gl = &grad_logits[n * rows];
     for (int64_t i = 0; i < rows; ++i) {
       const T sig = channel_sigmoid[n * rows + i];
       const T sum = channel_sum[n * rows + i];
       grad_gamma[i] += sig * sum;
-      gl[i] = gamma[i] * math::sigmoid_grad_from_output(sig) * sum;
-      grad_fc2_bias[i] += gl[i];
+      const T g = gamma[i] * math::sigmoid_grad_from_output(sig) * sum;
+      grad_logits[i] = g;
+      grad_logits_transposed[i * N + n] = g;
+      grad_fc2_bias[i] += g;
     }
     for (int64_t j = 0; j < hidden; ++j) {
       const T h = hidden_pre[n * hidden + j];
-      relu_transposed[j * N + n] = h > T(0) ? h : T(0);
+      relu_hidden[n * hidden + j] = h > T(0) ? h : T(0);
     }
-    dots(gl, fc2_transposed.data(), hidden, rows, &grad_hidden[n * hidden]);
+    // dL/dhidden = fc2^T da_c: the k*C rows of fc2 summed along the hidden units
+    T* gh = &grad_hidden[n * hidden];
+    add_combination(grad_logits.data(), rows, fc2_weight, hidden, hidden, gh);
     for (int64_t j = 0; j < hidden; ++j) {
       // relu' = 1 where the pre-activation is positive, as autograd's relu backward
-      T& g = grad_hidden[n * hidden + j];
-      g = hidden_pre[n * hidden + j] > T(0) ? g : T(0);
-      grad_hidden_transposed[j * N + n] = g;
-      grad_fc1_bias[j] += g;
+      gh[j] = hidden_pre[n * hidden + j] > T(0) ? gh[j] : T(0);
+      grad_hidden_transposed[j * N + n] = gh[j];
+      grad_fc1_bias[j] += gh[j];
     }
-    add_combination(&grad_hidden[n * hidden], hidden, fc1_weight, C, C, grad_channel_mean + n * C);
+    add_combination(gh, hidden, fc1_weight, C, C, grad_channel_mean + n * C);
+  }
+  std::fill(grad_fc2_weight, grad_fc2_weight + rows * hidden, T(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    add_combination(&grad_logits_transposed[i * N], N, relu_hidden.data(), hidden, hidden,
+                    grad_fc2_weight + i * hidden);
   }
   for (int64_t j = 0; j < hidden; ++j) {
-    add_combination(&relu_transposed[j * N], N, grad_logits.data(), rows, rows, &grad_fc2_transposed[j * rows]);
     add_combination(&grad_hidden_transposed[j * N], N, channel_mean, C, C, grad_fc1_weight + j * C);
   }
   for (int64_t n = 0; n < N; ++n) {
@@ -264,7 +271,6 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
       }
     }
   }
-  transpose(grad_fc2_transposed.data(), hidden, rows, grad_fc2_weight);
 }
 
 }  // namespace

@@ -70,6 +70,20 @@ Mode mode_of(bool multiplicative) {
 template <typename acc_t, typename out_t>
 void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tiles, int64_t C, int64_t mean_count,
                       out_t* out) {
+  if (tiles == 1) {  // maps of at most kMaxTile positions: one partial per row, one vectorised pass
+    const acc_t count = static_cast<acc_t>(mean_count);
+    const acc_t* rows = partial.data();
+    if (mean_count > 0) {
+      for (int64_t i = 0; i < N * C; ++i) {
+        out[i] = static_cast<out_t>((acc_t(0) + rows[i]) / count);
+      }
+    } else {
+      for (int64_t i = 0; i < N * C; ++i) {
+        out[i] = static_cast<out_t>(acc_t(0) + rows[i]);
+      }
+    }
+    return;
+  }
   const int64_t image_grain = std::max<int64_t>(1, kTaskValues / (C * tiles));
   at::parallel_for(0, N, image_grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
