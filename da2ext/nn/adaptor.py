@@ -35,5 +35,4 @@ class ResidualAttentionAdaptor(AttentionBranch):
 
     def forward(self, x):
         # residual_attention checks x (shape, dtype and device against gamma)
-        return residual_attention(x, *self.branch_parameters(), gamma=self.gamma, mode=self.mode,
-                                  saved_input_dtype=self.saved_input_dtype)
+        return residual_attention(x, *self.adaptor_tensors(), mode=self.mode, saved_input_dtype=self.saved_input_dtype)

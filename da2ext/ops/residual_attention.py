@@ -129,15 +129,17 @@ _ONE_OP_DEVICES = ("cpu",)  # where the one-op adaptor runs; CUDA keeps the op-b
 def uses_one_op(x):
     """Whether residual_attention runs torch.ops.da2ext.residual_attention for `x`: on
     the devices it is registered for, with an extension that has it (torch >= 1.11)."""
-    return x.device.type in _ONE_OP_DEVICES and _has_one_op()
+    return x.device.type in _ONE_OP_DEVICES and _one_op() is not None
 
 
-def _has_one_op():
+def _one_op():
+    """torch.ops.da2ext.residual_attention.default, or None where the extension lacks it;
+    looked up once (an overload called directly skips the packet's overload resolution)."""
     global _ONE_OP
     if _ONE_OP is None:
         from .fake_kernels import has_op
-        _ONE_OP = has_op("residual_attention")
-    return _ONE_OP
+        _ONE_OP = torch.ops.da2ext.residual_attention.default if has_op("residual_attention") else False
+    return _ONE_OP or None
 
 
 _ONE_OP = None
@@ -183,5 +185,5 @@ def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_we
         return residual_attention_reference(x, *params, mode=mode)
     if uses_one_op(x):
         # one dispatch: the forward, what is kept and the backward node all in C++
-        return torch.ops.da2ext.residual_attention(dense(x), *params, mode == "mul", saved_input_dtype)
+        return _one_op()(dense(x), *params, mode == "mul", saved_input_dtype)
     return ResidualAttentionFunction.apply(dense(x), *params, mode == "mul", saved_input_dtype)
