@@ -14,8 +14,9 @@ each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
 - all ops: the same with the ops they call inside;
 - CUDA kernels (on a GPU): the kernels the profiler saw launched.
 
-Wall time: the median of --runs forward + backward calls at 8x256x2x2, each kind
-in the same run (issue 19 measures the one-op adaptor against the op-by-op one).
+Wall time at 8x256x2x2: the median over --rounds rounds of the median of --runs
+forward + backward calls, the kinds taking turns round by round in the same process
+(issue 19 measures the one-op adaptor against the op-by-op one, side by side).
 Writes benchmarks/results/launch_count_<tag>.json and .md.
 """
 import argparse
@@ -92,9 +93,10 @@ def count_ops(module, x, device):
     return len(dispatched), len(ops), kernels
 
 
-def wall_time(module, x, device, runs):
+def _timed_calls(module, x, device, runs):
+    """The median time of `runs` forward + backward calls."""
     times = []
-    for _ in range(runs + 3):
+    for _ in range(runs):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -102,61 +104,85 @@ def wall_time(module, x, device, runs):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return median(times[3:])
+    return median(times)
 
 
-def measure(device, runs):
+def wall_times(cases, device, runs, rounds):
+    """{kind: median over `rounds` rounds of the median of `runs` calls}, the kinds taking
+    turns round by round, so that a slow spell of a shared machine falls on all of them."""
+    for kind, (module, x) in cases.items():
+        with _path(kind):
+            _timed_calls(module, x, device, 20)  # warm-up
+    per_round = {kind: [] for kind in cases}
+    for _ in range(rounds):
+        for kind, (module, x) in cases.items():
+            with _path(kind):
+                per_round[kind].append(_timed_calls(module, x, device, runs))
+    return {kind: median(times) for kind, times in per_round.items()}
+
+
+def measure(device, runs, rounds):
     records = []
     for shape in SHAPES:
         for rank in (1, 4):
+            cases = {}
             for kind in KINDS:
                 module = adaptor(kind, shape[1], rank, device)
                 x = torch.randn(shape, device=device, requires_grad=True)
+                cases[kind] = (module, x)
                 with _path(kind):
                     dispatched, all_ops, kernels = count_ops(module, x, device)
-                    record = {"shape": list(shape), "rank": rank, "adaptor": kind, "dispatched_ops": dispatched,
-                              "all_ops": all_ops, "cuda_kernels": kernels}
-                    if shape == SHAPES[0]:
-                        record["wall_time"] = wall_time(module, x, device, runs)
-                records.append(record)
+                records.append({"shape": list(shape), "rank": rank, "adaptor": kind, "dispatched_ops": dispatched,
+                                "all_ops": all_ops, "cuda_kernels": kernels})
+            if shape == SHAPES[0]:
+                times = wall_times(cases, device, runs, rounds)
+                for record in records[-len(KINDS):]:
+                    record["wall_time"] = times[record["adaptor"]]
+                    record["time_vs_op_by_op"] = times[record["adaptor"]] / times["fused, op by op"]
+            for record in records[-len(KINDS):]:
                 print("{} rank {} {:15s}: {} dispatched, {} in all{}{}".format(
-                    "x".join(map(str, shape)), rank, kind, dispatched, all_ops,
-                    "" if kernels is None else ", {} CUDA kernels".format(kernels),
-                    ", {:.3f} ms".format(1e3 * record["wall_time"]) if "wall_time" in record else ""), flush=True)
+                    "x".join(map(str, shape)), rank, record["adaptor"], record["dispatched_ops"], record["all_ops"],
+                    "" if record["cuda_kernels"] is None else ", {} CUDA kernels".format(record["cuda_kernels"]),
+                    ", {:.3f} ms ({:.2f}x op by op)".format(1e3 * record["wall_time"], record["time_vs_op_by_op"])
+                    if "wall_time" in record else ""), flush=True)
     return records
 
 
 def markdown(records, meta):
     lines = ["# Ops per adaptor forward + backward", "",
-             "{} · torch {} · da2ext {} at {} · backend {} · wall time: median of {} calls".format(
-                 meta["device"], meta["torch"], meta["da2ext"], meta["commit"], meta["backend"], meta["runs"]),
+             "{} · torch {} · da2ext {} at {} · backend {} · wall time: median over {} rounds of the median of {} "
+             "calls, the three adaptors taking turns each round".format(
+                 meta["device"], meta["torch"], meta["da2ext"], meta["commit"], meta["backend"], meta["rounds"],
+                 meta["runs"]),
              "", "Rerun: `{}`".format(meta["command"]), "",
              "dispatched: aten/da2ext ops called from Python or the autograd engine (not from inside another op); "
              "all ops: with those they call.", "",
-             "| shape | rank | adaptor | dispatched ops | all ops | CUDA kernels | wall time ms |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | rank | adaptor | dispatched ops | all ops | CUDA kernels | wall time ms | x op by op |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        lines.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
             "x".join(map(str, r["shape"])), r["rank"], r["adaptor"], r["dispatched_ops"], r["all_ops"],
             "-" if r["cuda_kernels"] is None else r["cuda_kernels"],
-            "{:.3f}".format(1e3 * r["wall_time"]) if "wall_time" in r else "-"))
+            "{:.3f}".format(1e3 * r["wall_time"]) if "wall_time" in r else "-",
+            "{:.2f}".format(r["time_vs_op_by_op"]) if "wall_time" in r else "-"))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runs", type=int, default=200, help="timed calls at 8x256x2x2 (median)")
+    parser.add_argument("--runs", type=int, default=200, help="timed calls a round at 8x256x2x2 (median)")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of --runs calls, the adaptors taking turns")
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU")
-    records = measure(device, args.runs)
+    records = measure(device, args.runs, args.rounds)
     meta = {"device": device_description(device),
             "torch": torch.__version__, "da2ext": da2ext.__version__, "commit": git_commit(),
-            "backend": da2ext.backend(device), "runs": args.runs,
+            "backend": da2ext.backend(device), "runs": args.runs, "rounds": args.rounds,
             "command": rerun_command("benchmarks/launch_count.py", sys.argv[1:] if argv is None else argv)}
     write_table(args.out_dir, "launch_count_" + args.tag, {"meta": meta, "records": records}, markdown(records, meta))
     return 0

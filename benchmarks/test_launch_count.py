@@ -15,7 +15,7 @@ import launch_count  # noqa: E402
 
 
 def test_launch_count_table(tmp_path):
-    code = launch_count.main(["--runs", "3", "--tag", "test", "--out-dir", str(tmp_path)])
+    code = launch_count.main(["--runs", "3", "--rounds", "2", "--tag", "test", "--out-dir", str(tmp_path)])
     assert code == 0
     with open(str(tmp_path / "launch_count_test.json")) as f:
         results = json.load(f)
@@ -23,7 +23,7 @@ def test_launch_count_table(tmp_path):
     assert len(records) == len(launch_count.SHAPES) * 2 * len(launch_count.KINDS)
     for r in records:
         assert 0 < r["dispatched_ops"] <= r["all_ops"]
-        assert ("wall_time" in r) == (tuple(r["shape"]) == launch_count.SHAPES[0])
+        assert ("wall_time" in r) == ("time_vs_op_by_op" in r) == (tuple(r["shape"]) == launch_count.SHAPES[0])
     assert results["meta"]["backend"] == da2ext.backend("cpu")
     if has_op("residual_attention"):
         # Issue 19's CPU target: the one-op adaptor dispatches at most 15 ops per forward + backward
