@@ -147,6 +147,44 @@ def test_mode_mul_backward_needs_the_input():
             module.spatial.weight, module.spatial.bias, True, True)
 
 
+@pytest.mark.parametrize("index, bad, message", [
+    (0, torch.randn(2, 9), "channel_mean must have shape \\[N, C\\]"),
+    (1, torch.randn(2, 2, 3, 4), "spatial must have shape \\[N, 2, H, W\\]"),
+    (2, torch.zeros(2, 3, 3), "argmax must be Int"),
+    (3, torch.randn(2, 5), "hidden_pre must have shape \\[N, hidden\\]"),
+    (4, torch.randn(2, 8).t(), "channel_logits must be contiguous"),
+], ids=["channel_mean", "spatial", "argmax", "hidden_pre", "channel_logits"])
+def test_backward_refuses_saved_tensors_that_do_not_fit(index, bad, message):
+    # residual_attention_backward reads what forward kept through raw pointers: each is checked first
+    module = _adaptor(8, 1, "add")
+    x = torch.randn(2, 8, 3, 3)
+    params = [p.detach() for p in module.branch_parameters()]
+    saved = list(torch.ops.da2ext.residual_attention_forward(x, *params, module.gamma.detach(), False)[1:])
+    if index == 4:
+        bad = torch.randn(8, 2).t()  # [2, 8], the right size, not contiguous
+    saved[index] = bad
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.da2ext.residual_attention_backward(
+            torch.randn_like(x), None, *saved, module.gamma.detach(), params[0], params[2], params[4], params[5],
+            False, True)
+
+
+def test_a_parametrised_weight_is_read_through_its_parametrisation():
+    parametrize = pytest.importorskip("torch.nn.utils.parametrize")
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    module = _adaptor(8, 1, "add")
+    weight = module.fc1.weight.detach().clone()
+    parametrize.register_parametrization(module.fc1, "weight", Doubled())
+    assert torch.equal(module.adaptor_tensors()[0], 2 * weight)
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    module(x).sum().backward()
+    assert module.fc1.parametrizations.weight.original.grad is not None
+
+
 def test_a_second_order_gradient_is_refused():
     module = _adaptor(8, 1, "add")
     x = torch.randn(2, 8, 3, 3, requires_grad=True)

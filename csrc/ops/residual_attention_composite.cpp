@@ -20,7 +20,9 @@
 // (the Jetson's 1.10) builds without them and keeps the Python path.
 #include "residual_attention.h"
 
+#include "memory_order.h"
 #include "cpu/attention_branch_loops.h"
+#include "cpu/residual_attention_kernel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -78,6 +80,10 @@ at::Tensor attention_input_grad(const at::Tensor& grad_output, const at::Tensor&
   return op.call(grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial, argmax, multiplicative);
 }
 
+math::Mode math_mode(bool multiplicative) {
+  return multiplicative ? math::Mode::Mul : math::Mode::Add;
+}
+
 // The spatial conv (2 -> k, K x K, padding K/2) on the CPU picks PyTorch's im2col kernel
 // on maps of at most 28 x 28, where it beats oneDNN (ops/attention_branch.py measures why).
 constexpr int64_t kIm2colMaxPixels = 28 * 28;
@@ -133,16 +139,6 @@ bool branch_as_loops(const at::Tensor& input, const cpu::BranchShape& s) {
   return mlp <= kBranchLoopMaxMacs && conv <= kBranchLoopMaxMacs;
 }
 
-// The gates' tensors in the kernels' layouts: [N, C] and [N, H, W] at rank 1 (gamma a vector),
-// [N, k, C] and [N, k, H, W] at rank k.
-std::tuple<at::Tensor, at::Tensor> empty_gates(const at::Tensor& input, const cpu::BranchShape& s, bool stacked) {
-  if (!stacked) {
-    return std::make_tuple(at::empty({s.N, s.C}, input.options()), at::empty({s.N, s.H, s.W}, input.options()));
-  }
-  return std::make_tuple(at::empty({s.N, s.rank, s.C}, input.options()),
-                         at::empty({s.N, s.rank, s.H, s.W}, input.options()));
-}
-
 struct Gates {
   at::Tensor channel_sigmoid, gate_channel, gate_spatial;
 };
@@ -163,9 +159,11 @@ Gates gates(const at::Tensor& channel_logits, const at::Tensor& spatial_logits, 
   return g;
 }
 
-void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
-                  const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
-                  const at::Tensor& spatial_bias, const at::Tensor& gamma, const char* op) {
+// The small branch's weights and gamma against a map of C channels (input, or the gradient
+// of the output in backward): shapes, dtype and device.
+void check_branch_weights(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                          const at::Tensor& spatial_weight, const at::Tensor& spatial_bias, const at::Tensor& gamma,
+                          const char* op) {
   const int64_t c = input.size(1);
   TORCH_CHECK(gamma.dim() == 1 || gamma.dim() == 2, op, ": gamma must be [C] or [k, C], got shape ", gamma.sizes());
   const int64_t rank = gamma.dim() == 2 ? gamma.size(0) : 1;
@@ -173,22 +171,48 @@ void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const a
   TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.size(1) == c, op, ": fc1_weight must be [hidden, C = ", c,
               "], got shape ", fc1_weight.sizes());
   const int64_t hidden = fc1_weight.size(0);
-  TORCH_CHECK(fc1_bias.dim() == 1 && fc1_bias.size(0) == hidden, op, ": fc1_bias must be [", hidden, "], got shape ",
-              fc1_bias.sizes());
   TORCH_CHECK(fc2_weight.dim() == 2 && fc2_weight.size(0) == rank * c && fc2_weight.size(1) == hidden, op,
               ": fc2_weight must be [k*C = ", rank * c, ", hidden = ", hidden, "], got shape ", fc2_weight.sizes());
-  TORCH_CHECK(fc2_bias.dim() == 1 && fc2_bias.size(0) == rank * c, op, ": fc2_bias must be [k*C = ", rank * c,
-              "], got shape ", fc2_bias.sizes());
   TORCH_CHECK(spatial_weight.dim() == 4 && spatial_weight.size(0) == rank && spatial_weight.size(1) == 2 &&
                   spatial_weight.size(2) == spatial_weight.size(3) && spatial_weight.size(2) % 2 == 1,
               op, ": spatial_weight must be [k = ", rank, ", 2, K, K] with K odd, got shape ", spatial_weight.sizes());
   TORCH_CHECK(spatial_bias.dim() == 1 && spatial_bias.size(0) == rank, op, ": spatial_bias must be [k = ", rank,
               "], got shape ", spatial_bias.sizes());
-  for (const at::Tensor* t : {&fc1_weight, &fc1_bias, &fc2_weight, &fc2_bias, &spatial_weight, &spatial_bias, &gamma}) {
+  for (const at::Tensor* t : {&fc1_weight, &fc2_weight, &spatial_weight, &spatial_bias, &gamma}) {
     TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op,
                 ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
                 input.device(), "), got ", t->scalar_type(), " on ", t->device());
   }
+}
+
+void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
+                  const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
+                  const at::Tensor& spatial_bias, const at::Tensor& gamma, const char* op) {
+  check_branch_weights(input, fc1_weight, fc2_weight, spatial_weight, spatial_bias, gamma, op);
+  const int64_t hidden = fc1_weight.size(0), rows = fc2_weight.size(0);
+  TORCH_CHECK(fc1_bias.dim() == 1 && fc1_bias.size(0) == hidden, op, ": fc1_bias must be [", hidden, "], got shape ",
+              fc1_bias.sizes());
+  TORCH_CHECK(fc2_bias.dim() == 1 && fc2_bias.size(0) == rows, op, ": fc2_bias must be [k*C = ", rows,
+              "], got shape ", fc2_bias.sizes());
+  for (const at::Tensor* t : {&fc1_bias, &fc2_bias}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op,
+                ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
+                input.device(), "), got ", t->scalar_type(), " on ", t->device());
+  }
+}
+
+// What backward gets from forward (residual_attention_forward's outputs), checked against
+// the gradient of y before any of it is read through a pointer.
+void check_saved(const at::Tensor& grad_output, const FeatureShape& s, const at::Tensor& channel_mean,
+                 const at::Tensor& spatial, const at::Tensor& argmax, const at::Tensor& hidden_pre,
+                 const at::Tensor& channel_logits, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                 const char* op) {
+  const at::ScalarType dtype = grad_output.scalar_type();
+  check_companion(channel_mean, grad_output, dtype, s.N * s.C, op, "channel_mean", "[N, C]");
+  check_companion(spatial, grad_output, dtype, s.N * 2 * s.HW, op, "spatial", "[N, 2, H, W]");
+  check_companion(argmax, grad_output, at::kInt, s.N * s.HW, op, "argmax", "[N, H, W]");
+  check_companion(hidden_pre, grad_output, dtype, s.N * fc1_weight.size(0), op, "hidden_pre", "[N, hidden]");
+  check_companion(channel_logits, grad_output, dtype, s.N * fc2_weight.size(0), op, "channel_logits", "[N, k*C]");
 }
 
 // (y, channel_mean [N, C], spatial [N, 2, H, W], argmax [N, H, W], hidden_pre [N, hidden],
@@ -198,34 +222,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& fc2_bias, const at::Tensor& spatial_weight, const at::Tensor& spatial_bias,
     const at::Tensor& gamma, bool multiplicative) {
   const char* op = "residual_attention_forward";
-  check_feature_map(input, op, "input", /*allow_channels_last=*/true);
+  const FeatureShape map = check_feature_map(input, op, "input", /*allow_channels_last=*/true);
   check_branch(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, op);
-  at::Tensor channel_mean, spatial, argmax;
-  std::tie(channel_mean, spatial, argmax) = descriptor_pool(input);
   const cpu::BranchShape shape = branch_shape(input, fc1_weight, spatial_weight);
   if (branch_as_loops(input, shape)) {
+    // Every pass called directly (cpu/residual_attention_kernel.h); the gates in one scratch buffer.
+    at::Tensor channel_mean, spatial, argmax;
+    std::tie(channel_mean, spatial, argmax) = allocate_pool_outputs(input, map);
     at::Tensor hidden_pre = at::empty({shape.N, shape.hidden}, input.options());
     at::Tensor channel_logits = at::empty({shape.N, shape.rows()}, input.options());
-    at::Tensor gate_channel, gate_spatial;
-    std::tie(gate_channel, gate_spatial) = empty_gates(input, shape, gamma.dim() == 2);
+    at::Tensor y = empty_in_memory_order(input);
     const at::Tensor w1 = fc1_weight.contiguous(), b1 = fc1_bias.contiguous(), w2 = fc2_weight.contiguous(),
                      b2 = fc2_bias.contiguous(), ws = spatial_weight.contiguous(), bs = spatial_bias.contiguous(),
                      g = gamma.contiguous();
+    const int64_t channel_gates = shape.N * shape.rows(), spatial_gates = shape.N * shape.rank * shape.HW();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
+      std::vector<scalar_t> gates(channel_gates + spatial_gates);
+      scalar_t *gate_channel = gates.data(), *gate_spatial = gates.data() + channel_gates;
+      cpu::descriptor_pool(input.data_ptr<scalar_t>(), map, channel_mean.data_ptr<scalar_t>(),
+                           spatial.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>());
       cpu::branch_forward(shape, channel_mean.data_ptr<scalar_t>(), spatial.data_ptr<scalar_t>(),
                           w1.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
                           b2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
-                          hidden_pre.data_ptr<scalar_t>(), channel_logits.data_ptr<scalar_t>(),
-                          gate_spatial.data_ptr<scalar_t>());
+                          hidden_pre.data_ptr<scalar_t>(), channel_logits.data_ptr<scalar_t>(), gate_spatial);
+      const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
+      cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gate_channel);
+      cpu::attention_apply(math_mode(multiplicative), input.data_ptr<scalar_t>(), gate_channel, gate_spatial,
+                           static_cast<int>(shape.rank), map, y.data_ptr<scalar_t>());
     });
-    const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
-      cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                         gate_channel.data_ptr<scalar_t>());
-    });
-    at::Tensor y = attention_apply(input, gate_channel, gate_spatial, multiplicative);
     return std::make_tuple(y, channel_mean, spatial, argmax, hidden_pre, channel_logits);
   }
+  at::Tensor channel_mean, spatial, argmax;
+  std::tie(channel_mean, spatial, argmax) = descriptor_pool(input);
   at::Tensor hidden_pre = at::addmm(fc1_bias, channel_mean, fc1_weight.t());
   at::Tensor channel_logits = at::addmm(fc2_bias, hidden_pre.relu(), fc2_weight.t());
   const Gates g = gates(channel_logits, spatial_logits(spatial, spatial_weight, spatial_bias), gamma,
@@ -238,8 +266,9 @@ using BackwardGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // residual_attention_backward with the small branch as loops (float32 or float64 on the CPU,
-// where the accumulation dtype is the map's own).
-BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output,
+// where the accumulation dtype is the map's own): every pass called directly, the gates,
+// the attention sums and the descriptors' gradients in one scratch buffer.
+BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const FeatureShape& map,
                                        const c10::optional<at::Tensor>& input_for_reduce,
                                        const at::Tensor& channel_mean, const at::Tensor& spatial,
                                        const at::Tensor& argmax, const at::Tensor& hidden_pre,
@@ -248,42 +277,46 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output,
                                        const at::Tensor& spatial_weight, const at::Tensor& spatial_bias,
                                        bool multiplicative, bool needs_input_grad, const cpu::BranchShape& shape) {
   const at::TensorOptions options = grad_output.options();
-  at::Tensor gate_channel, gate_spatial;
-  std::tie(gate_channel, gate_spatial) = empty_gates(grad_output, shape, gamma.dim() == 2);
-  const at::Tensor means = channel_mean.contiguous(), maps = spatial.contiguous(), hidden = hidden_pre.contiguous(),
-                   logits = channel_logits.contiguous(), w1 = fc1_weight.contiguous(),
-                   w2 = fc2_weight.contiguous(), ws = spatial_weight.contiguous(),
+  const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous(), ws = spatial_weight.contiguous(),
                    bs = spatial_bias.contiguous(), g = gamma.contiguous();
-  const at::Tensor channel_sigmoid = logits.sigmoid();  // vectorised exponentials
-  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
-    cpu::spatial_gates(shape, maps.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
-                       gate_spatial.data_ptr<scalar_t>());
-    cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                       gate_channel.data_ptr<scalar_t>());
-  });
-  at::Tensor channel_sum, spatial_sum;
-  std::tie(channel_sum, spatial_sum) =
-      attention_backward_reduce(grad_output, input_for_reduce, gate_channel, gate_spatial, multiplicative);
   at::Tensor grad_fc1_weight = at::empty_like(w1), grad_fc1_bias = at::empty({shape.hidden}, options),
              grad_fc2_weight = at::empty_like(w2), grad_fc2_bias = at::empty({shape.rows()}, options),
              grad_spatial_weight = at::empty_like(ws), grad_spatial_bias = at::empty({shape.rank}, options),
-             grad_gamma = at::empty_like(g), grad_channel_mean = at::empty({shape.N, shape.C}, options),
-             grad_spatial = at::empty({shape.N, 2, shape.H, shape.W}, options);
+             grad_gamma = at::empty_like(g);
+  at::Tensor grad_input = needs_input_grad ? empty_in_memory_order(grad_output) : at::empty({0}, options);
+  const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
+  const int64_t N = shape.N, rows = shape.rows(), maps = shape.rank * shape.HW();
+  const int k = static_cast<int>(shape.rank);
+  const math::Mode mode = math_mode(multiplicative);
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
-    cpu::branch_backward(
-        shape, means.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
-        channel_sigmoid.data_ptr<scalar_t>(), gate_spatial.data_ptr<scalar_t>(), channel_sum.data_ptr<scalar_t>(),
-        spatial_sum.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
-        g.data_ptr<scalar_t>(), grad_fc1_weight.data_ptr<scalar_t>(), grad_fc1_bias.data_ptr<scalar_t>(),
-        grad_fc2_weight.data_ptr<scalar_t>(), grad_fc2_bias.data_ptr<scalar_t>(),
-        grad_spatial_weight.data_ptr<scalar_t>(), grad_spatial_bias.data_ptr<scalar_t>(),
-        grad_gamma.data_ptr<scalar_t>(), grad_channel_mean.data_ptr<scalar_t>(), grad_spatial.data_ptr<scalar_t>());
+    // the gates ([N, k*C], [N, k, H*W]), the attention sums (the same two), the descriptors'
+    // gradients ([N, C], [N, 2, H*W])
+    std::vector<scalar_t> scratch(2 * N * (rows + maps) + N * (shape.C + 2 * shape.HW()));
+    scalar_t* gate_channel = scratch.data();
+    scalar_t* gate_spatial = gate_channel + N * rows;
+    scalar_t* channel_sum = gate_spatial + N * maps;
+    scalar_t* spatial_sum = channel_sum + N * rows;
+    scalar_t* grad_channel_mean = spatial_sum + N * maps;
+    scalar_t* grad_spatial = grad_channel_mean + N * shape.C;
+    const scalar_t* grad = grad_output.data_ptr<scalar_t>();
+    cpu::spatial_gates(shape, spatial.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), bs.data_ptr<scalar_t>(),
+                       gate_spatial);
+    cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gate_channel);
+    cpu::attention_backward_reduce(mode, grad, multiplicative ? input_for_reduce->data_ptr<scalar_t>() : nullptr,
+                                   gate_channel, gate_spatial, k, map, channel_sum, spatial_sum);
+    cpu::branch_backward(shape, channel_mean.data_ptr<scalar_t>(), spatial.data_ptr<scalar_t>(),
+                         hidden_pre.data_ptr<scalar_t>(), channel_sigmoid.data_ptr<scalar_t>(), gate_spatial,
+                         channel_sum, spatial_sum, w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                         ws.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), grad_fc1_weight.data_ptr<scalar_t>(),
+                         grad_fc1_bias.data_ptr<scalar_t>(), grad_fc2_weight.data_ptr<scalar_t>(),
+                         grad_fc2_bias.data_ptr<scalar_t>(), grad_spatial_weight.data_ptr<scalar_t>(),
+                         grad_spatial_bias.data_ptr<scalar_t>(), grad_gamma.data_ptr<scalar_t>(), grad_channel_mean,
+                         grad_spatial);
+    if (needs_input_grad) {
+      cpu::attention_input_grad(mode, grad, gate_channel, gate_spatial, grad_channel_mean, grad_spatial,
+                                argmax.data_ptr<int32_t>(), k, map, grad_input.data_ptr<scalar_t>());
+    }
   });
-  at::Tensor grad_input = at::empty({0}, options);
-  if (needs_input_grad) {
-    grad_input = attention_input_grad(grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial,
-                                      argmax, multiplicative);
-  }
   return std::make_tuple(grad_input, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias,
                          grad_spatial_weight, grad_spatial_bias, grad_gamma);
 }
@@ -298,18 +331,22 @@ residual_attention_backward(const at::Tensor& grad_output, const c10::optional<a
                             const at::Tensor& spatial_weight, const at::Tensor& spatial_bias, bool multiplicative,
                             bool needs_input_grad) {
   const char* op = "residual_attention_backward";
-  check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
+  const FeatureShape map = check_feature_map(grad_output, op, "grad_output", /*allow_channels_last=*/true);
   TORCH_CHECK(!multiplicative || (input.has_value() && input->defined()), op,
               ": mode mul needs the forward's input (input is None)");
+  check_branch_weights(grad_output, fc1_weight, fc2_weight, spatial_weight, spatial_bias, gamma, op);
+  check_saved(grad_output, map, channel_mean, spatial, argmax, hidden_pre, channel_logits, fc1_weight, fc2_weight, op);
   const at::ScalarType acc = accumulate_dtype(grad_output.scalar_type());
-  // Mode mul's reduction reads F (kept in forward, maybe in float16) in the gradient's dtype.
+  // Mode mul's reduction reads F (kept in forward, maybe in float16) in the gradient's dtype and memory order.
   c10::optional<at::Tensor> input_for_reduce;
   if (multiplicative) {
     input_for_reduce = input->to(grad_output.scalar_type());
+    check_companion(*input_for_reduce, grad_output, grad_output.scalar_type(), grad_output.numel(), op, "input",
+                    "[N, C, H, W] like grad_output", &map);
   }
   const cpu::BranchShape shape = branch_shape(grad_output, fc1_weight, spatial_weight);
   if (branch_as_loops(grad_output, shape)) {
-    return branch_backward_as_loops(grad_output, input_for_reduce, channel_mean, spatial, argmax, hidden_pre,
+    return branch_backward_as_loops(grad_output, map, input_for_reduce, channel_mean, spatial, argmax, hidden_pre,
                                     channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias,
                                     multiplicative, needs_input_grad, shape);
   }

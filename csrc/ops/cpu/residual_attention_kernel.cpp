@@ -27,6 +27,7 @@
 #include "../memory_order.h"
 #include "../residual_attention.h"
 #include "../residual_attention_math.h"
+#include "residual_attention_kernel.h"
 #include "residual_attention_loops.h"
 
 namespace da2ext {
@@ -398,6 +399,51 @@ at::Tensor attention_input_grad_cpu(const at::Tensor& grad_output, const at::Ten
 }
 
 }  // namespace
+
+namespace cpu {
+
+template <typename scalar_t>
+void descriptor_pool(const scalar_t* input, const FeatureShape& s, scalar_t* channel_mean, scalar_t* spatial,
+                     int32_t* argmax) {
+  descriptor_pool_kernel(input, s, channel_mean, spatial, argmax);
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_apply(Mode mode, const scalar_t* input, const acc_t* gate_channel, const acc_t* gate_spatial, int k,
+                     const FeatureShape& s, scalar_t* output) {
+  attention_apply_kernel(mode, input, gate_channel, gate_spatial, k, s, output);
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_backward_reduce(Mode mode, const scalar_t* grad_output, const scalar_t* input,
+                               const acc_t* gate_channel, const acc_t* gate_spatial, int k, const FeatureShape& s,
+                               acc_t* channel_sum, acc_t* spatial_sum) {
+  attention_backward_reduce_kernel(mode, grad_output, input, gate_channel, gate_spatial, k, s, channel_sum,
+                                   spatial_sum);
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_input_grad(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,
+                          const acc_t* gate_spatial, const acc_t* grad_channel_mean, const acc_t* grad_spatial,
+                          const int32_t* argmax, int k, const FeatureShape& s, scalar_t* grad_input) {
+  attention_input_grad_kernel(mode, grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial, argmax,
+                              k, s, grad_input);
+}
+
+#define DA2EXT_INSTANTIATE_CPU_DRIVERS(T)                                                                         \
+  template void descriptor_pool<T>(const T*, const FeatureShape&, T*, T*, int32_t*);                              \
+  template void attention_apply<T, T>(Mode, const T*, const T*, const T*, int, const FeatureShape&, T*);          \
+  template void attention_backward_reduce<T, T>(Mode, const T*, const T*, const T*, const T*, int,               \
+                                                const FeatureShape&, T*, T*);                                     \
+  template void attention_input_grad<T, T>(Mode, const T*, const T*, const T*, const T*, const T*, const int32_t*, \
+                                           int, const FeatureShape&, T*);
+
+DA2EXT_INSTANTIATE_CPU_DRIVERS(float)
+DA2EXT_INSTANTIATE_CPU_DRIVERS(double)
+
+#undef DA2EXT_INSTANTIATE_CPU_DRIVERS
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(da2ext, CPU, m) {
   m.impl("descriptor_pool", descriptor_pool_cpu);
