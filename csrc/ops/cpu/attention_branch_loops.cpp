@@ -74,6 +74,9 @@ DA2EXT_ALWAYS_INLINE void add_combination_block(const T* coef, int64_t count, co
   }
 }
 
+// Rows of a long sum taken together before their partial sum is added to the total.
+constexpr int64_t kSumBlock = 32;
+
 template <typename T>
 DA2EXT_ALWAYS_INLINE void add_combination(const T* coef, int64_t count, const T* matrix, int64_t stride,
                                           int64_t length, T* out) {
@@ -211,7 +214,7 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
   const int64_t N = s.N;
   // [k*C, N] and [hidden, N]: the batch's column of each logit's and hidden unit's gradient
   std::vector<T> grad_logits(rows), grad_logits_transposed(rows * N), relu_hidden(N * hidden),
-      grad_hidden(N * hidden), grad_hidden_transposed(hidden * N);
+      grad_hidden(N * hidden), grad_hidden_transposed(hidden * N), partial(hidden);
   for (int64_t n = 0; n < N; ++n) {
     // The channel gates: da_c = gamma * sigmoid'(a_c) * channel_sum; dgamma = sigmoid(a_c) * channel_sum.
     for (int64_t i = 0; i < rows; ++i) {
@@ -227,9 +230,18 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
       const T h = hidden_pre[n * hidden + j];
       relu_hidden[n * hidden + j] = h > T(0) ? h : T(0);
     }
-    // dL/dhidden = fc2^T da_c: the k*C rows of fc2 summed along the hidden units
+    // dL/dhidden = fc2^T da_c: a sum over the k*C rows of fc2, taken in blocks of kSumBlock
+    // rows that are summed apart and then added, so that no sum runs sequentially over
+    // thousands of terms (float32 rounding grows with the run's length)
     T* gh = &grad_hidden[n * hidden];
-    add_combination(grad_logits.data(), rows, fc2_weight, hidden, hidden, gh);
+    for (int64_t i0 = 0; i0 < rows; i0 += kSumBlock) {
+      std::fill(partial.begin(), partial.end(), T(0));
+      add_combination(&grad_logits[i0], std::min(kSumBlock, rows - i0), fc2_weight + i0 * hidden, hidden, hidden,
+                      partial.data());
+      for (int64_t j = 0; j < hidden; ++j) {
+        gh[j] += partial[j];
+      }
+    }
     for (int64_t j = 0; j < hidden; ++j) {
       // relu' = 1 where the pre-activation is positive, as autograd's relu backward
       gh[j] = hidden_pre[n * hidden + j] > T(0) ? gh[j] : T(0);
