@@ -141,9 +141,9 @@ class ResidualAttentionFunction : public torch::autograd::Function<ResidualAtten
     // fc2_weight, spatial_weight, spatial_bias
     variable_list grads;
     if (at::GradMode::is_enabled()) {  // create_graph=True: a node that refuses to be differentiated
-      grads = ResidualAttentionBackwardFunction::apply(grad_output, optional_input(saved[6]), saved[0], saved[1], saved[2], saved[3],
-                                                       saved[4], saved[5], saved[7], saved[8], saved[9], saved[10],
-                                                       multiplicative, needs_input_grad);
+      grads = ResidualAttentionBackwardFunction::apply(grad_output, optional_input(saved[6]), saved[0], saved[1],
+                                                       saved[2], saved[3], saved[4], saved[5], saved[7], saved[8],
+                                                       saved[9], saved[10], multiplicative, needs_input_grad);
     } else {
       grads = as_list(backward_op(grad_output, optional_input(saved[6]), saved[0], saved[1], saved[2], saved[3],
                                   saved[4], saved[5], saved[7], saved[8], saved[9], saved[10], multiplicative,
