@@ -148,9 +148,16 @@ def test_a_steps_gradients_are_averaged_over_the_processes(tmp_path, branch_widt
     script.write_text(STEP_SCRIPT.format(tests=tests_dir, out=str(tmp_path / "grads.pt"), branch_width=branch_width))
     torchrun(2, [str(script)], str(tmp_path))
     grads = torch.load(str(tmp_path / "grads.pt"))
-    model = adapted_resnet18("cpu", branch_width=branch_width)
-    images, labels = batches("cpu", count=1, batch_size=8)[0]
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    # The reference runs on one thread, as each process does (OMP_NUM_THREADS=1): oneDNN's and MKL's
+    # sums are in another order on two threads, noise the branches' BN then magnifies.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = adapted_resnet18("cpu", branch_width=branch_width)
+        images, labels = batches("cpu", count=1, batch_size=8)[0]
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+    finally:
+        torch.set_num_threads(threads)
     expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(grads) == sorted(expected)
     # float32 sums in another order; a branch's BN adds the group's statistics, summed across the processes,

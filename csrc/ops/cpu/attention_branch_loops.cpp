@@ -258,19 +258,26 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
   for (int64_t j = 0; j < hidden; ++j) {
     add_combination(&grad_hidden_transposed[j * N], N, channel_mean, C, C, grad_fc1_weight + j * C);
   }
+  // The spatial conv's weight and bias gradients sum N*H*W terms that largely cancel: each
+  // image's sum is taken apart (image_taps, image_bias) and then added, so that no float32
+  // run is longer than one image's positions.
+  const int64_t taps_count = s.rank * 2 * K * K;
+  std::vector<T> image_taps(taps_count), image_bias(s.rank);
   for (int64_t n = 0; n < N; ++n) {
     // The spatial gates: da_s = sigmoid'(a_s) * spatial_sum, through the 2 -> k conv.
     const T* maps = spatial + n * 2 * HW;
     T* grad_maps = grad_spatial + n * 2 * HW;
+    std::fill(image_taps.begin(), image_taps.end(), T(0));
+    std::fill(image_bias.begin(), image_bias.end(), T(0));
     for (int64_t r = 0; r < s.rank; ++r) {
       for (int64_t y = 0; y < s.H; ++y) {
         for (int64_t x = 0; x < s.W; ++x) {
           const int64_t p = (n * s.rank + r) * HW + y * s.W + x;
           const T g = math::sigmoid_grad_from_output(gate_spatial[p]) * spatial_sum[p];
-          grad_spatial_bias[r] += g;
+          image_bias[r] += g;
           for (int64_t t = 0; t < 2; ++t) {
             const T* taps = spatial_weight + (r * 2 + t) * K * K;
-            T* grad_taps = grad_spatial_weight + (r * 2 + t) * K * K;
+            T* grad_taps = &image_taps[(r * 2 + t) * K * K];
             for (int64_t dy = std::max<int64_t>(0, P - y); dy < std::min<int64_t>(K, s.H + P - y); ++dy) {
               for (int64_t dx = std::max<int64_t>(0, P - x); dx < std::min<int64_t>(K, s.W + P - x); ++dx) {
                 const int64_t q = t * HW + (y + dy - P) * s.W + (x + dx - P);
@@ -281,6 +288,12 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
           }
         }
       }
+    }
+    for (int64_t i = 0; i < taps_count; ++i) {
+      grad_spatial_weight[i] += image_taps[i];
+    }
+    for (int64_t r = 0; r < s.rank; ++r) {
+      grad_spatial_bias[r] += image_bias[r];
     }
   }
 }
