@@ -22,6 +22,8 @@
 
 #include <tuple>
 
+#include "memory_order.h"
+
 #if TORCH_VERSION_MAJOR > 1 || (TORCH_VERSION_MAJOR == 1 && TORCH_VERSION_MINOR >= 11)
 
 namespace da2ext {
@@ -71,10 +73,6 @@ c10::optional<at::Tensor> optional_input(const at::Tensor& kept_input) {
 variable_list as_list(const BackwardResults& grads) {
   return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads),
           std::get<4>(grads), std::get<5>(grads), std::get<6>(grads), std::get<7>(grads)};
-}
-
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // The gradients of the adaptor's backward, as a node of their own only when a

@@ -80,10 +80,6 @@ at::Tensor attention_input_grad(const at::Tensor& grad_output, const at::Tensor&
   return op.call(grad_output, gate_channel, gate_spatial, grad_channel_mean, grad_spatial, argmax, multiplicative);
 }
 
-math::Mode math_mode(bool multiplicative) {
-  return multiplicative ? math::Mode::Mul : math::Mode::Add;
-}
-
 // The spatial conv (2 -> k, K x K, padding K/2) on the CPU picks PyTorch's im2col kernel
 // on maps of at most 28 x 28, where it beats oneDNN (ops/attention_branch.py measures why).
 constexpr int64_t kIm2colMaxPixels = 28 * 28;
@@ -159,6 +155,12 @@ Gates gates(const at::Tensor& channel_logits, const at::Tensor& spatial_logits, 
   return g;
 }
 
+void check_parameter(const at::Tensor& input, const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), op,
+              ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
+              input.device(), "), got ", t.scalar_type(), " on ", t.device());
+}
+
 // The small branch's weights and gamma against a map of C channels (input, or the gradient
 // of the output in backward): shapes, dtype and device.
 void check_branch_weights(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
@@ -179,9 +181,7 @@ void check_branch_weights(const at::Tensor& input, const at::Tensor& fc1_weight,
   TORCH_CHECK(spatial_bias.dim() == 1 && spatial_bias.size(0) == rank, op, ": spatial_bias must be [k = ", rank,
               "], got shape ", spatial_bias.sizes());
   for (const at::Tensor* t : {&fc1_weight, &fc2_weight, &spatial_weight, &spatial_bias, &gamma}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op,
-                ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
-                input.device(), "), got ", t->scalar_type(), " on ", t->device());
+    check_parameter(input, *t, op);
   }
 }
 
@@ -194,11 +194,8 @@ void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const a
               fc1_bias.sizes());
   TORCH_CHECK(fc2_bias.dim() == 1 && fc2_bias.size(0) == rows, op, ": fc2_bias must be [k*C = ", rows,
               "], got shape ", fc2_bias.sizes());
-  for (const at::Tensor* t : {&fc1_bias, &fc2_bias}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op,
-                ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
-                input.device(), "), got ", t->scalar_type(), " on ", t->device());
-  }
+  check_parameter(input, fc1_bias, op);
+  check_parameter(input, fc2_bias, op);
 }
 
 // What backward gets from forward (residual_attention_forward's outputs), checked against
@@ -247,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           hidden_pre.data_ptr<scalar_t>(), channel_logits.data_ptr<scalar_t>(), gate_spatial);
       const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
       cpu::channel_gates(shape, channel_sigmoid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gate_channel);
-      cpu::attention_apply(math_mode(multiplicative), input.data_ptr<scalar_t>(), gate_channel, gate_spatial,
+      cpu::attention_apply(cpu::mode_of(multiplicative), input.data_ptr<scalar_t>(), gate_channel, gate_spatial,
                            static_cast<int>(shape.rank), map, y.data_ptr<scalar_t>());
     });
     return std::make_tuple(y, channel_mean, spatial, argmax, hidden_pre, channel_logits);
@@ -287,7 +284,7 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const Feat
   const at::Tensor channel_sigmoid = channel_logits.sigmoid();  // vectorised exponentials
   const int64_t N = shape.N, rows = shape.rows(), maps = shape.rank * shape.HW();
   const int k = static_cast<int>(shape.rank);
-  const math::Mode mode = math_mode(multiplicative);
+  const math::Mode mode = cpu::mode_of(multiplicative);
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
     // the gates ([N, k*C], [N, k, H*W]), the attention sums (the same two), the descriptors'
     // gradients ([N, C], [N, 2, H*W])

@@ -74,9 +74,6 @@ DA2EXT_ALWAYS_INLINE void add_combination_block(const T* coef, int64_t count, co
   }
 }
 
-// Rows of a long sum taken together before their partial sum is added to the total.
-constexpr int64_t kSumBlock = 32;
-
 template <typename T>
 DA2EXT_ALWAYS_INLINE void add_combination(const T* coef, int64_t count, const T* matrix, int64_t stride,
                                           int64_t length, T* out) {
@@ -129,30 +126,25 @@ DA2EXT_ALWAYS_INLINE void spatial_gates_body(const BranchShape& s, const T* spat
   }
 }
 
-// dst [columns, rows] = src [rows, columns] transposed, in blocks of kBlock x kBlock:
-// a column of src written whole would touch `columns` lines k*C numbers apart, which
-// at k*C = 1024 floats (4 KiB) all fall in one cache set.
+// matrix [rows, columns] as [columns, rows], in blocks of kBlock x kBlock: a column of
+// the matrix written whole would touch `columns` lines k*C numbers apart, which at
+// k*C = 1024 floats (4 KiB) all fall in one cache set.
 constexpr int64_t kBlock = 8;
 
 template <typename T>
-DA2EXT_ALWAYS_INLINE void transpose(const T* src, int64_t rows, int64_t columns, T* dst) {
+DA2EXT_ALWAYS_INLINE std::vector<T> transposed(const T* matrix, int64_t rows, int64_t columns) {
+  std::vector<T> out(rows * columns);
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
     const int64_t i1 = std::min(rows, i0 + kBlock);
     for (int64_t j0 = 0; j0 < columns; j0 += kBlock) {
       const int64_t j1 = std::min(columns, j0 + kBlock);
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t i = i0; i < i1; ++i) {
-          dst[j * rows + i] = src[i * columns + j];
+          out[j * rows + i] = matrix[i * columns + j];
         }
       }
     }
   }
-}
-
-template <typename T>
-DA2EXT_ALWAYS_INLINE std::vector<T> transposed(const T* matrix, int64_t rows, int64_t columns) {
-  std::vector<T> out(rows * columns);
-  transpose(matrix, rows, columns, out.data());
   return out;
 }
 
@@ -191,6 +183,9 @@ DA2EXT_ALWAYS_INLINE void channel_gates_body(const BranchShape& s, const T* chan
     }
   }
 }
+
+// Rows of a long sum taken together before their partial sum is added to the total.
+constexpr int64_t kSumBlock = 32;
 
 template <typename T>
 DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* channel_mean, const T* spatial,

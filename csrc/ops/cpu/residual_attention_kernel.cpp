@@ -34,6 +34,7 @@ namespace da2ext {
 namespace ops {
 namespace {
 
+using cpu::mode_of;
 using math::Mode;
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -60,10 +61,6 @@ int64_t plane_grain(int64_t HW) {
 // the same (a plane of one value per channel would be C calls of one element).
 bool by_pixel(const FeatureShape& s) {
   return s.channels_last || s.HW == 1;
-}
-
-Mode mode_of(bool multiplicative) {
-  return multiplicative ? Mode::Mul : Mode::Add;
 }
 
 // row_out[n, c] = the sum of image n's tile partials of row c, in tile order (divided by

@@ -19,6 +19,11 @@ namespace da2ext {
 namespace ops {
 namespace cpu {
 
+// The kernels' mode for the ops' `multiplicative` flag.
+inline math::Mode mode_of(bool multiplicative) {
+  return multiplicative ? math::Mode::Mul : math::Mode::Add;
+}
+
 template <typename scalar_t>
 void descriptor_pool(const scalar_t* input, const FeatureShape& s, scalar_t* channel_mean, scalar_t* spatial,
                      int32_t* argmax);
