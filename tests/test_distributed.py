@@ -117,8 +117,13 @@ def test_two_processes_learn_what_one_learns_over_the_same_global_batches(shapes
 # The step runs in a function, as train's does: DistributedDataParallel holds the process group,
 # and a wrapper left in a module global is freed only while the interpreter shuts down, where
 # tearing gloo's group down can abort the process (it did once in CI: SIGABRT after the step).
+# Once more in CI with the wrapper freed and the group destroyed, rank 1 aborted with "terminate
+# called without an active exception" (not reproduced here in 30 runs, idle or under load): the message
+# of a C++ object destroyed while the interpreter tears its modules down, as in PyTorch's own gloo
+# tests (pytorch/pytorch#65237). What this test checks is done by then, so the script says so and
+# leaves without that teardown; an abort before it still fails the test, naming the rank.
 STEP_SCRIPT = """
-import sys, torch, torch.nn.functional as F
+import os, sys, torch, torch.nn.functional as F
 sys.path.insert(0, {tests!r})
 from helpers import adapted_resnet18, batches
 from da2ext.training.distributed import DistributedRun
@@ -135,6 +140,8 @@ def step(run):
 run = DistributedRun.from_environment("cpu", 60)
 step(run)
 run.close()
+print("rank {{}}: step done, group left".format(run.rank), flush=True)
+os._exit(0)
 """
 
 
@@ -146,7 +153,8 @@ def test_a_steps_gradients_are_averaged_over_the_processes(tmp_path, branch_widt
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "step.py"
     script.write_text(STEP_SCRIPT.format(tests=tests_dir, out=str(tmp_path / "grads.pt"), branch_width=branch_width))
-    torchrun(2, [str(script)], str(tmp_path))
+    out = torchrun(2, [str(script)], str(tmp_path))
+    assert "rank 0: step done" in out and "rank 1: step done" in out, out[-2000:]
     grads = torch.load(str(tmp_path / "grads.pt"))
     # The reference runs on one thread, as each process does (OMP_NUM_THREADS=1): oneDNN's and MKL's
     # sums are in another order on two threads, noise the branches' BN then magnifies.
