@@ -173,6 +173,10 @@ def _add_training_arguments(parser, epochs=4):
     parser.add_argument("--no-calibrate-shifts", dest="calibrate_shifts", action="store_false",
                         help="start the shifts at their pretrained values instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on a CUDA device, capture the training step as a CUDA graph after the first step "
+                             "and replay it (one launch for the step's hundreds of small kernels); a batch of "
+                             "other shapes runs eagerly; where a graph cannot be used the run is eager and says why")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +426,8 @@ def _train_process(args, distributed):
                                seed=args.seed, backbone=args.backbone, progress=not args.no_progress,
                                learning_rates=learning_rates, warmup_fraction=args.warmup, overwrite=args.overwrite,
                                skip_bad_images=args.skip_bad_images,
-                               calibrate_shifts=args.calibrate_shifts, distributed=distributed)
+                               calibrate_shifts=args.calibrate_shifts, distributed=distributed,
+                               cuda_graph=args.cuda_graph)
     except (DataError, DomainFileError, DomainExistsError, NonFiniteTrainingError, RunLockedError) as error:
         raise CommandError(str(error))
     if not main:
@@ -539,7 +544,7 @@ def _digits_demo(args):
             workdir=args.workdir, epochs=args.epochs, subsample=args.subsample,
             domains=_domain_list(args.domains, DOMAIN_NAMES), method=args.method, image_size=args.image_size,
             batch_size=args.batch_size, lr_scale=args.lr_scale, warmup_fraction=args.warmup, seed=args.seed,
-            calibrate_shifts=args.calibrate_shifts,
+            calibrate_shifts=args.calibrate_shifts, cuda_graph=args.cuda_graph,
             train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain, backbone=args.backbone,
             pretrained=_pretrained(args), weights=args.weights, device=args.device, progress=not args.no_progress)
     except ValueError as error:

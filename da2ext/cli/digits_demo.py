@@ -72,7 +72,7 @@ def _say(message, out):
 def run_digits_demo(workdir="runs/digits", epochs=4, subsample=None, domains=DOMAINS, method="da2", image_size=64,
                     batch_size=64, lr_scale=1.0, warmup_fraction=WARMUP_FRACTION, seed=0, train_per_domain=1440, val_per_domain=360,
                     backbone="efficientnet_lite0", pretrained=True, weights=None, device="cpu", progress=True,
-                    out=sys.stdout, calibrate_shifts=True):
+                    out=sys.stdout, calibrate_shifts=True, cuda_graph=False):
     """Prepare the digits domains in WORKDIR/data, learn them in order, evaluate
     them all; write WORKDIR/results.json and results.md and return the results."""
     started = time.time()
@@ -91,7 +91,8 @@ def run_digits_demo(workdir="runs/digits", epochs=4, subsample=None, domains=DOM
         metrics[name] = learn_domain(model, work, name, data_dir, epochs=epochs, batch_size=batch_size,
                                      image_size=image_size, lr_scale=lr_scale, subsample=subsample, seed=seed,
                                      backbone=backbone, progress=progress, reuse=True,
-                                     warmup_fraction=warmup_fraction, calibrate_shifts=calibrate_shifts)
+                                     warmup_fraction=warmup_fraction, calibrate_shifts=calibrate_shifts,
+                                     cuda_graph=cuda_graph)
         loader, _ = val_loader(data_dir, backbone=backbone, image_size=image_size, batch_size=batch_size)
         fixed_images[name] = _fixed_batch(loader)
         reference_logits[name] = _logits(model, name, fixed_images[name])

@@ -66,10 +66,14 @@ class CUDAGraphStep(object):
         copied back afterwards, and optimizer state the warm-up created is zeroed
         in place, which is what a fresh state means for SGD without dampening and
         for Adam/AdamW (capturable=True). That takes a transient copy of the
-        model's parameters and buffers.
+        model's parameters and buffers. A capture that fails raises
+        RuntimeError and leaves the model and optimizer as they were too (the
+        parameters' .grad set to None), so that the caller can go on eagerly.
 
     Calling it copies the batch into the graph's inputs, replays the graph and
-    returns the loss tensor, which the next call overwrites. Gradients stay in
+    returns the loss tensor, which the next call overwrites, as it does the
+    model's outputs in `static_outputs`; `fits(inputs, targets)` says whether a
+    batch has the captured shapes and dtypes. Gradients stay in
     the parameters' .grad as after an ordinary step (replaced on every call, not
     accumulated; do not set them to None with zero_grad, the graph keeps
     writing where they were). Learning rates given as floats are constants of the graph: a
@@ -105,44 +109,59 @@ class CUDAGraphStep(object):
             model_state = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
             optimizer_state = dict(((id(state), key), state[key].clone())
                                    for state, key in _optimizer_state_tensors(optimizer))
+        self.graph = None
+        try:
+            self._warm_up_and_capture(device, int(warmup_steps))
+        finally:
+            # Whether or not the capture worked, undo the warm-up in place (capturing runs nothing): the
+            # caller's model and optimizer are as they were, and after a failed capture an eager step
+            # goes on from there. The graph holds these tensors' addresses.
+            with torch.no_grad():
+                for tensor, saved in model_state:
+                    tensor.copy_(saved)
+                for state, key in _optimizer_state_tensors(optimizer):
+                    saved = optimizer_state.get((id(state), key))
+                    if saved is None:
+                        state[key].zero_()
+                    else:
+                        state[key].copy_(saved)
+            torch.cuda.synchronize(device)
+        self._learning_rates = _float_learning_rates(optimizer)
 
+    def _warm_up_and_capture(self, device, warmup_steps):
         side_stream = torch.cuda.Stream(device)
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):
-            for _ in range(int(warmup_steps)):
+            for _ in range(warmup_steps):
                 self._step()
         torch.cuda.current_stream(device).wait_stream(side_stream)
 
-        self.graph = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=True)  # backward inside the capture makes .grad in the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward inside the capture makes .grad in the graph's memory
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(graph):
                 self.static_loss = self._step(zero_grad=False)
         except RuntimeError as error:
+            # The gradients the failed capture left are not to be read; an eager step makes new ones.
+            self.optimizer.zero_grad(set_to_none=True)
             raise RuntimeError("CUDAGraphStep: capturing the step failed. Something in the model, the loss or the "
                                "optimizer synchronises with the host (.item(), printing a tensor, a data-dependent "
                                "shape) or cannot be captured. PyTorch said: {}".format(error))
-
-        # Undo the warm-up in place (capturing runs nothing): the graph holds these tensors' addresses.
-        with torch.no_grad():
-            for tensor, saved in model_state:
-                tensor.copy_(saved)
-            for state, key in _optimizer_state_tensors(optimizer):
-                saved = optimizer_state.get((id(state), key))
-                if saved is None:
-                    state[key].zero_()
-                else:
-                    state[key].copy_(saved)
-        self._learning_rates = _float_learning_rates(optimizer)
-        torch.cuda.synchronize(device)
+        self.graph = graph
 
     def _step(self, zero_grad=True):
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(self.static_inputs), self.static_targets)
+        self.static_outputs = self.model(self.static_inputs)
+        loss = self.loss_fn(self.static_outputs, self.static_targets)
         loss.backward()
         self.optimizer.step()
         return loss
+
+    def fits(self, inputs, targets):
+        """Whether a batch has the captured shapes and dtypes (so that calling with it replays)."""
+        return all(torch.is_tensor(batch) and batch.shape == static.shape and batch.dtype == static.dtype
+                   for batch, static in ((inputs, self.static_inputs), (targets, self.static_targets)))
 
     def _copy_in(self, name, static, batch):
         if not torch.is_tensor(batch):

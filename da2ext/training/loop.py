@@ -33,6 +33,7 @@ from ..domains.atomic_file import atomic_write
 from ..domains.checkpoint import load_checkpoint, save_checkpoint
 from ..lean.shift_calibration import calibrate_shifts
 from ..profiling import SavedTensorCounter, device_of, model_state, synchronize
+from .loop_graph import LoopGraph, graph_unavailable, learning_rates_as_tensors, match_optimizer_to_run
 from .lr_schedule import WARMUP_FRACTION, warmup_cosine_scheduler
 
 __all__ = ["NonFiniteTrainingError", "evaluate", "train_domain"]
@@ -142,13 +143,20 @@ class _Run(object):
     """The state of one training run that a checkpoint carries."""
 
     def __init__(self, model, domain, train_loader, epochs, lr_scale, settings, learning_rates=None,
-                 warmup_fraction=WARMUP_FRACTION, forward=None):
+                 warmup_fraction=WARMUP_FRACTION, forward=None, graphed=False):
         self.model = model
         self.forward = model if forward is None else forward  # a DistributedDataParallel wrapper, in a group
         self.domain = domain
         self.train_loader = train_loader
         self.settings = settings
-        self.optimizer = torch.optim.Adam(model.param_groups(lr_scale, learning_rates))
+        self.device = device_of(model)
+        self.graphed = bool(graphed)
+        groups = model.param_groups(lr_scale, learning_rates)
+        if self.graphed:  # rates the graph reads at every replay, and an optimizer step it can capture
+            self.optimizer = torch.optim.Adam(learning_rates_as_tensors(groups, self.device), capturable=True)
+        else:
+            self.optimizer = torch.optim.Adam(groups)
+        self.graph = LoopGraph(self.forward, self.optimizer) if self.graphed else None
         # Stepped per step (not per epoch): warmup, then one cosine over the rest of the run.
         self.scheduler = warmup_cosine_scheduler(self.optimizer, int(epochs) * len(train_loader), warmup_fraction)
         self.epochs_done = 0
@@ -179,6 +187,7 @@ class _Run(object):
             for slot, t in self.model.domain_tensors(self.domain).items():
                 t.copy_(state["domain_tensors"][slot])  # in place: the optimizer holds these tensors
         self.optimizer.load_state_dict(state["optimizer"])
+        match_optimizer_to_run(self.optimizer, self.graphed, self.device)  # the checkpoint's run may differ
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -222,8 +231,27 @@ def _resume(run, checkpoint_path, progress):
     _log("{}: resuming after epoch {}/{}".format(checkpoint_path, run.epochs_done, run.settings["epochs"]), progress)
 
 
+def _eager_step(run, images, labels):
+    """One step in plain autograd: (loss, logits)."""
+    # Once a graph is captured, its gradient tensors stay: an eager step (a batch of other shapes) zeroes
+    # and fills them instead of making new ones.
+    run.optimizer.zero_grad(set_to_none=run.graph is None or not run.graph.captured)
+    if run.saved_bytes is None:
+        # Counted once: what this forward keeps for backward, the model's own tensors excluded.
+        with SavedTensorCounter(exclude=model_state(run.model)) as counter:
+            logits = run.forward(images)
+            loss = F.cross_entropy(logits, labels)
+        run.saved_bytes = counter.saved_bytes
+    else:
+        logits = run.forward(images)
+        loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    run.optimizer.step()
+    return loss, logits
+
+
 def _train_epoch(run, epoch, epochs, device, progress):
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    model, scheduler = run.model, run.scheduler
     model.train()
     run.forward.train()
     if hasattr(run.train_loader.sampler, "set_epoch"):  # DistributedSampler: the epoch's order from seed and epoch
@@ -235,21 +263,18 @@ def _train_epoch(run, epoch, epochs, device, progress):
             images, labels = images.to(device), labels.to(device)
             synchronize(device)
             start = time.perf_counter()
-            optimizer.zero_grad()
-            if run.saved_bytes is None:
-                # Counted once: what this forward keeps for backward, the model's own tensors excluded.
-                with SavedTensorCounter(exclude=model_state(model)) as counter:
-                    logits = run.forward(images)
-                    loss = F.cross_entropy(logits, labels)
-                run.saved_bytes = counter.saved_bytes
+            replayed = run.graph.step(images, labels) if run.graph is not None else None
+            if replayed is not None:
+                loss, logits = replayed
             else:
-                logits = run.forward(images)
-                loss = F.cross_entropy(logits, labels)
-            loss.backward()
-            optimizer.step()
+                loss, logits = _eager_step(run, images, labels)
             scheduler.step()
+            if run.graph is not None:
+                run.graph.keep_rates()
             synchronize(device)
             run.history["step_seconds"].append(time.perf_counter() - start)
+            if run.graph is not None and not run.graph.captured and run.graph.failed is None:
+                run.graph.capture(images, labels)  # after the first step (it counted saved_bytes); timed apart
             step_loss = float(loss.detach())
             if not math.isfinite(step_loss):
                 raise NonFiniteTrainingError("the training loss of domain {} became {} at epoch {}/{}, step {}/{}".format(
@@ -300,7 +325,7 @@ def _write_json(path, record):
 
 def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, checkpoint_path=None,
                  metrics_path=None, progress=True, seed=0, domain_path=None, settings=None, learning_rates=None,
-                 warmup_fraction=WARMUP_FRACTION, calibrate_shifts=False, distributed=None):
+                 warmup_fraction=WARMUP_FRACTION, calibrate_shifts=False, distributed=None, cuda_graph=False):
     """Train domain `domain` of the MultiDomainModel `model` and return its metrics.
 
     train_loader: shuffles with its own seeded generator (data/loaders.py: domain_loaders)
@@ -327,12 +352,20 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         are averaged by DistributedDataParallel, evaluation sums are added up,
         and only process 0 writes the checkpoint, metrics and domain file.
         world_size is recorded in the settings.
+    cuda_graph: replay the training steps from a CUDA graph captured after the
+        first step (training/loop_graph.py): Adam built capturable with tensor
+        rates, a batch of other shapes (the short last one) run eagerly, a
+        failed capture said and the run going on eagerly. Where a graph cannot
+        be used (not CUDA, a group, an older torch) the run is eager and says
+        why. Not a setting of the run: the same steps, launched another way.
 
     Metrics: method, domain, epochs, per-epoch train_loss, train_accuracy,
     val_loss, val_accuracy, saved_bytes (kept for backward on one batch),
     trainable_params, step_time (median seconds), total_time (seconds over all
     epochs, a resumed run's earlier epochs included), file_bytes (of the domain
-    file, None without domain_path), settings, resumed_from_epoch.
+    file, None without domain_path), settings, resumed_from_epoch, cuda_graph
+    (None unless asked for: captured, replayed_steps, capture_seconds, and
+    not_used, why no graph was replayed).
     """
     if int(epochs) < 1:
         raise ValueError("epochs must be >= 1, got {}".format(epochs))
@@ -351,9 +384,12 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         train_loader, val_loader = distributed.train_loader(train_loader, seed), distributed.val_loader(val_loader)
         forward, writes = distributed.wrap(model.model), distributed.is_main
         progress = progress and writes
+    graph_reason = graph_unavailable(device, distributed) if cuda_graph else None
+    if graph_reason is not None:
+        warnings.warn("--cuda-graph: the steps run eagerly: {}".format(graph_reason), RuntimeWarning, stacklevel=2)
     run = _Run(model, domain, train_loader, epochs, lr_scale,
                _run_settings(model, domain, train_loader, epochs, lr_scale, seed, extra), learning_rates,
-               warmup_fraction, forward)
+               warmup_fraction, forward, graphed=cuda_graph and graph_reason is None)
     if checkpoint_path is not None:
         _resume(run, checkpoint_path, progress)
         directory = os.path.dirname(os.path.abspath(checkpoint_path))
@@ -401,7 +437,7 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         "final_val_accuracy": history["val_accuracy"][-1],
         "saved_bytes": run.saved_bytes,
         "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
-        "learning_rates": dict((g["name"], g["initial_lr"]) for g in run.optimizer.param_groups),
+        "learning_rates": dict((g["name"], float(g["initial_lr"])) for g in run.optimizer.param_groups),
         "step_time": _median(history["step_seconds"]),
         "steps": len(history["step_seconds"]),
         "total_time": math.fsum(history["epoch_seconds"]),
@@ -412,6 +448,8 @@ def train_domain(model, domain, train_loader, val_loader, epochs, lr_scale=1.0, 
         "device": str(device),
         "calibrated_layers": calibrated,
         "world_size": 1 if distributed is None else distributed.world_size,
+        "cuda_graph": None if not cuda_graph else (run.graph.summary() if run.graph is not None else
+                                                   LoopGraph.unused(graph_reason)),
     }
     if metrics_path is not None and writes:
         _write_json(metrics_path, metrics)

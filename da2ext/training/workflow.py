@@ -208,7 +208,7 @@ def _learned_already(workdir, model, name, metrics, expected):
 def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_size=64, lr_scale=1.0,
                  subsample=None, seed=0, backbone="efficientnet_lite0", progress=True, num_workers=0, reuse=False,
                  learning_rates=None, warmup_fraction=WARMUP_FRACTION, overwrite=True, skip_bad_images=False,
-                 calibrate_shifts=True, distributed=None):
+                 calibrate_shifts=True, distributed=None, cuda_graph=False):
     """Add domain `name` to the model, learned from data_dir/{train,val}, and save
     it in the work directory (domain file, metrics; a checkpoint while it runs,
     resumed if the run was interrupted). reuse=True loads the domain file
@@ -226,6 +226,8 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
     distributed: a DistributedRun (training/distributed.py) when this process is
     one of a group learning the domain together; process 0 alone holds the run
     lock and writes.
+    cuda_graph: replay the training steps from a CUDA graph where it can
+    (loop.train_domain; eager, saying why, where it cannot).
     Returns the metrics."""
     method = model.method.name
     settings = {"backbone": backbone, "image_size": int(image_size), "subsample": subsample,
@@ -268,7 +270,7 @@ def learn_domain(model, workdir, name, data_dir, epochs=4, batch_size=64, image_
                                checkpoint_path=checkpoint_path, metrics_path=metrics_path, progress=progress,
                                seed=seed, domain_path=domain_path, settings=settings,
                                learning_rates=learning_rates, warmup_fraction=warmup_fraction,
-                               calibrate_shifts=calibrate_shifts, distributed=distributed)
+                               calibrate_shifts=calibrate_shifts, distributed=distributed, cuda_graph=cuda_graph)
     metrics["reused"] = False
     return metrics
 
