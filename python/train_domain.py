@@ -8,6 +8,7 @@ add a domain, train it with the package's loop, save it, load it elsewhere.
     python python/train_domain.py                          # a small offline digits domain, random weights
     python python/train_domain.py --weights resnet18.pth   # your pretrained state_dict
     python python/train_domain.py --data my_images         # my_images/{train,val}/<class>/*.jpg
+    python python/train_domain.py --device cuda --cuda-graph   # on a GPU, the steps replayed from a CUDA graph
 
 Without --data it writes a small offline digits domain (prepare_digits) to a
 temporary directory. With random weights the accuracy only shows that the loop
@@ -44,16 +45,20 @@ def parse_args():
     parser.add_argument("--image-size", type=int, default=32, help="image height and width (default: 32)")
     parser.add_argument("--out", help="directory for the domain file and metrics (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, data and shuffling (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the training step from a CUDA graph after the first step (on a CUDA device; "
+                             "elsewhere the run is eager and says why)")
     return parser.parse_args()
 
 
-def build_model(weights, seed):
+def build_model(weights, seed, device):
     """A torchvision ResNet-18 (random weights, or the user's) wrapped for multi-domain learning with DA2."""
     torch.manual_seed(seed)
     backbone = torchvision.models.resnet18()
     if weights is not None:
         backbone.load_state_dict(load_state_dict_file(weights))  # never runs code from the file
-    return MultiDomainModel(backbone, method="da2")
+    return MultiDomainModel(backbone, method="da2").to(device)
 
 
 def run(args, out_dir):
@@ -69,18 +74,23 @@ def run(args, out_dir):
     print("domain {}: {} classes, {} training and {} validation images".format(
         name, len(class_names), len(train_loader.dataset), len(val_loader.dataset)))
 
-    model = build_model(args.weights, args.seed)
+    model = build_model(args.weights, args.seed, args.device)
     model.add_domain(name, len(class_names), class_names)
     domain_path = os.path.join(out_dir, name + ".safetensors")
     metrics = train_domain(model, name, train_loader, val_loader, args.epochs, seed=args.seed,
-                           metrics_path=os.path.join(out_dir, name + "-metrics.json"), domain_path=domain_path)
+                           metrics_path=os.path.join(out_dir, name + "-metrics.json"), domain_path=domain_path,
+                           cuda_graph=args.cuda_graph)
     print("trainable parameters: {:,}".format(metrics["trainable_params"]))
     print("val accuracy: {:.1f} %".format(100.0 * metrics["final_val_accuracy"]))
     print("kept for backward: {:.2f} MiB per batch of {}".format(metrics["saved_bytes"] / MIB, args.batch_size))
     print("domain file: {} ({:.1f} KiB)".format(domain_path, metrics["file_bytes"] / 1024.0))
+    if metrics["cuda_graph"] is not None:
+        graph = metrics["cuda_graph"]
+        print("CUDA graph: {} of {} steps replayed{}".format(graph["replayed_steps"], metrics["steps"],
+                                                            "" if graph["captured"] else " ({})".format(graph["not_used"])))
 
     # Elsewhere (another process, another machine with the same backbone weights): load and use it.
-    other = build_model(args.weights, args.seed)
+    other = build_model(args.weights, args.seed, args.device)
     other.load_domain(domain_path)
     accuracy, _ = evaluate(other, name, val_loader)
     print("reloaded from the file: val accuracy {:.1f} % ({})".format(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import da2ext
 
@@ -22,7 +23,9 @@ TIMEOUT_S = 300
 # Arguments for each script: small, so the suite stays fast on a 2-core CPU.
 SCRIPT_ARGS = {
     "adapt_resnet_block.py": ["--steps", "15", "--batch-size", "32", "--image-size", "64"],
-    "train_domain.py": ["--epochs", "1", "--train-images", "64", "--val-images", "40"],
+    # --cuda-graph: on a GPU the steps replay from a graph; on the CPU the run says why it is eager
+    "train_domain.py": ["--epochs", "1", "--train-images", "64", "--val-images", "40", "--cuda-graph"]
+                       + (["--device", "cuda"] if torch.cuda.is_available() else []),
     "insert_adaptors.py": ["--steps", "3", "--batch-size", "8"],
     "adapt_any_model.py": ["--batch-size", "2", "--image-size", "64"],
 }
@@ -66,6 +69,11 @@ def check_adapt_resnet_block(output):
 def check_train_domain(output):
     # The domain file, loaded into a fresh model, gives the accuracy it was saved with.
     search(r"^reloaded from the file: val accuracy .* \(the same\)$", output)
+    graph = search(r"^CUDA graph: (\d+) of (\d+) steps replayed(.*)$", output)
+    if torch.cuda.is_available():  # 2 steps at batch 32: the first eager, the second replayed
+        assert graph.group(1) == "1" and graph.group(3) == "", output
+    else:
+        assert graph.group(1) == "0" and "needs a CUDA device" in graph.group(3), output
 
 
 def check_insert_adaptors(output):

@@ -136,7 +136,7 @@ def test_a_checkpoint_of_either_kind_of_run_resumes_in_the_other():
 
 
 @needs_cuda
-def test_a_graphed_run_learns_what_an_eager_run_learns_its_short_batches_eagerly(shapes_dir):
+def test_on_cuda_a_graphed_run_learns_what_an_eager_run_learns_its_short_batches_eagerly(shapes_dir):
     eager, eager_weights = _run(shapes_dir, device="cuda", epochs=3)
     graphed, graphed_weights = _run(shapes_dir, device="cuda", epochs=3, cuda_graph=True)
     summary = graphed["cuda_graph"]
@@ -158,7 +158,7 @@ def _synchronise(module, inputs, output):
 
 
 @needs_cuda
-def test_a_step_that_cannot_be_captured_is_said_and_the_run_goes_on_eagerly(shapes_dir):
+def test_on_cuda_a_step_that_cannot_be_captured_is_said_and_the_run_goes_on_eagerly(shapes_dir):
     def model_with_synchronising_forward():
         model = build_model("resnet18", "da2", pretrained=False, seed=0, device="cuda")
         model.register_forward_hook(_synchronise)
