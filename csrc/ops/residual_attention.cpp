@@ -130,6 +130,59 @@ void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, co
   check_companion(argmax, feature, at::kInt, s.N * s.HW, op, "argmax", "[N, H, W]");
 }
 
+void check_parameter(const at::Tensor& input, const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), op,
+              ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",
+              input.device(), "), got ", t.scalar_type(), " on ", t.device());
+}
+
+void check_branch_weights(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                          const at::Tensor& spatial_weight, const at::Tensor& spatial_bias, const at::Tensor& gamma,
+                          const char* op) {
+  const int64_t c = input.size(1);
+  TORCH_CHECK(gamma.dim() == 1 || gamma.dim() == 2, op, ": gamma must be [C] or [k, C], got shape ", gamma.sizes());
+  const int64_t rank = gamma.dim() == 2 ? gamma.size(0) : 1;
+  TORCH_CHECK(gamma.size(-1) == c, op, ": gamma must have C = ", c, " entries per row, got shape ", gamma.sizes());
+  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.size(1) == c, op, ": fc1_weight must be [hidden, C = ", c,
+              "], got shape ", fc1_weight.sizes());
+  const int64_t hidden = fc1_weight.size(0);
+  TORCH_CHECK(fc2_weight.dim() == 2 && fc2_weight.size(0) == rank * c && fc2_weight.size(1) == hidden, op,
+              ": fc2_weight must be [k*C = ", rank * c, ", hidden = ", hidden, "], got shape ", fc2_weight.sizes());
+  TORCH_CHECK(spatial_weight.dim() == 4 && spatial_weight.size(0) == rank && spatial_weight.size(1) == 2 &&
+                  spatial_weight.size(2) == spatial_weight.size(3) && spatial_weight.size(2) % 2 == 1,
+              op, ": spatial_weight must be [k = ", rank, ", 2, K, K] with K odd, got shape ", spatial_weight.sizes());
+  TORCH_CHECK(spatial_bias.dim() == 1 && spatial_bias.size(0) == rank, op, ": spatial_bias must be [k = ", rank,
+              "], got shape ", spatial_bias.sizes());
+  for (const at::Tensor* t : {&fc1_weight, &fc2_weight, &spatial_weight, &spatial_bias, &gamma}) {
+    check_parameter(input, *t, op);
+  }
+}
+
+void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
+                  const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
+                  const at::Tensor& spatial_bias, const at::Tensor& gamma, const char* op) {
+  check_branch_weights(input, fc1_weight, fc2_weight, spatial_weight, spatial_bias, gamma, op);
+  const int64_t hidden = fc1_weight.size(0), rows = fc2_weight.size(0);
+  TORCH_CHECK(fc1_bias.dim() == 1 && fc1_bias.size(0) == hidden, op, ": fc1_bias must be [", hidden, "], got shape ",
+              fc1_bias.sizes());
+  TORCH_CHECK(fc2_bias.dim() == 1 && fc2_bias.size(0) == rows, op, ": fc2_bias must be [k*C = ", rows,
+              "], got shape ", fc2_bias.sizes());
+  check_parameter(input, fc1_bias, op);
+  check_parameter(input, fc2_bias, op);
+}
+
+void check_saved(const at::Tensor& grad_output, const FeatureShape& s, const at::Tensor& channel_mean,
+                 const at::Tensor& spatial, const at::Tensor& argmax, const at::Tensor& hidden_pre,
+                 const at::Tensor& channel_logits, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                 const char* op) {
+  const at::ScalarType dtype = grad_output.scalar_type();
+  check_companion(channel_mean, grad_output, dtype, s.N * s.C, op, "channel_mean", "[N, C]");
+  check_companion(spatial, grad_output, dtype, s.N * 2 * s.HW, op, "spatial", "[N, 2, H, W]");
+  check_companion(argmax, grad_output, at::kInt, s.N * s.HW, op, "argmax", "[N, H, W]");
+  check_companion(hidden_pre, grad_output, dtype, s.N * fc1_weight.size(0), op, "hidden_pre", "[N, hidden]");
+  check_companion(channel_logits, grad_output, dtype, s.N * fc2_weight.size(0), op, "channel_logits", "[N, k*C]");
+}
+
 }  // namespace ops
 }  // namespace da2ext
 

@@ -65,5 +65,29 @@ std::tuple<at::Tensor, at::Tensor> allocate_reduce_outputs(const at::Tensor& fea
 void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& grad_channel_mean,
                             const at::Tensor& grad_spatial, const at::Tensor& argmax, const char* op);
 
+// The adaptor's parameters against the map they act on (residual_attention_forward and
+// _backward, CPU and CUDA): `t` must have `input`'s dtype and device.
+void check_parameter(const at::Tensor& input, const at::Tensor& t, const char* op);
+
+// The small branch's weights and gamma against a map of C channels (input, or the gradient
+// of the output in backward): shapes ([hidden, C], [k*C, hidden], [k, 2, K, K] with K odd,
+// [k], [C] or [k, C]), dtype and device.
+void check_branch_weights(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                          const at::Tensor& spatial_weight, const at::Tensor& spatial_bias, const at::Tensor& gamma,
+                          const char* op);
+
+// check_branch_weights and the two MLP biases.
+void check_branch(const at::Tensor& input, const at::Tensor& fc1_weight, const at::Tensor& fc1_bias,
+                  const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const at::Tensor& spatial_weight,
+                  const at::Tensor& spatial_bias, const at::Tensor& gamma, const char* op);
+
+// What backward gets from forward (residual_attention_forward's outputs: channel_mean,
+// spatial, argmax, hidden_pre, channel_logits), checked against the gradient of y before
+// any of it is read through a pointer.
+void check_saved(const at::Tensor& grad_output, const FeatureShape& s, const at::Tensor& channel_mean,
+                 const at::Tensor& spatial, const at::Tensor& argmax, const at::Tensor& hidden_pre,
+                 const at::Tensor& channel_logits, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                 const char* op);
+
 }  // namespace ops
 }  // namespace da2ext

@@ -14,7 +14,7 @@
 // it); its backward is not differentiable (as the Python path's once_differentiable):
 // a second-order gradient through it raises instead of coming out silently wrong.
 //
-// CPU only, as the two ops it calls; torch >= 1.11, as they.
+// On the CPU and CUDA, as the two ops it calls; torch >= 1.11, as they.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -195,5 +195,12 @@ TORCH_LIBRARY_IMPL(da2ext, Autograd, m) {
 TORCH_LIBRARY_IMPL(da2ext, CPU, m) {
   m.impl("residual_attention", &da2ext::ops::residual_attention_no_autograd);
 }
+
+#ifdef DA2EXT_WITH_CUDA
+// The CUDA forward and backward ops (cuda/residual_attention_one_op_cuda.cpp) run under the same node.
+TORCH_LIBRARY_IMPL(da2ext, CUDA, m) {
+  m.impl("residual_attention", &da2ext::ops::residual_attention_no_autograd);
+}
+#endif
 
 #endif  // torch >= 1.11

@@ -18,7 +18,9 @@
 // per thread and writes k partial row sums per channel and tile.
 #include "../residual_attention_math.h"
 #include "residual_attention_kernel.h"
+#include "attention_branch_kernel.h"
 #include "device_conversions.cuh"
+#include "warp_sum.cuh"
 
 namespace da2ext {
 namespace cuda {
@@ -34,15 +36,6 @@ constexpr int64_t kMaxElementwiseBlocks = int64_t(1) << 20;  // grid-stride beyo
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
-}
-
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -354,9 +347,13 @@ int64_t row_partial_count(int64_t N, int64_t C, int64_t HW) {
   return N * ceil_div(HW, kTile) * C;
 }
 
+int64_t dual_reduction_tiles(int64_t HW) {
+  return ceil_div(HW, kTile);
+}
+
 template <typename scalar_t, typename acc_t>
-cudaError_t descriptor_pool(const scalar_t* input, int64_t N, int64_t C, int64_t HW, scalar_t* channel_mean,
-                            scalar_t* spatial, int32_t* argmax, acc_t* row_partial, cudaStream_t stream) {
+cudaError_t descriptor_pool_partials(const scalar_t* input, int64_t N, int64_t C, int64_t HW, scalar_t* spatial,
+                                     int32_t* argmax, acc_t* row_partial, cudaStream_t stream) {
   if (N == 0 || C == 0 || HW == 0) {  // nothing to do (and no empty grid to launch)
     return cudaSuccess;
   }
@@ -366,11 +363,17 @@ cudaError_t descriptor_pool(const scalar_t* input, int64_t N, int64_t C, int64_t
   }
   descriptor_pool_kernel<<<static_cast<unsigned>(N * tiles), kDualReductionBlock, 0, stream>>>(
       input, C, HW, tiles, row_partial, spatial, argmax);
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) {
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t descriptor_pool(const scalar_t* input, int64_t N, int64_t C, int64_t HW, scalar_t* channel_mean,
+                            scalar_t* spatial, int32_t* argmax, acc_t* row_partial, cudaStream_t stream) {
+  const cudaError_t status = descriptor_pool_partials(input, N, C, HW, spatial, argmax, row_partial, stream);
+  if (status != cudaSuccess || N == 0 || C == 0 || HW == 0) {
     return status;
   }
-  return launch_sum_row_partials(row_partial, N, C, tiles, HW, channel_mean, stream);
+  return launch_sum_row_partials(row_partial, N, C, ceil_div(HW, kTile), HW, channel_mean, stream);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -404,10 +407,10 @@ cudaError_t attention_apply(const scalar_t* input, const acc_t* gate_channel, co
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_backward_reduce(const scalar_t* grad_output, const scalar_t* input, const acc_t* gate_channel,
-                                      const acc_t* gate_spatial, int64_t N, int64_t C, int64_t HW, int rank,
-                                      bool multiplicative, acc_t* channel_sum, acc_t* spatial_sum,
-                                      acc_t* row_partial, cudaStream_t stream) {
+cudaError_t attention_backward_reduce_partials(const scalar_t* grad_output, const scalar_t* input,
+                                               const acc_t* gate_channel, const acc_t* gate_spatial, int64_t N,
+                                               int64_t C, int64_t HW, int rank, bool multiplicative,
+                                               acc_t* spatial_sum, acc_t* row_partial, cudaStream_t stream) {
   if (N == 0 || C == 0 || HW == 0) {  // nothing to do (and no empty grid to launch)
     return cudaSuccess;
   }
@@ -424,24 +427,29 @@ cudaError_t attention_backward_reduce(const scalar_t* grad_output, const scalar_
       attention_backward_reduce_rank_kernel<Mode::Add><<<blocks, kDualReductionBlock, 0, stream>>>(
           grad_output, input, gate_channel, gate_spatial, C, HW, tiles, rank, row_partial, spatial_sum);
     }
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) {
-      return status;
-    }
-    return launch_sum_row_partials(row_partial, N, rank * C, tiles, /*mean_count=*/int64_t(0), channel_sum, stream);
-  }
-  if (multiplicative) {
+  } else if (multiplicative) {
     attention_backward_reduce_kernel<Mode::Mul><<<blocks, kDualReductionBlock, 0, stream>>>(
         grad_output, input, gate_channel, gate_spatial, C, HW, tiles, row_partial, spatial_sum);
   } else {
     attention_backward_reduce_kernel<Mode::Add><<<blocks, kDualReductionBlock, 0, stream>>>(
         grad_output, input, gate_channel, gate_spatial, C, HW, tiles, row_partial, spatial_sum);
   }
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) {
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t attention_backward_reduce(const scalar_t* grad_output, const scalar_t* input, const acc_t* gate_channel,
+                                      const acc_t* gate_spatial, int64_t N, int64_t C, int64_t HW, int rank,
+                                      bool multiplicative, acc_t* channel_sum, acc_t* spatial_sum,
+                                      acc_t* row_partial, cudaStream_t stream) {
+  const cudaError_t status = attention_backward_reduce_partials(grad_output, input, gate_channel, gate_spatial, N, C,
+                                                                HW, rank, multiplicative, spatial_sum, row_partial,
+                                                                stream);
+  if (status != cudaSuccess || N == 0 || C == 0 || HW == 0) {
     return status;
   }
-  return launch_sum_row_partials(row_partial, N, C, tiles, /*mean_count=*/int64_t(0), channel_sum, stream);
+  return launch_sum_row_partials(row_partial, N, int64_t(rank) * C, ceil_div(HW, kTile), /*mean_count=*/int64_t(0),
+                                 channel_sum, stream);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -495,7 +503,12 @@ cudaError_t attention_input_grad(const scalar_t* grad_output, const acc_t* gate_
       acc_t*, acc_t*, cudaStream_t);                                                                              \
   template cudaError_t attention_input_grad<scalar_t, acc_t>(                                                     \
       const scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, const int32_t*, int64_t, int64_t,  \
-      int64_t, int, bool, scalar_t*, cudaStream_t);
+      int64_t, int, bool, scalar_t*, cudaStream_t);                                                               \
+  template cudaError_t descriptor_pool_partials<scalar_t, acc_t>(const scalar_t*, int64_t, int64_t, int64_t,      \
+                                                                 scalar_t*, int32_t*, acc_t*, cudaStream_t);      \
+  template cudaError_t attention_backward_reduce_partials<scalar_t, acc_t>(                                       \
+      const scalar_t*, const scalar_t*, const acc_t*, const acc_t*, int64_t, int64_t, int64_t, int, bool, acc_t*, \
+      acc_t*, cudaStream_t);
 
 DA2EXT_INSTANTIATE(float, float)
 DA2EXT_INSTANTIATE(double, double)
