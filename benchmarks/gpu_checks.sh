@@ -13,7 +13,7 @@
 # system compiler there.
 #
 # Writes gpu_checks.log (everything printed), memcheck.log, racecheck.log and the
-# tables nano_<TAG>, adaptor_<TAG>, launch_count_<TAG>, cuda_graph_<TAG> and compile_<TAG> (.json and .md),
+# tables nano_<TAG>, adaptor_<TAG> (and both again as <TAG>-one-op), launch_count_<TAG>, cuda_graph_<TAG> and compile_<TAG> (.json and .md),
 # the pytest-benchmark results packed_activation_<TAG>.json and nccl_train_<TAG>.log into $OUT (17 files: a lent
 # machine returns 8, so tar them there). Every step has
 # its own time limit, so a slow one cannot starve the rest; the exit status is the
@@ -61,6 +61,13 @@ step "nano table (ResNet-50, MobileNetV2, EfficientNet-Lite0; batch 8 and 32)"
 timeout 150 $PY benchmarks/nano_table.py --device cuda --tag "$TAG" --out-dir "$OUT"
 check
 
+step "the one-op CUDA adaptor (eight launches; opt-in until this passes): adaptor and nano tables"
+DA2EXT_CUDA_ONE_OP=1 timeout 150 $PY benchmarks/adaptor_table.py --device cuda --tag "$TAG-one-op" --out-dir "$OUT" \
+  ${PEAK_GBPS:+--peak-gbps $PEAK_GBPS}
+check
+DA2EXT_CUDA_ONE_OP=1 timeout 150 $PY benchmarks/nano_table.py --device cuda --tag "$TAG-one-op" --out-dir "$OUT"
+check
+
 step "adaptor table (fused kernels against the PyTorch reference)"
 timeout 150 $PY benchmarks/adaptor_table.py --device cuda --tag "$TAG" --out-dir "$OUT" ${PEAK_GBPS:+--peak-gbps $PEAK_GBPS}
 check
@@ -101,7 +108,14 @@ timeout 240 $PY -m da2ext prepare-digits "$OUT/digits" --domains mnist --train-p
   timeout 240 $PY -m torch.distributed.run --nproc-per-node 1 -m da2ext train --data "$OUT/digits/mnist" \
   --workdir "$OUT/nccl_runs" --device cuda --epochs 2 --no-progress 2>&1 | tee "$OUT/nccl_train_$TAG.log"
 check
-rm -rf "$OUT/digits" "$OUT/nccl_runs"
+
+step "the same domain with the training step replayed from a CUDA graph (train --cuda-graph)"
+timeout 240 $PY -m da2ext train --data "$OUT/digits/mnist" --workdir "$OUT/graph_runs" --device cuda --epochs 2 \
+  --cuda-graph --no-progress 2>&1 | tee "$OUT/cuda_graph_train_$TAG.log" && \
+  $PY -c "import json, sys; m = json.load(open(sys.argv[1])); print('cuda_graph:', m['cuda_graph'])" \
+  "$OUT/graph_runs/metrics/mnist-da2.json" | tee -a "$OUT/cuda_graph_train_$TAG.log"
+check
+rm -rf "$OUT/digits" "$OUT/nccl_runs" "$OUT/graph_runs"
 
 step "compute-sanitizer initcheck (uninitialised reads; informational)"
 timeout 90 compute-sanitizer --tool initcheck $PY tools/exercise_cuda_kernels.py --kernels-only \

@@ -10,7 +10,8 @@ each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
 
 - dispatched: the aten:: and da2ext:: ops called from Python or by the autograd
   engine, not from inside another op (each one a trip through the dispatcher, and
-  on CUDA at least one launch);
+  on CUDA at least one launch), with the output's gradient made beforehand and the
+  parameters' gradients None (as after zero_grad), so nothing of the harness counts;
 - all ops: the same with the ops they call inside;
 - CUDA kernels (on a GPU): the kernels the profiler saw launched.
 
@@ -43,16 +44,18 @@ SHAPES = ((8, 256, 2, 2), (8, 256, 56, 56))
 OP_PREFIXES = ("aten::", "da2ext::")
 
 
-# "fused": the adaptor as the package runs it (on the CPU one op whose autograd node is C++,
-# csrc/ops/residual_attention_autograd.cpp); "fused, op by op": the same kernels with the small branch in
-# PyTorch ops between them, in a Python autograd Function (the CUDA path, and the CPU's before the one-op
-# adaptor); "reference": the pure-PyTorch adaptor.
+# "fused": the one-op adaptor (one op whose autograd node is C++, csrc/ops/residual_attention_autograd.cpp;
+# the package's path on the CPU, and on CUDA where DA2EXT_CUDA_ONE_OP=1); "fused, op by op": the same
+# kernels with the small branch in PyTorch ops between them, in a Python autograd Function (CUDA's
+# default path, and the CPU's before the one-op adaptor); "reference": the pure-PyTorch adaptor.
 KINDS = ("fused", "fused, op by op", "reference")
 
 
 def _path(kind):
-    """The context a kind runs in."""
-    return residual_attention_module.op_by_op() if kind == "fused, op by op" else contextlib.suppress()
+    """The context a kind runs in ("fused" on CUDA: the one-op adaptor's eight launches, not yet the default there)."""
+    if kind == "fused, op by op":
+        return residual_attention_module.op_by_op()
+    return residual_attention_module.one_op_on_cuda() if kind == "fused" else contextlib.suppress()
 
 
 def adaptor(kind, channels, rank, device):
@@ -64,10 +67,10 @@ def adaptor(kind, channels, rank, device):
     return module
 
 
-def forward_backward(module, x):
-    """The adaptor's forward and backward alone (a ready gradient, no loss ops)."""
+def forward_backward(module, x, grad=None):
+    """The adaptor's forward and backward alone (a gradient of ones, no loss ops)."""
     y = module(x)
-    y.backward(torch.ones_like(y))
+    y.backward(torch.ones_like(y) if grad is None else grad)
 
 
 def _is_op(event):
@@ -80,8 +83,15 @@ def count_ops(module, x, device):
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     forward_backward(module, x)  # warm-up: lazy initialisation is not the steady state
+    # What the adaptor does, not the harness: the gradient made beforehand, and no gradient to
+    # accumulate into (as after an optimizer's zero_grad, which sets them to None).
+    grad = torch.ones_like(x)
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=activities) as profile:
-        forward_backward(module, x)
+        forward_backward(module, x, grad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = list(profile.events())

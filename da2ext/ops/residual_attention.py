@@ -3,8 +3,11 @@
 On the CPU (extension built against torch >= 1.11) the adaptor is one op,
 torch.ops.da2ext.residual_attention, whose forward, saved tensors and backward
 node are C++ (csrc/ops/residual_attention_autograd.cpp): the passes below run
-from C++ with no Python or dispatch between them. Elsewhere (CUDA, older torch)
-ResidualAttentionFunction runs them op by op:
+from C++ with no Python or dispatch between them. On CUDA the same op runs the
+passes and the small branch as eight kernel launches
+(csrc/ops/cuda/residual_attention_one_op_cuda.cpp) where DA2EXT_CUDA_ONE_OP=1 (or
+within one_op_on_cuda()); until its tests have run on a GPU, and elsewhere (older
+torch), ResidualAttentionFunction runs the passes op by op:
 
 Forward: one kernel pools the descriptors from F, the small branch (MLP and
 spatial conv) runs in plain PyTorch, one kernel writes y. What is kept for
@@ -20,6 +23,8 @@ sums, the small branch's backward is written out on small tensors
 (attention_branch_backward.py), and one kernel writes dF including the
 descriptor paths.
 """
+import os
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -30,7 +35,7 @@ from .attention_branch_backward import attention_logits_backward
 from .memory_order import dense, in_memory_order, memory_order
 from .reference import residual_attention_reference
 
-__all__ = ["op_by_op", "residual_attention", "uses_one_op"]
+__all__ = ["one_op_on_cuda", "op_by_op", "residual_attention", "uses_one_op"]
 
 
 def _accumulate_dtype(dtype):
@@ -123,7 +128,15 @@ class ResidualAttentionFunction(torch.autograd.Function):
         return (grad_input,) + param_grads + (grad_gamma, None, None)
 
 
-_ONE_OP_DEVICES = ("cpu",)  # where the one-op adaptor runs; CUDA keeps the op-by-op path until it ran on a GPU
+def _default_one_op_devices():
+    """The CPU; and CUDA where DA2EXT_CUDA_ONE_OP=1 asks for it: the CUDA forward and backward
+    ops (csrc/ops/cuda/residual_attention_one_op_cuda.cpp, eight launches an adaptor) are
+    compiled and checked against the op-by-op path by tests/test_one_op_adaptor_cuda.py, and
+    become the default once those have passed on a GPU."""
+    return ("cpu", "cuda") if os.environ.get("DA2EXT_CUDA_ONE_OP") == "1" else ("cpu",)
+
+
+_ONE_OP_DEVICES = _default_one_op_devices()  # where the one-op adaptor runs
 
 
 def uses_one_op(x):
@@ -145,19 +158,37 @@ def _one_op():
 _ONE_OP = None
 
 
-class op_by_op(object):
-    """Within it, residual_attention runs the op-by-op path on every device (the
-    CUDA path, and the baseline the one-op adaptor is measured and tested against)."""
+class _one_op_devices(object):
+    """Within it, the one-op adaptor runs on `devices` (device types) and the op-by-op path elsewhere."""
+
+    def __init__(self, devices):
+        self._devices = tuple(devices)
 
     def __enter__(self):
         global _ONE_OP_DEVICES
-        self._saved, _ONE_OP_DEVICES = _ONE_OP_DEVICES, ()
+        self._saved, _ONE_OP_DEVICES = _ONE_OP_DEVICES, self._devices
         return self
 
     def __exit__(self, *exc):
         global _ONE_OP_DEVICES
         _ONE_OP_DEVICES = self._saved
         return False
+
+
+class op_by_op(_one_op_devices):
+    """Within it, residual_attention runs the op-by-op path on every device (the
+    CUDA path by default, and the baseline the one-op adaptor is measured and tested against)."""
+
+    def __init__(self):
+        super(op_by_op, self).__init__(())
+
+
+class one_op_on_cuda(_one_op_devices):
+    """Within it, residual_attention runs the one-op adaptor on CUDA too (what
+    DA2EXT_CUDA_ONE_OP=1 makes the default): for its tests and benchmarks."""
+
+    def __init__(self):
+        super(one_op_on_cuda, self).__init__(("cpu", "cuda"))
 
 
 def residual_attention(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
