@@ -17,7 +17,11 @@ each op's arithmetic is nothing and its dispatch is everything) and 8x256x56x56:
 
 Wall time at 8x256x2x2: the median over --rounds rounds of the median of --runs
 forward + backward calls, the kinds taking turns round by round in the same process
-(issue 19 measures the one-op adaptor against the op-by-op one, side by side).
+(issue 19 measures the one-op adaptor against the op-by-op one, side by side). Each
+call starts, as the counts do, from None gradients with the output's gradient made
+beforehand (until 2026-12-06 the timed calls accumulated into the previous call's
+gradients and made the output's gradient inside: eight additions and a fill a call
+that a training step after zero_grad does not run).
 Writes benchmarks/results/launch_count_<tag>.json and .md.
 """
 import argparse
@@ -86,8 +90,7 @@ def count_ops(module, x, device):
     # What the adaptor does, not the harness: the gradient made beforehand, and no gradient to
     # accumulate into (as after an optimizer's zero_grad, which sets them to None).
     grad = torch.ones_like(x)
-    module.zero_grad(set_to_none=True)
-    x.grad = None
+    _fresh_gradients(module, x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=activities) as profile:
@@ -103,14 +106,23 @@ def count_ops(module, x, device):
     return len(dispatched), len(ops), kernels
 
 
+def _fresh_gradients(module, x):
+    """No gradient to accumulate into, as after an optimizer's zero_grad (which sets them to None)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
 def _timed_calls(module, x, device, runs):
-    """The median time of `runs` forward + backward calls."""
+    """The median time of `runs` forward + backward calls, each from fresh gradients with the
+    output's gradient made beforehand (what a training step's adaptor does, not the harness)."""
+    grad = torch.ones_like(x)
     times = []
     for _ in range(runs):
+        _fresh_gradients(module, x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        forward_backward(module, x)
+        forward_backward(module, x, grad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)

@@ -177,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      g = gamma.contiguous();
     const int64_t channel_gates = shape.N * shape.rows(), spatial_gates = shape.N * shape.rank * shape.HW();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "residual_attention_forward", [&] {
-      std::vector<scalar_t> gates(channel_gates + spatial_gates);
-      scalar_t *gate_channel = gates.data(), *gate_spatial = gates.data() + channel_gates;
+      const std::unique_ptr<scalar_t[]> gates = cpu::uninitialized_buffer<scalar_t>(channel_gates + spatial_gates);
+      scalar_t *gate_channel = gates.get(), *gate_spatial = gates.get() + channel_gates;
       cpu::descriptor_pool(input.data_ptr<scalar_t>(), map, channel_mean.data_ptr<scalar_t>(),
                            spatial.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>());
       cpu::branch_forward(shape, channel_mean.data_ptr<scalar_t>(), spatial.data_ptr<scalar_t>(),
@@ -231,8 +231,9 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const Feat
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "residual_attention_backward", [&] {
     // the gates ([N, k*C], [N, k, H*W]), the attention sums (the same two), the descriptors'
     // gradients ([N, C], [N, 2, H*W])
-    std::vector<scalar_t> scratch(2 * N * (rows + maps) + N * (shape.C + 2 * shape.HW()));
-    scalar_t* gate_channel = scratch.data();
+    const std::unique_ptr<scalar_t[]> scratch =
+        cpu::uninitialized_buffer<scalar_t>(2 * N * (rows + maps) + N * (shape.C + 2 * shape.HW()));
+    scalar_t* gate_channel = scratch.get();
     scalar_t* gate_spatial = gate_channel + N * rows;
     scalar_t* channel_sum = gate_spatial + N * maps;
     scalar_t* spatial_sum = channel_sum + N * rows;

@@ -66,11 +66,11 @@ bool by_pixel(const FeatureShape& s) {
 // row_out[n, c] = the sum of image n's tile partials of row c, in tile order (divided by
 // mean_count when it is > 0). A task takes whole images: no division per element.
 template <typename acc_t, typename out_t>
-void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tiles, int64_t C, int64_t mean_count,
+void sum_row_partials(const acc_t* partial, int64_t N, int64_t tiles, int64_t C, int64_t mean_count,
                       out_t* out) {
   if (tiles == 1) {  // maps of at most kMaxTile positions: one partial per row, one vectorised pass
     const acc_t count = static_cast<acc_t>(mean_count);
-    const acc_t* rows = partial.data();
+    const acc_t* rows = partial;
     if (mean_count > 0) {
       for (int64_t i = 0; i < N * C; ++i) {
         out[i] = static_cast<out_t>((acc_t(0) + rows[i]) / count);
@@ -106,14 +106,18 @@ void sum_row_partials(const std::vector<acc_t>& partial, int64_t N, int64_t tile
 template <typename acc_t, typename out_t, typename Body>
 void dual_reduction(const FeatureShape& s, int64_t mean_count, out_t* row_out, const Body& body, int64_t rows) {
   const Tiling tiling(s.HW);
-  std::vector<acc_t> row_partial(s.N * tiling.tiles * rows);
-  at::parallel_for(0, s.N * tiling.tiles, 1, [&](int64_t begin, int64_t end) {
+  const std::unique_ptr<acc_t[]> row_partial = cpu::uninitialized_buffer<acc_t>(s.N * tiling.tiles * rows);
+  // Tiles of at least kTaskValues values a task: the tiles of a small map run on one thread
+  // (at 8x256x2x2 a second thread cost more to wake than the pass). The partials are summed
+  // in tile order either way: the same bits on any number of threads.
+  const int64_t tile_grain = std::max<int64_t>(1, kTaskValues / (rows * tiling.tile));
+  at::parallel_for(0, s.N * tiling.tiles, tile_grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tiles, hw0 = (task % tiling.tiles) * tiling.tile;
       body(n, hw0, std::min(tiling.tile, s.HW - hw0), &row_partial[task * rows]);
     }
   });
-  sum_row_partials(row_partial, s.N, tiling.tiles, rows, mean_count, row_out);
+  sum_row_partials(row_partial.get(), s.N, tiling.tiles, rows, mean_count, row_out);
 }
 
 template <typename acc_t, typename out_t, typename Body>
