@@ -2,7 +2,7 @@
 train_domain(cuda_graph=True)).
 
 On a large GPU a da2 step is bound by kernel launches and Python, not by
-arithmetic (docs/performance.md); replaying one captured step launches them all
+arithmetic (docs/gpu.md); replaying one captured step launches them all
 at once. What the loop needs around da2ext.CUDAGraphStep:
 
 - learning rates the graph reads at every replay: each group's rate is a
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 __all__ = ["LoopGraph", "graph_unavailable", "learning_rates_as_tensors", "match_optimizer_to_run"]
 
-# Adam with capturable=True and a tensor learning rate that a scheduler fills in place.
+# Adam with capturable=True taking a tensor learning rate (pytorch/pytorch#106916, in torch 2.1); 2.2 is
+# the oldest this loop is meant for. Schedulers that assign floats instead of filling the tensor (before
+# torch's in-place update) are covered by LoopGraph.keep_rates.
 MIN_TORCH = (2, 2)
 
 
