@@ -130,6 +130,18 @@ void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, co
   check_companion(argmax, feature, at::kInt, s.N * s.HW, op, "argmax", "[N, H, W]");
 }
 
+BranchShape branch_shape(const FeatureShape& map, const at::Tensor& fc1_weight, const at::Tensor& spatial_weight) {
+  BranchShape s;
+  s.N = map.N;
+  s.C = map.C;
+  s.H = map.H;
+  s.W = map.W;
+  s.hidden = fc1_weight.size(0);
+  s.rank = spatial_weight.size(0);
+  s.K = spatial_weight.size(-1);
+  return s;
+}
+
 void check_parameter(const at::Tensor& input, const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), op,
               ": the adaptor's parameters must have the input's dtype and device (", input.scalar_type(), " on ",

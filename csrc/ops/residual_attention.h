@@ -8,6 +8,8 @@
 
 #include <tuple>
 
+#include "attention_branch_shape.h"
+
 namespace da2ext {
 namespace ops {
 
@@ -64,6 +66,9 @@ std::tuple<at::Tensor, at::Tensor> allocate_reduce_outputs(const at::Tensor& fea
                                                            const GateRank& rank);
 void check_descriptor_grads(const at::Tensor& feature, const FeatureShape& s, const at::Tensor& grad_channel_mean,
                             const at::Tensor& grad_spatial, const at::Tensor& argmax, const char* op);
+
+// The small branch's sizes: the map's, fc1_weight's hidden units, spatial_weight's rank and K.
+BranchShape branch_shape(const FeatureShape& map, const at::Tensor& fc1_weight, const at::Tensor& spatial_weight);
 
 // The adaptor's parameters against the map they act on (residual_attention_forward and
 // _backward, CPU and CUDA): `t` must have `input`'s dtype and device.

@@ -114,20 +114,7 @@ ConvGrads spatial_logits_backward(const at::Tensor& grad, const at::Tensor& spat
 // this small: about the cost of the ATen calls it replaces; above, BLAS and oneDNN win.
 constexpr int64_t kBranchLoopMaxMacs = int64_t(1) << 18;
 
-cpu::BranchShape branch_shape(const at::Tensor& input, const at::Tensor& fc1_weight,
-                              const at::Tensor& spatial_weight) {
-  cpu::BranchShape s;
-  s.N = input.size(0);
-  s.C = input.size(1);
-  s.H = input.size(2);
-  s.W = input.size(3);
-  s.hidden = fc1_weight.size(0);
-  s.rank = spatial_weight.size(0);
-  s.K = spatial_weight.size(-1);
-  return s;
-}
-
-bool branch_as_loops(const at::Tensor& input, const cpu::BranchShape& s) {
+bool branch_as_loops(const at::Tensor& input, const BranchShape& s) {
   if (!input.is_cpu() || (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble)) {
     return false;
   }
@@ -164,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "residual_attention_forward";
   const FeatureShape map = check_feature_map(input, op, "input", /*allow_channels_last=*/true);
   check_branch(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, op);
-  const cpu::BranchShape shape = branch_shape(input, fc1_weight, spatial_weight);
+  const BranchShape shape = branch_shape(map, fc1_weight, spatial_weight);
   if (branch_as_loops(input, shape)) {
     // Every pass called directly (cpu/residual_attention_kernel.h); the gates in one scratch buffer.
     at::Tensor channel_mean, spatial, argmax;
@@ -215,7 +202,7 @@ BackwardGrads branch_backward_as_loops(const at::Tensor& grad_output, const Feat
                                        const at::Tensor& channel_logits, const at::Tensor& gamma,
                                        const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                                        const at::Tensor& spatial_weight, const at::Tensor& spatial_bias,
-                                       bool multiplicative, bool needs_input_grad, const cpu::BranchShape& shape) {
+                                       bool multiplicative, bool needs_input_grad, const BranchShape& shape) {
   const at::TensorOptions options = grad_output.options();
   const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous(), ws = spatial_weight.contiguous(),
                    bs = spatial_bias.contiguous(), g = gamma.contiguous();
@@ -285,7 +272,7 @@ residual_attention_backward(const at::Tensor& grad_output, const c10::optional<a
     check_companion(*input_for_reduce, grad_output, grad_output.scalar_type(), grad_output.numel(), op, "input",
                     "[N, C, H, W] like grad_output", &map);
   }
-  const cpu::BranchShape shape = branch_shape(grad_output, fc1_weight, spatial_weight);
+  const BranchShape shape = branch_shape(map, fc1_weight, spatial_weight);
   if (branch_as_loops(grad_output, shape)) {
     return branch_backward_as_loops(grad_output, map, input_for_reduce, channel_mean, spatial, argmax, hidden_pre,
                                     channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias,

@@ -18,15 +18,11 @@
 
 #include <cstdint>
 
+#include "../attention_branch_shape.h"
+
 namespace da2ext {
 namespace ops {
 namespace cpu {
-
-struct BranchShape {
-  int64_t N, C, H, W, hidden, rank, K;
-  int64_t HW() const { return H * W; }
-  int64_t rows() const { return rank * C; }
-};
 
 #define DA2EXT_DECLARE_BRANCH_LOOPS(T)                                                                            \
   /* Forward: hidden_pre, channel_logits (a_c) and gate_spatial = sigmoid(a_s). The caller */                    \

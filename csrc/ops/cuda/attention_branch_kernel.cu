@@ -33,12 +33,20 @@ int64_t spatial_tiles(int64_t HW) {
 }
 
 // A value as the map's dtype holds it: the op-by-op path's ATen ops store their
-// outputs (the hidden layer, the logits) in that dtype before the next op reads them.
+// outputs (the conv's logits, the hidden layer, the channel logits) in that dtype
+// before the next op reads them.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t rounded(acc_t v) {
   scalar_t stored;
   store(&stored, v);
   return to_acc(stored);
+}
+
+// Stores v at `out` in the map's dtype (kept for backward) and returns it as stored.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t store_rounded(scalar_t* out, acc_t v) {
+  store(out, v);
+  return to_acc(*out);
 }
 
 // The spatial conv's logit for rank term r at (y, x) of image n's two descriptor maps
@@ -76,12 +84,13 @@ __device__ __forceinline__ acc_t spatial_logit_grad(const acc_t* __restrict__ ga
 }
 
 struct GatesArgs {
-  BranchSizes s;
+  BranchShape s;
   int64_t tiles;  // the dual reduction's, of mean_partial
 };
 
 // Block (n, 0): image n's channel gates (forward: from the pool's partial sums through the
-// MLP; backward: from the kept logits). Blocks (n, 1..): the spatial gates of image n.
+// MLP; backward, where kept_logits is given: from the logits forward kept). Blocks (n, 1..):
+// the spatial gates of image n.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     branch_gates_kernel(GatesArgs a, const acc_t* __restrict__ mean_partial, const scalar_t* __restrict__ spatial,
@@ -89,10 +98,11 @@ __global__ void __launch_bounds__(kThreads)
                         const scalar_t* __restrict__ fc2_weight, const scalar_t* __restrict__ fc2_bias,
                         const scalar_t* __restrict__ spatial_weight, const scalar_t* __restrict__ spatial_bias,
                         const scalar_t* __restrict__ gamma, scalar_t* __restrict__ channel_mean,
-                        scalar_t* __restrict__ hidden_pre, scalar_t* __restrict__ channel_logits,
+                        const scalar_t* __restrict__ kept_logits, scalar_t* __restrict__ hidden_pre,
+                        scalar_t* __restrict__ channel_logits,
                         acc_t* __restrict__ gate_channel, acc_t* __restrict__ gate_spatial) {
-  const BranchSizes& s = a.s;
-  const int64_t n = blockIdx.x, HW = s.H * s.W, rows = s.rank * s.C;
+  const BranchShape& s = a.s;
+  const int64_t n = blockIdx.x, HW = s.HW(), rows = s.rows();
   if (blockIdx.y > 0) {
     const int64_t stride = int64_t(gridDim.y - 1) * kThreads;
     for (int64_t p = int64_t(blockIdx.y - 1) * kThreads + threadIdx.x; p < HW; p += stride) {
@@ -105,9 +115,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
-  if (mean_partial == nullptr) {  // backward: the logits were kept
+  if (kept_logits != nullptr) {  // backward
     for (int64_t o = threadIdx.x; o < rows; o += kThreads) {
-      gate_channel[n * rows + o] = to_acc(gamma[o]) * math::sigmoid(to_acc(channel_logits[n * rows + o]));
+      gate_channel[n * rows + o] = to_acc(gamma[o]) * math::sigmoid(to_acc(kept_logits[n * rows + o]));
     }
     return;
   }
@@ -132,8 +142,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     partial = warp_sum(partial);
     if (lane == 0) {
-      const acc_t pre = rounded<scalar_t>(partial + to_acc(fc1_bias[j]));
-      store(hidden_pre + n * s.hidden + j, pre);
+      const acc_t pre = store_rounded(hidden_pre + n * s.hidden + j, partial + to_acc(fc1_bias[j]));
       hidden[j] = pre > acc_t(0) ? pre : acc_t(0);
     }
   }
@@ -145,8 +154,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     partial = warp_sum(partial);
     if (lane == 0) {
-      const acc_t logit = rounded<scalar_t>(partial + to_acc(fc2_bias[o]));
-      store(channel_logits + n * rows + o, logit);
+      const acc_t logit = store_rounded(channel_logits + n * rows + o, partial + to_acc(fc2_bias[o]));
       gate_channel[n * rows + o] = to_acc(gamma[o]) * math::sigmoid(logit);
     }
   }
@@ -164,8 +172,8 @@ __global__ void __launch_bounds__(kThreads)
                            const scalar_t* __restrict__ gamma, acc_t* __restrict__ channel_sum,
                            acc_t* __restrict__ grad_channel_logits, acc_t* __restrict__ grad_hidden,
                            acc_t* __restrict__ grad_channel_mean, acc_t* __restrict__ grad_spatial) {
-  const BranchSizes& s = a.s;
-  const int64_t n = blockIdx.x, HW = s.H * s.W, rows = s.rank * s.C, K = s.K, pad = K / 2;
+  const BranchShape& s = a.s;
+  const int64_t n = blockIdx.x, HW = s.HW(), rows = s.rows(), K = s.K, pad = K / 2;
   if (blockIdx.y > 0) {
     const int64_t stride = int64_t(gridDim.y - 1) * kThreads;
     for (int64_t p = int64_t(blockIdx.y - 1) * kThreads + threadIdx.x; p < HW; p += stride) {
@@ -236,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
 // (image by image), added in one fixed tree.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    branch_parameter_grads_kernel(BranchSizes s, int64_t sum_blocks, const acc_t* __restrict__ channel_sum,
+    branch_parameter_grads_kernel(BranchShape s, int64_t sum_blocks, const acc_t* __restrict__ channel_sum,
                                   const acc_t* __restrict__ grad_channel_logits,
                                   const acc_t* __restrict__ grad_hidden, const acc_t* __restrict__ spatial_sum,
                                   const acc_t* __restrict__ gate_spatial, const scalar_t* __restrict__ channel_mean,
@@ -245,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
                                   scalar_t* __restrict__ grad_fc1_bias, scalar_t* __restrict__ grad_fc2_weight,
                                   scalar_t* __restrict__ grad_fc2_bias, scalar_t* __restrict__ grad_spatial_weight,
                                   scalar_t* __restrict__ grad_spatial_bias, scalar_t* __restrict__ grad_gamma) {
-  const int64_t N = s.N, C = s.C, hid = s.hidden, rows = s.rank * s.C, HW = s.H * s.W, K = s.K;
+  const int64_t N = s.N, C = s.C, hid = s.hidden, rows = s.rows(), HW = s.HW(), K = s.K;
   if (int64_t(blockIdx.x) < sum_blocks) {
     const int64_t fc2_w = rows * hid, fc1_w = hid * C;
     const int64_t total = fc2_w + rows + fc1_w + hid + rows;
@@ -323,13 +331,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-dim3 per_image_grid(const BranchSizes& s) {
-  return dim3(static_cast<unsigned>(s.N), static_cast<unsigned>(1 + spatial_tiles(s.H * s.W)));
+dim3 per_image_grid(const BranchShape& s) {
+  return dim3(static_cast<unsigned>(s.N), static_cast<unsigned>(1 + spatial_tiles(s.HW())));
 }
 
 // Whether to launch a per-image kernel with `shared_bytes` of shared memory a block: not for
 // no image (*status success), nor where the grid or the shared memory does not fit (*status an error).
-bool per_image_launch(const BranchSizes& s, int64_t shared_bytes, cudaError_t* status) {
+bool per_image_launch(const BranchShape& s, int64_t shared_bytes, cudaError_t* status) {
   *status = cudaSuccess;
   if (s.N == 0) {
     return false;
@@ -348,7 +356,7 @@ int64_t branch_max_hidden(bool double_accumulation) {
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_forward(const BranchSizes& s, const acc_t* mean_partial, const scalar_t* spatial,
+cudaError_t attention_branch_forward(const BranchShape& s, const acc_t* mean_partial, const scalar_t* spatial,
                                      const scalar_t* fc1_weight, const scalar_t* fc1_bias,
                                      const scalar_t* fc2_weight, const scalar_t* fc2_bias,
                                      const scalar_t* spatial_weight, const scalar_t* spatial_bias,
@@ -359,15 +367,15 @@ cudaError_t attention_branch_forward(const BranchSizes& s, const acc_t* mean_par
   if (!per_image_launch(s, s.hidden * int64_t(sizeof(acc_t)), &status)) {
     return status;
   }
-  const GatesArgs args{s, dual_reduction_tiles(s.H * s.W)};
+  const GatesArgs args{s, dual_reduction_tiles(s.HW())};
   branch_gates_kernel<scalar_t, acc_t><<<per_image_grid(s), kThreads, s.hidden * sizeof(acc_t), stream>>>(
       args, mean_partial, spatial, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma,
-      channel_mean, hidden_pre, channel_logits, gate_channel, gate_spatial);
+      channel_mean, nullptr, hidden_pre, channel_logits, gate_channel, gate_spatial);
   return cudaGetLastError();
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_gates(const BranchSizes& s, const scalar_t* channel_logits, const scalar_t* spatial,
+cudaError_t attention_branch_gates(const BranchShape& s, const scalar_t* channel_logits, const scalar_t* spatial,
                                    const scalar_t* spatial_weight, const scalar_t* spatial_bias,
                                    const scalar_t* gamma, acc_t* gate_channel, acc_t* gate_spatial,
                                    cudaStream_t stream) {
@@ -377,13 +385,13 @@ cudaError_t attention_branch_gates(const BranchSizes& s, const scalar_t* channel
   }
   const GatesArgs args{s, 0};
   branch_gates_kernel<scalar_t, acc_t><<<per_image_grid(s), kThreads, 0, stream>>>(
-      args, static_cast<const acc_t*>(nullptr), spatial, nullptr, nullptr, nullptr, nullptr, spatial_weight,
-      spatial_bias, gamma, nullptr, nullptr, const_cast<scalar_t*>(channel_logits), gate_channel, gate_spatial);
+      args, nullptr, spatial, nullptr, nullptr, nullptr, nullptr, spatial_weight, spatial_bias, gamma, nullptr,
+      channel_logits, nullptr, nullptr, gate_channel, gate_spatial);
   return cudaGetLastError();
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_backward(const BranchSizes& s, const acc_t* sum_partial, const acc_t* spatial_sum,
+cudaError_t attention_branch_backward(const BranchShape& s, const acc_t* sum_partial, const acc_t* spatial_sum,
                                       const acc_t* gate_spatial, const scalar_t* channel_logits,
                                       const scalar_t* hidden_pre, const scalar_t* fc1_weight,
                                       const scalar_t* fc2_weight, const scalar_t* spatial_weight,
@@ -394,7 +402,7 @@ cudaError_t attention_branch_backward(const BranchSizes& s, const acc_t* sum_par
   if (!per_image_launch(s, s.hidden * int64_t(sizeof(acc_t)), &status)) {
     return status;
   }
-  const GatesArgs args{s, dual_reduction_tiles(s.H * s.W)};
+  const GatesArgs args{s, dual_reduction_tiles(s.HW())};
   branch_backward_kernel<scalar_t, acc_t><<<per_image_grid(s), kThreads, s.hidden * sizeof(acc_t), stream>>>(
       args, sum_partial, spatial_sum, gate_spatial, channel_logits, hidden_pre, fc1_weight, fc2_weight,
       spatial_weight, gamma, channel_sum, grad_channel_logits, grad_hidden, grad_channel_mean, grad_spatial);
@@ -402,7 +410,7 @@ cudaError_t attention_branch_backward(const BranchSizes& s, const acc_t* sum_par
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_parameter_grads(const BranchSizes& s, const acc_t* channel_sum,
+cudaError_t attention_branch_parameter_grads(const BranchShape& s, const acc_t* channel_sum,
                                              const acc_t* grad_channel_logits, const acc_t* grad_hidden,
                                              const acc_t* spatial_sum, const acc_t* gate_spatial,
                                              const scalar_t* channel_mean, const scalar_t* spatial,
@@ -411,7 +419,7 @@ cudaError_t attention_branch_parameter_grads(const BranchSizes& s, const acc_t* 
                                              scalar_t* grad_fc2_weight, scalar_t* grad_fc2_bias,
                                              scalar_t* grad_spatial_weight, scalar_t* grad_spatial_bias,
                                              scalar_t* grad_gamma, cudaStream_t stream) {
-  const int64_t rows = s.rank * s.C;
+  const int64_t rows = s.rows();
   const int64_t elements = rows * s.hidden + rows + s.hidden * s.C + s.hidden + rows;
   const int64_t sum_blocks_wanted = ceil_div(elements, kThreads);
   const int64_t sum_blocks = sum_blocks_wanted < kMaxSumBlocks ? sum_blocks_wanted : kMaxSumBlocks;
@@ -427,18 +435,18 @@ cudaError_t attention_branch_parameter_grads(const BranchSizes& s, const acc_t* 
 
 #define DA2EXT_INSTANTIATE_BRANCH(scalar_t, acc_t)                                                                  \
   template cudaError_t attention_branch_forward<scalar_t, acc_t>(                                                 \
-      const BranchSizes&, const acc_t*, const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*,       \
+      const BranchShape&, const acc_t*, const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*,       \
       const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*, acc_t*, \
       acc_t*, cudaStream_t);                                                                                      \
-  template cudaError_t attention_branch_gates<scalar_t, acc_t>(const BranchSizes&, const scalar_t*,                \
+  template cudaError_t attention_branch_gates<scalar_t, acc_t>(const BranchShape&, const scalar_t*,                \
                                                                const scalar_t*, const scalar_t*, const scalar_t*,  \
                                                                const scalar_t*, acc_t*, acc_t*, cudaStream_t);     \
   template cudaError_t attention_branch_backward<scalar_t, acc_t>(                                                \
-      const BranchSizes&, const acc_t*, const acc_t*, const acc_t*, const scalar_t*, const scalar_t*,             \
+      const BranchShape&, const acc_t*, const acc_t*, const acc_t*, const scalar_t*, const scalar_t*,             \
       const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*, acc_t*, acc_t*, acc_t*, acc_t*, acc_t*, \
       cudaStream_t);                                                                                              \
   template cudaError_t attention_branch_parameter_grads<scalar_t, acc_t>(                                         \
-      const BranchSizes&, const acc_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, const scalar_t*,  \
+      const BranchShape&, const acc_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, const scalar_t*,  \
       const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t*,   \
       scalar_t*, scalar_t*, cudaStream_t);
 

@@ -36,12 +36,12 @@
 
 #include <cstdint>
 
+#include "../attention_branch_shape.h"
+
 namespace da2ext {
 namespace cuda {
 
-struct BranchSizes {
-  int64_t N, C, H, W, hidden, rank, K;
-};
+using BranchShape = ops::BranchShape;
 
 // The largest hidden layer the branch kernels take (held in one block's shared memory).
 int64_t branch_max_hidden(bool double_accumulation);
@@ -64,7 +64,7 @@ cudaError_t attention_backward_reduce_partials(const scalar_t* grad_output, cons
 // Forward, from the pool's partial sums: channel_mean, hidden_pre and channel_logits (kept for
 // backward, in scalar_t), gate_channel = gamma * sigmoid(a_c) and gate_spatial = sigmoid(a_s).
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_forward(const BranchSizes& s, const acc_t* mean_partial, const scalar_t* spatial,
+cudaError_t attention_branch_forward(const BranchShape& s, const acc_t* mean_partial, const scalar_t* spatial,
                                      const scalar_t* fc1_weight, const scalar_t* fc1_bias,
                                      const scalar_t* fc2_weight, const scalar_t* fc2_bias,
                                      const scalar_t* spatial_weight, const scalar_t* spatial_bias,
@@ -75,7 +75,7 @@ cudaError_t attention_branch_forward(const BranchSizes& s, const acc_t* mean_par
 // Backward's gates, from what forward kept: gate_channel from channel_logits, gate_spatial
 // from the descriptors (the spatial logits are not kept).
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_gates(const BranchSizes& s, const scalar_t* channel_logits, const scalar_t* spatial,
+cudaError_t attention_branch_gates(const BranchShape& s, const scalar_t* channel_logits, const scalar_t* spatial,
                                    const scalar_t* spatial_weight, const scalar_t* spatial_bias,
                                    const scalar_t* gamma, acc_t* gate_channel, acc_t* gate_spatial,
                                    cudaStream_t stream);
@@ -84,7 +84,7 @@ cudaError_t attention_branch_gates(const BranchSizes& s, const scalar_t* channel
 // layer's gradients (kept for the parameter sums), and the descriptors' gradients
 // grad_channel_mean [N, C] and grad_spatial [N, 2, H*W].
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_backward(const BranchSizes& s, const acc_t* sum_partial, const acc_t* spatial_sum,
+cudaError_t attention_branch_backward(const BranchShape& s, const acc_t* sum_partial, const acc_t* spatial_sum,
                                       const acc_t* gate_spatial, const scalar_t* channel_logits,
                                       const scalar_t* hidden_pre, const scalar_t* fc1_weight,
                                       const scalar_t* fc2_weight, const scalar_t* spatial_weight,
@@ -94,7 +94,7 @@ cudaError_t attention_branch_backward(const BranchSizes& s, const acc_t* sum_par
 
 // The parameters' gradients, each a sum over the images in a fixed order, in scalar_t.
 template <typename scalar_t, typename acc_t>
-cudaError_t attention_branch_parameter_grads(const BranchSizes& s, const acc_t* channel_sum,
+cudaError_t attention_branch_parameter_grads(const BranchShape& s, const acc_t* channel_sum,
                                              const acc_t* grad_channel_logits, const acc_t* grad_hidden,
                                              const acc_t* spatial_sum, const acc_t* gate_spatial,
                                              const scalar_t* channel_mean, const scalar_t* spatial,

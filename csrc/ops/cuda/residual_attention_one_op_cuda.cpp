@@ -29,21 +29,8 @@ namespace da2ext {
 namespace ops {
 namespace {
 
-cuda::BranchSizes branch_sizes(const FeatureShape& map, const at::Tensor& fc1_weight,
-                               const at::Tensor& spatial_weight) {
-  cuda::BranchSizes s;
-  s.N = map.N;
-  s.C = map.C;
-  s.H = map.H;
-  s.W = map.W;
-  s.hidden = fc1_weight.size(0);
-  s.rank = spatial_weight.size(0);
-  s.K = spatial_weight.size(-1);
-  return s;
-}
-
 // One block holds an image's hidden layer in shared memory.
-void check_hidden_fits(const cuda::BranchSizes& s, at::ScalarType dtype, const char* op) {
+void check_hidden_fits(const BranchShape& s, at::ScalarType dtype, const char* op) {
   const int64_t most = cuda::branch_max_hidden(dtype == at::kDouble);
   TORCH_CHECK(s.hidden <= most, op, ": the CUDA adaptor takes a hidden layer of at most ", most, " units (",
               dtype == at::kDouble ? "float64" : "float32 accumulation", "), fc1_weight has ", s.hidden);
@@ -73,10 +60,10 @@ ForwardResults residual_attention_forward_cuda(const at::Tensor& input, const at
   check_cuda(input, op, "input");
   const FeatureShape map = check_feature_map(input, op, "input");
   check_branch(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, spatial_weight, spatial_bias, gamma, op);
-  const cuda::BranchSizes s = branch_sizes(map, fc1_weight, spatial_weight);
+  const BranchShape s = branch_shape(map, fc1_weight, spatial_weight);
   check_hidden_fits(s, input.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t rows = s.rank * s.C, maps = s.rank * map.HW;
+  const int64_t rows = s.rows(), maps = s.rank * map.HW;
 
   at::Tensor channel_mean, spatial, argmax;
   std::tie(channel_mean, spatial, argmax) = allocate_pool_outputs(input, map);
@@ -132,7 +119,7 @@ BackwardGrads residual_attention_backward_cuda(const at::Tensor& grad_output, co
               ": mode mul needs the forward's input (input is None)");
   check_branch_weights(grad_output, fc1_weight, fc2_weight, spatial_weight, spatial_bias, gamma, op);
   check_saved(grad_output, map, channel_mean, spatial, argmax, hidden_pre, channel_logits, fc1_weight, fc2_weight, op);
-  const cuda::BranchSizes s = branch_sizes(map, fc1_weight, spatial_weight);
+  const BranchShape s = branch_shape(map, fc1_weight, spatial_weight);
   check_hidden_fits(s, grad_output.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   // Mode mul's reduction reads F (kept in forward, maybe in float16) in the gradient's dtype.
@@ -142,7 +129,7 @@ BackwardGrads residual_attention_backward_cuda(const at::Tensor& grad_output, co
     check_companion(input_for_reduce, grad_output, grad_output.scalar_type(), grad_output.numel(), op, "input",
                     "[N, C, H, W] like grad_output", &map);
   }
-  const int64_t rows = s.rank * s.C, maps = s.rank * map.HW;
+  const int64_t rows = s.rows(), maps = s.rank * map.HW;
   const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous(), ws = spatial_weight.contiguous(),
                    bs = spatial_bias.contiguous(), g = gamma.contiguous();
   at::Tensor grad_fc1_weight = at::empty_like(w1), grad_fc1_bias = at::empty({s.hidden}, w1.options()),
