@@ -59,10 +59,10 @@ def _gates(channel_logits, spatial_logits, gamma, acc_dtype):
 def _keep_for_backward(ctx, x, multiplicative, saved_input_dtype, channel_mean, spatial, argmax, hidden_pre,
                        channel_logits, gamma, fc1_weight, fc2_weight, spatial_weight, spatial_bias):
     """What ResidualAttentionFunction keeps (the one-op adaptor keeps the same), all through
-    ctx.save_for_backward. All small: the
-    descriptors, the argmax, the MLP's hidden layer, the channel logits, the parameters
-    (the spatial logits, k maps of N x H x W, are recomputed in backward from the
-    descriptors); plus F in mode "mul", in saved_input_dtype if given."""
+    ctx.save_for_backward. All small: the descriptors, the argmax, the MLP's hidden layer,
+    the channel logits, the parameters (the spatial logits, k maps of N x H x W, are
+    recomputed in backward from the descriptors); plus F in mode "mul", in
+    saved_input_dtype if given."""
     kept_input = None
     if multiplicative:
         kept_input = x if saved_input_dtype is None else x.to(saved_input_dtype)

@@ -54,6 +54,11 @@ def graph_unavailable(device, distributed=None):
     return None
 
 
+def _rate_tensor(rate, device):
+    """A learning rate as a captured optimizer step reads it: a one-element float32 tensor on the device."""
+    return torch.tensor(float(rate), dtype=torch.float32, device=device)
+
+
 def learning_rates_as_tensors(param_groups, device):
     """The groups with each rate a one-element float32 tensor on `device`: the scheduler
     fills it in place and a captured optimizer step reads it at every replay. The
@@ -62,7 +67,7 @@ def learning_rates_as_tensors(param_groups, device):
     for group in param_groups:
         rate = float(group["lr"])
         group["initial_lr"] = rate
-        group["lr"] = torch.tensor(rate, dtype=torch.float32, device=device)
+        group["lr"] = _rate_tensor(rate, device)
     return param_groups
 
 
@@ -73,7 +78,7 @@ def match_optimizer_to_run(optimizer, graphed, device):
     and Adam's step counts where Adam keeps them (on the device when capturable)."""
     for group in optimizer.param_groups:
         rate = float(group["lr"])
-        group["lr"] = torch.tensor(rate, dtype=torch.float32, device=device) if graphed else rate
+        group["lr"] = _rate_tensor(rate, device) if graphed else rate
         if "initial_lr" in group:
             group["initial_lr"] = float(group["initial_lr"])
         if "capturable" in group:
@@ -114,7 +119,7 @@ class LoopGraph(object):
         self.rates = []
         for group in self.optimizer.param_groups:
             if not torch.is_tensor(group["lr"]):  # a scheduler assigned a float (see keep_rates)
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=images.device)
+                group["lr"] = _rate_tensor(group["lr"], images.device)
             self.rates.append(group["lr"])
         try:
             self.graph_step = CUDAGraphStep(self.forward, F.cross_entropy, self.optimizer, images, labels,
