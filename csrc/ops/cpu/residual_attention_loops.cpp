@@ -94,6 +94,16 @@ DA2EXT_ALWAYS_INLINE void for_each_plane(int64_t C, int64_t begin, int64_t end, 
   }
 }
 
+// The images that planes [begin, end) cross: body(n, first plane, end plane) once per image.
+template <typename Body>
+DA2EXT_ALWAYS_INLINE void for_each_image(int64_t C, int64_t begin, int64_t end, const Body& body) {
+  for (int64_t plane = begin; plane < end;) {
+    const int64_t n = plane / C, stop = std::min(end, (n + 1) * C);
+    body(n, plane, stop);
+    plane = stop;
+  }
+}
+
 template <Mode mode, typename scalar_t, typename acc_t, typename Len>
 DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* gate_channel,
                                             const acc_t* gate_spatial, int64_t C, Len HW, int64_t begin,
@@ -105,6 +115,27 @@ DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* 
     const acc_t* gs = gate_spatial + n * HW;
     for (int64_t i = 0; i < HW; ++i) {
       out[i] = static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(in[i]), gc, gs[i]));
+    }
+  });
+}
+
+// Planes of L <= 9 positions: each image's spatial gates copied into locals first.
+// Read through the pointer, they were loaded again for every plane (the output,
+// of the same type, might alias them) and the loop stayed scalar.
+template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* gate_channel,
+                                            const acc_t* gate_spatial, int64_t C, Length<L>, int64_t begin,
+                                            int64_t end, scalar_t* output) {
+  for_each_image(C, begin, end, [&](int64_t n, int64_t first, int64_t stop) {
+    acc_t gs[L];
+    std::copy(gate_spatial + n * L, gate_spatial + (n + 1) * L, gs);
+    for (int64_t plane = first; plane < stop; ++plane) {
+      const scalar_t* in = input + plane * L;
+      scalar_t* out = output + plane * L;
+      const acc_t gc = gate_channel[plane];
+      for (int64_t i = 0; i < L; ++i) {
+        out[i] = static_cast<scalar_t>(math::apply_attention(mode, static_cast<acc_t>(in[i]), gc, gs[i]));
+      }
     }
   });
 }
@@ -132,6 +163,52 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scal
   std::copy(column, column + len, spatial_sum);
 }
 
+// A tile of L <= 9 positions (a small map's whole plane): the column sums in
+// registers, the channels taken kWays at a time into interleaved partial sums, so
+// that each position's C additions are kWays independent chains instead of one
+// chain of C dependent ones (which, kept in memory, bounded the loop on maps of a
+// few positions: 2x2 maps ran at half the speed); the partials are added in one
+// fixed order at the end.
+constexpr int kWays = 4;
+
+template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scalar_t* input_tile,
+                                           const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,
+                                           int64_t HW, Length<L>, acc_t* row_sums, acc_t* spatial_sum) {
+  acc_t column[kWays][L], spatial_gate[L];
+  for (int64_t i = 0; i < L; ++i) {
+    spatial_gate[i] = gate_spatial[i];
+    for (int w = 0; w < kWays; ++w) {
+      column[w][i] = 0;
+    }
+  }
+  const auto add_channel = [&](int w, int64_t c) {
+    const scalar_t* g = grad_tile + c * HW;
+    // mode Add never reads the input (it may be null): f aliases g, unused
+    const scalar_t* f = mode == Mode::Mul ? input_tile + c * HW : g;
+    const acc_t gc = gate_channel[c];
+    acc_t row_sum = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      const acc_t t = math::attention_grad_term(mode, static_cast<acc_t>(g[i]), static_cast<acc_t>(f[i]));
+      row_sum += t * spatial_gate[i];
+      column[w][i] += t * gc;
+    }
+    row_sums[c] = row_sum;
+  };
+  const int64_t whole = C - C % kWays;
+  for (int64_t c = 0; c < whole; c += kWays) {
+    for (int w = 0; w < kWays; ++w) {
+      add_channel(w, c + w);
+    }
+  }
+  for (int64_t c = whole; c < C; ++c) {
+    add_channel(0, c);
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    spatial_sum[i] = (column[0][i] + column[1][i]) + (column[2][i] + column[3][i]);
+  }
+}
+
 template <Mode mode, typename scalar_t, typename acc_t, typename Len>
 DA2EXT_ALWAYS_INLINE void input_grad_planes_body(const scalar_t* grad_output, const acc_t* gate_channel,
                                                  const acc_t* grad_channel_mean, acc_t inv_hw,
@@ -150,6 +227,36 @@ DA2EXT_ALWAYS_INLINE void input_grad_planes_body(const scalar_t* grad_output, co
     for (int64_t i = 0; i < HW; ++i) {
       out[i] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(g[i]), gc, gs[i], channel_share,
                                                       grad_mean[i] * inv_c, winner[i] == channel, grad_max[i]));
+    }
+  });
+}
+
+// Planes of L <= 9 positions: each image's per-position terms in locals first (as
+// apply_planes_body's small case).
+template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void input_grad_planes_body(const scalar_t* grad_output, const acc_t* gate_channel,
+                                                 const acc_t* grad_channel_mean, acc_t inv_hw,
+                                                 const acc_t* gate_spatial, const acc_t* grad_spatial,
+                                                 const int32_t* argmax, acc_t inv_c, int64_t C, Length<L>,
+                                                 int64_t begin, int64_t end, scalar_t* grad_input) {
+  for_each_image(C, begin, end, [&](int64_t n, int64_t first, int64_t stop) {
+    acc_t gs[L], mean_share[L], max_share[L];
+    int32_t winner[L];
+    for (int64_t i = 0; i < L; ++i) {
+      gs[i] = gate_spatial[n * L + i];
+      mean_share[i] = grad_spatial[n * 2 * L + i] * inv_c;
+      max_share[i] = grad_spatial[n * 2 * L + L + i];
+      winner[i] = argmax[n * L + i];
+    }
+    for (int64_t plane = first; plane < stop; ++plane) {
+      const scalar_t* g = grad_output + plane * L;
+      scalar_t* out = grad_input + plane * L;
+      const acc_t gc = gate_channel[plane], channel_share = grad_channel_mean[plane] * inv_hw;
+      const int32_t channel = static_cast<int32_t>(plane - n * C);
+      for (int64_t i = 0; i < L; ++i) {
+        out[i] = static_cast<scalar_t>(math::input_grad(mode, static_cast<acc_t>(g[i]), gc, gs[i], channel_share,
+                                                        mean_share[i], winner[i] == channel, max_share[i]));
+      }
     }
   });
 }
