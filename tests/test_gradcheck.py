@@ -12,6 +12,10 @@ SHAPES = [
     (1, 5, 1, 6),
     (2, 17, 3, 3),
     (1, 9, 33, 2),  # more than one tile of positions per image on the CPU
+    # the CPU's small-branch products take the images four at a time (then one), the
+    # channels 16 and 8 at a time (then one); 2x2 and 3x2 maps take the small-plane loops
+    (5, 6, 2, 2),
+    (6, 40, 3, 2),
 ]
 
 

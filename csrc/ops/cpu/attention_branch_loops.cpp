@@ -2,12 +2,12 @@
 // entry point is cloned for AVX2 (vectorization.h); the bodies are inlined into
 // each clone.
 #include "attention_branch_loops.h"
+#include "scratch_buffer.h"
 #include "vectorization.h"
 
 #include "../residual_attention_math.h"
 
 #include <algorithm>
-#include <vector>
 
 namespace da2ext {
 namespace ops {
@@ -51,42 +51,74 @@ DA2EXT_ALWAYS_INLINE void dots(const T* x, const T* matrix, int64_t count, int64
   }
 }
 
-// out[i] += sum over j of coef[j] * matrix[j * stride + i], for i < length, the terms added
-// in order of j: a block of `lanes` outputs at a time is kept in registers over the j loop
-// (one load and one store of out per element, not one per term), the block's lanes one
-// vector operation: blocks of 16, then of 8, then one output at a time.
-template <int64_t lanes, typename T>
-DA2EXT_ALWAYS_INLINE void add_combination_block(const T* coef, int64_t count, const T* matrix, int64_t stride,
-                                                T* out) {
-  T sum[lanes];
-  for (int64_t b = 0; b < lanes; ++b) {
-    sum[b] = out[b];
-  }
-  for (int64_t j = 0; j < count; ++j) {
-    const T c = coef[j];
-    const T* row = matrix + j * stride;
+// out[r * out_stride + i] += sum over j of coef[r * coef_stride + j] * matrix[j * stride + i],
+// for r < rows and i < length, each output's terms added in order of j onto its value: a
+// block of `rows` x `lanes` outputs at a time is kept in registers over the j loop (one
+// load and one store of out per element, not one per term). Its rows x lanes / 8
+// vector sums are independent, so the j loop runs at the rate additions issue, not at
+// the rate one addition's result comes back (a single row of 16 lanes, two sums,
+// waited on its additions: the small branch's products took twice as long).
+template <int64_t rows, int64_t lanes, typename T>
+DA2EXT_ALWAYS_INLINE void add_products_block(const T* coef, int64_t coef_stride, int64_t count, const T* matrix,
+                                             int64_t stride, T* out, int64_t out_stride) {
+  T sum[rows][lanes];
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < lanes; ++b) {
-      sum[b] += c * row[b];
+      sum[r][b] = out[r * out_stride + b];
     }
   }
-  for (int64_t b = 0; b < lanes; ++b) {
-    out[b] = sum[b];
+  for (int64_t j = 0; j < count; ++j) {
+    const T* row = matrix + j * stride;
+    T c[rows];
+    for (int64_t r = 0; r < rows; ++r) {
+      c[r] = coef[r * coef_stride + j];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      // along the lanes: left to itself, GCC vectorised across the rows instead, with shuffles
+      DA2EXT_VECTORIZE
+      for (int64_t b = 0; b < lanes; ++b) {
+        sum[r][b] += c[r] * row[b];
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < lanes; ++b) {
+      out[r * out_stride + b] = sum[r][b];
+    }
   }
 }
 
-template <typename T>
-DA2EXT_ALWAYS_INLINE void add_combination(const T* coef, int64_t count, const T* matrix, int64_t stride,
-                                          int64_t length, T* out) {
+// `rows` (a compile-time count) rows of outputs: blocks of 16 lanes, then 8, then one output at a time.
+template <int64_t rows, typename T>
+DA2EXT_ALWAYS_INLINE void add_products_rows(const T* coef, int64_t coef_stride, int64_t count, const T* matrix,
+                                            int64_t stride, int64_t length, T* out, int64_t out_stride) {
   int64_t i = 0;
   for (; i + 16 <= length; i += 16) {
-    add_combination_block<16>(coef, count, matrix + i, stride, out + i);
+    add_products_block<rows, 16>(coef, coef_stride, count, matrix + i, stride, out + i, out_stride);
   }
   if (i + 8 <= length) {
-    add_combination_block<8>(coef, count, matrix + i, stride, out + i);
+    add_products_block<rows, 8>(coef, coef_stride, count, matrix + i, stride, out + i, out_stride);
     i += 8;
   }
   for (; i < length; ++i) {
-    add_combination_block<1>(coef, count, matrix + i, stride, out + i);
+    add_products_block<rows, 1>(coef, coef_stride, count, matrix + i, stride, out + i, out_stride);
+  }
+}
+
+// out [rows, length] += coef [rows, count] x matrix [count, length] (row strides as given):
+// four rows of outputs at a time, then one.
+template <typename T>
+DA2EXT_ALWAYS_INLINE void add_products(const T* coef, int64_t coef_stride, int64_t rows, int64_t count,
+                                       const T* matrix, int64_t stride, int64_t length, T* out,
+                                       int64_t out_stride) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    add_products_rows<4>(coef + r * coef_stride, coef_stride, count, matrix, stride, length, out + r * out_stride,
+                         out_stride);
+  }
+  for (; r < rows; ++r) {
+    add_products_rows<1>(coef + r * coef_stride, coef_stride, count, matrix, stride, length, out + r * out_stride,
+                         out_stride);
   }
 }
 
@@ -132,8 +164,7 @@ DA2EXT_ALWAYS_INLINE void spatial_gates_body(const BranchShape& s, const T* spat
 constexpr int64_t kBlock = 8;
 
 template <typename T>
-DA2EXT_ALWAYS_INLINE std::vector<T> transposed(const T* matrix, int64_t rows, int64_t columns) {
-  std::vector<T> out(rows * columns);
+DA2EXT_ALWAYS_INLINE void transpose(const T* matrix, int64_t rows, int64_t columns, T* out) {
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
     const int64_t i1 = std::min(rows, i0 + kBlock);
     for (int64_t j0 = 0; j0 < columns; j0 += kBlock) {
@@ -145,7 +176,6 @@ DA2EXT_ALWAYS_INLINE std::vector<T> transposed(const T* matrix, int64_t rows, in
       }
     }
   }
-  return out;
 }
 
 // fc2 over its transpose ([hidden, k*C], made here: k*C*hidden numbers), so that the long
@@ -157,19 +187,21 @@ DA2EXT_ALWAYS_INLINE void branch_forward_body(const BranchShape& s, const T* cha
                                               const T* fc2_bias, const T* spatial_weight, const T* spatial_bias,
                                               T* hidden_pre, T* channel_logits, T* gate_spatial) {
   const int64_t rows = s.rows(), hidden = s.hidden;
-  const std::vector<T> fc2_transposed = transposed(fc2_weight, rows, hidden);
-  std::vector<T> relu_hidden(hidden);
+  // scratch: fc2's transpose [hidden, k*C], the hidden layer after its relu [N, hidden]
+  const std::unique_ptr<T[]> scratch = uninitialized_buffer<T>(rows * hidden + s.N * hidden);
+  T* fc2_transposed = scratch.get();
+  T* relu_hidden = fc2_transposed + rows * hidden;
+  transpose(fc2_weight, rows, hidden, fc2_transposed);
   for (int64_t n = 0; n < s.N; ++n) {
     T* pre = hidden_pre + n * hidden;
     dots(channel_mean + n * s.C, fc1_weight, hidden, s.C, pre);
     for (int64_t j = 0; j < hidden; ++j) {
       pre[j] = fc1_bias[j] + pre[j];
-      relu_hidden[j] = pre[j] > T(0) ? pre[j] : T(0);
+      relu_hidden[n * hidden + j] = pre[j] > T(0) ? pre[j] : T(0);
     }
-    T* logits = channel_logits + n * rows;
-    std::copy(fc2_bias, fc2_bias + rows, logits);
-    add_combination(relu_hidden.data(), hidden, fc2_transposed.data(), rows, rows, logits);
+    std::copy(fc2_bias, fc2_bias + rows, channel_logits + n * rows);
   }
+  add_products(relu_hidden, hidden, s.N, hidden, fc2_transposed, rows, rows, channel_logits, rows);
   spatial_gates_body(s, spatial, spatial_weight, spatial_bias, gate_spatial);
 }
 
@@ -204,12 +236,26 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
   std::fill(grad_gamma, grad_gamma + rows, T(0));
   std::fill(grad_channel_mean, grad_channel_mean + s.N * C, T(0));
   std::fill(grad_spatial, grad_spatial + s.N * 2 * HW, T(0));
-  // Each product as one pass over its output (add_combination), vectorised along the
-  // output's long side. Every sum over the batch adds its terms in order of n, from zero.
+  // Each product as one pass over its output (add_products), vectorised along the
+  // output's long side, the batch's images four at a time. Every sum over the batch
+  // adds its terms in order of n, from zero.
   const int64_t N = s.N;
-  // [k*C, N] and [hidden, N]: the batch's column of each logit's and hidden unit's gradient
-  std::vector<T> grad_logits(rows), grad_logits_transposed(rows * N), relu_hidden(N * hidden),
-      grad_hidden(N * hidden), grad_hidden_transposed(hidden * N), partial(hidden);
+  const int64_t taps_count = s.rank * 2 * K * K;
+  // scratch: each logit's gradient [N, k*C] and the batch's column of it [k*C, N]; the
+  // hidden layer after its relu [N, hidden]; the hidden units' gradient [N, hidden], its
+  // columns [hidden, N] and a block's partial sum of it [N, hidden]; one image's conv
+  // weight and bias gradients
+  const std::unique_ptr<T[]> scratch =
+      uninitialized_buffer<T>(2 * N * rows + 4 * N * hidden + taps_count + s.rank);
+  T* grad_logits = scratch.get();
+  T* grad_logits_transposed = grad_logits + N * rows;
+  T* relu_hidden = grad_logits_transposed + rows * N;
+  T* grad_hidden = relu_hidden + N * hidden;
+  T* grad_hidden_transposed = grad_hidden + N * hidden;
+  T* partial = grad_hidden_transposed + hidden * N;
+  T* image_taps = partial + N * hidden;
+  T* image_bias = image_taps + taps_count;
+  std::fill(grad_hidden, grad_hidden + N * hidden, T(0));
   for (int64_t n = 0; n < N; ++n) {
     // The channel gates: da_c = gamma * sigmoid'(a_c) * channel_sum; dgamma = sigmoid(a_c) * channel_sum.
     for (int64_t i = 0; i < rows; ++i) {
@@ -217,7 +263,7 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
       const T sum = channel_sum[n * rows + i];
       grad_gamma[i] += sig * sum;
       const T g = gamma[i] * math::sigmoid_grad_from_output(sig) * sum;
-      grad_logits[i] = g;
+      grad_logits[n * rows + i] = g;
       grad_logits_transposed[i * N + n] = g;
       grad_fc2_bias[i] += g;
     }
@@ -225,45 +271,40 @@ DA2EXT_ALWAYS_INLINE void branch_backward_body(const BranchShape& s, const T* ch
       const T h = hidden_pre[n * hidden + j];
       relu_hidden[n * hidden + j] = h > T(0) ? h : T(0);
     }
-    // dL/dhidden = fc2^T da_c: a sum over the k*C rows of fc2, taken in blocks of kSumBlock
-    // rows that are summed apart and then added, so that no sum runs sequentially over
-    // thousands of terms (float32 rounding grows with the run's length)
-    T* gh = &grad_hidden[n * hidden];
-    for (int64_t i0 = 0; i0 < rows; i0 += kSumBlock) {
-      std::fill(partial.begin(), partial.end(), T(0));
-      add_combination(&grad_logits[i0], std::min(kSumBlock, rows - i0), fc2_weight + i0 * hidden, hidden, hidden,
-                      partial.data());
-      for (int64_t j = 0; j < hidden; ++j) {
-        gh[j] += partial[j];
-      }
+  }
+  // dL/dhidden = fc2^T da_c: a sum over the k*C rows of fc2, taken in blocks of kSumBlock
+  // rows that are summed apart and then added, so that no sum runs sequentially over
+  // thousands of terms (float32 rounding grows with the run's length)
+  for (int64_t i0 = 0; i0 < rows; i0 += kSumBlock) {
+    std::fill(partial, partial + N * hidden, T(0));
+    add_products(grad_logits + i0, rows, N, std::min(kSumBlock, rows - i0), fc2_weight + i0 * hidden, hidden,
+                 hidden, partial, hidden);
+    for (int64_t q = 0; q < N * hidden; ++q) {
+      grad_hidden[q] += partial[q];
     }
+  }
+  for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < hidden; ++j) {
+      T& gh = grad_hidden[n * hidden + j];
       // relu' = 1 where the pre-activation is positive, as autograd's relu backward
-      gh[j] = hidden_pre[n * hidden + j] > T(0) ? gh[j] : T(0);
-      grad_hidden_transposed[j * N + n] = gh[j];
-      grad_fc1_bias[j] += gh[j];
+      gh = hidden_pre[n * hidden + j] > T(0) ? gh : T(0);
+      grad_hidden_transposed[j * N + n] = gh;
+      grad_fc1_bias[j] += gh;
     }
-    add_combination(gh, hidden, fc1_weight, C, C, grad_channel_mean + n * C);
   }
+  add_products(grad_hidden, hidden, N, hidden, fc1_weight, C, C, grad_channel_mean, C);
   std::fill(grad_fc2_weight, grad_fc2_weight + rows * hidden, T(0));
-  for (int64_t i = 0; i < rows; ++i) {
-    add_combination(&grad_logits_transposed[i * N], N, relu_hidden.data(), hidden, hidden,
-                    grad_fc2_weight + i * hidden);
-  }
-  for (int64_t j = 0; j < hidden; ++j) {
-    add_combination(&grad_hidden_transposed[j * N], N, channel_mean, C, C, grad_fc1_weight + j * C);
-  }
+  add_products(grad_logits_transposed, N, rows, N, relu_hidden, hidden, hidden, grad_fc2_weight, hidden);
+  add_products(grad_hidden_transposed, N, hidden, N, channel_mean, C, C, grad_fc1_weight, C);
   // The spatial conv's weight and bias gradients sum N*H*W terms that largely cancel: each
   // image's sum is taken apart (image_taps, image_bias) and then added, so that no float32
   // run is longer than one image's positions.
-  const int64_t taps_count = s.rank * 2 * K * K;
-  std::vector<T> image_taps(taps_count), image_bias(s.rank);
   for (int64_t n = 0; n < N; ++n) {
     // The spatial gates: da_s = sigmoid'(a_s) * spatial_sum, through the 2 -> k conv.
     const T* maps = spatial + n * 2 * HW;
     T* grad_maps = grad_spatial + n * 2 * HW;
-    std::fill(image_taps.begin(), image_taps.end(), T(0));
-    std::fill(image_bias.begin(), image_bias.end(), T(0));
+    std::fill(image_taps, image_taps + taps_count, T(0));
+    std::fill(image_bias, image_bias + s.rank, T(0));
     for (int64_t r = 0; r < s.rank; ++r) {
       for (int64_t y = 0; y < s.H; ++y) {
         for (int64_t x = 0; x < s.W; ++x) {

@@ -11,21 +11,14 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 
 #include "../residual_attention.h"
 #include "../residual_attention_math.h"
+#include "scratch_buffer.h"
 
 namespace da2ext {
 namespace ops {
 namespace cpu {
-
-// A buffer of `count` values left uninitialised, for scratch that every user writes before
-// reading: a std::vector zeroes it first, a memset that cost as much as a small map's pass.
-template <typename T>
-std::unique_ptr<T[]> uninitialized_buffer(int64_t count) {
-  return std::unique_ptr<T[]>(new T[count]);
-}
 
 // The kernels' mode for the ops' `multiplicative` flag.
 inline math::Mode mode_of(bool multiplicative) {
