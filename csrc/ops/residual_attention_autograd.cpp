@@ -143,6 +143,9 @@ class ResidualAttentionFunction : public torch::autograd::Function<ResidualAtten
                                                        saved[2], saved[3], saved[4], saved[5], saved[7], saved[8],
                                                        saved[9], saved[10], multiplicative, needs_input_grad);
     } else {
+      // Below the Autograd key: the op has no autograd kernel of its own, and PyTorch's
+      // fallback for such ops would check each of its fourteen arguments on every call.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       grads = as_list(backward_op(grad_output, optional_input(saved[6]), saved[0], saved[1], saved[2], saved[3],
                                   saved[4], saved[5], saved[7], saved[8], saved[9], saved[10], multiplicative,
                                   needs_input_grad));
