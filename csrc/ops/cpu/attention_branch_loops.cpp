@@ -54,10 +54,10 @@ DA2EXT_ALWAYS_INLINE void dots(const T* x, const T* matrix, int64_t count, int64
 // out[r * out_stride + i] += sum over j of coef[r * coef_stride + j] * matrix[j * stride + i],
 // for r < rows and i < length, each output's terms added in order of j onto its value: a
 // block of `rows` x `lanes` outputs at a time is kept in registers over the j loop (one
-// load and one store of out per element, not one per term). Its rows x lanes / 8
-// vector sums are independent, so the j loop runs at the rate additions issue, not at
-// the rate one addition's result comes back (a single row of 16 lanes, two sums,
-// waited on its additions: the small branch's products took twice as long).
+// load and one store of out per element, not one per term). Its vector sums (eight of
+// them for 4 x 16 floats in AVX2) are independent, so the j loop runs at the rate
+// additions issue, not at the rate one addition's result comes back (one row of 16
+// lanes, two sums, waited on its additions).
 template <int64_t rows, int64_t lanes, typename T>
 DA2EXT_ALWAYS_INLINE void add_products_block(const T* coef, int64_t coef_stride, int64_t count, const T* matrix,
                                              int64_t stride, T* out, int64_t out_stride) {
