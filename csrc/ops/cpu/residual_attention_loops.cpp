@@ -128,7 +128,9 @@ DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* 
                                             int64_t end, scalar_t* output) {
   for_each_image(C, begin, end, [&](int64_t n, int64_t first, int64_t stop) {
     acc_t gs[L];
-    std::copy(gate_spatial + n * L, gate_spatial + (n + 1) * L, gs);
+    for (int64_t i = 0; i < L; ++i) {
+      gs[i] = gate_spatial[n * L + i];
+    }
     for (int64_t plane = first; plane < stop; ++plane) {
       const scalar_t* in = input + plane * L;
       scalar_t* out = output + plane * L;
