@@ -168,11 +168,7 @@ void attention_apply_rank_kernel(Mode mode, const scalar_t* input, const acc_t* 
     return;
   }
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C, c = plane % C;
-      cpu::apply_plane_rank(mode, input + plane * HW, gate_channel + n * k * C + c, gate_spatial + n * k * HW, k, C,
-                            HW, output + plane * HW);
-    }
+    cpu::apply_planes_rank(mode, input, gate_channel, gate_spatial, k, C, HW, begin, end, output);
   });
 }
 
@@ -217,10 +213,10 @@ void attention_backward_reduce_rank_kernel(Mode mode, const scalar_t* grad_outpu
                                   C, HW, len, rows, ss);
           return;
         }
-        std::vector<acc_t> scratch(scratch_size);
+        const std::unique_ptr<acc_t[]> scratch = cpu::uninitialized_buffer<acc_t>(scratch_size);
         const int64_t offset = n * C * HW + hw0;
         cpu::reduce_tile_rank(mode, grad_output + offset, mode == Mode::Mul ? input + offset : nullptr, gc, gs, k, C,
-                              HW, len, scratch.data(), rows, ss);
+                              HW, len, scratch.get(), rows, ss);
       },
       k * C);
 }
@@ -278,14 +274,8 @@ void attention_input_grad_rank_kernel(Mode mode, const scalar_t* grad_output, co
     return;
   }
   at::parallel_for(0, s.N * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C, c = plane % C;
-      const acc_t* grad_mean = grad_spatial + n * 2 * HW;
-      cpu::input_grad_plane_rank(mode, grad_output + plane * HW, gate_channel + n * k * C + c,
-                                 grad_channel_mean[plane] * inv_hw, gate_spatial + n * k * HW, grad_mean,
-                                 grad_mean + HW, argmax + n * HW, static_cast<int32_t>(c), inv_c, k, C, HW,
-                                 grad_input + plane * HW);
-    }
+    cpu::input_grad_planes_rank(mode, grad_output, gate_channel, grad_channel_mean, inv_hw, gate_spatial,
+                                grad_spatial, argmax, inv_c, k, C, HW, begin, end, grad_input);
   });
 }
 

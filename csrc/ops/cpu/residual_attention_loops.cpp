@@ -371,27 +371,67 @@ DA2EXT_ALWAYS_INLINE void input_grad_pixels_body(const scalar_t* grad_pixels, co
 // Rank k > 1 bodies. The gates of one channel (plane loops) or one pixel
 // (channels_last) are gathered into a small local array first, so that the
 // per-element rank sum (math::rank_attention) reads one strided operand only.
-template <Mode mode, typename scalar_t, typename acc_t>
-DA2EXT_ALWAYS_INLINE void apply_plane_rank_body(const scalar_t* input, const acc_t* gate_channel,
-                                                const acc_t* gate_spatial, int k, int64_t C, int64_t HW,
-                                                scalar_t* output) {
-  acc_t channel[math::kMaxRank];
-  for (int j = 0; j < k; ++j) {
-    channel[j] = gate_channel[j * C];
-  }
-  for (int64_t i = 0; i < HW; ++i) {
-    const acc_t attention = math::rank_attention(channel, int64_t(1), gate_spatial + i, HW, k);
-    output[i] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(input[i]), attention));
-  }
+template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const acc_t* gate_channel,
+                                                 const acc_t* gate_spatial, int k, int64_t C, Len HW, int64_t begin,
+                                                 int64_t end, scalar_t* output) {
+  for_each_plane(C, begin, end, [&](int64_t n, int64_t c, int64_t plane) {
+    acc_t channel[math::kMaxRank];
+    for (int j = 0; j < k; ++j) {
+      channel[j] = gate_channel[n * k * C + j * C + c];
+    }
+    const acc_t* spatial = gate_spatial + n * k * HW;
+    const scalar_t* in = input + plane * HW;
+    scalar_t* out = output + plane * HW;
+    for (int64_t i = 0; i < HW; ++i) {
+      const acc_t attention = math::rank_attention(channel, int64_t(1), spatial + i, static_cast<int64_t>(HW), k);
+      out[i] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(in[i]), attention));
+    }
+  });
+}
+
+// Planes of L <= 9 positions at rank k: each image's k spatial gates read into locals once
+// (as apply_planes_body's small case), the rank sum in the same order as rank_attention's.
+template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const acc_t* gate_channel,
+                                                 const acc_t* gate_spatial, int k, int64_t C, Length<L>,
+                                                 int64_t begin, int64_t end, scalar_t* output) {
+  for_each_image(C, begin, end, [&](int64_t n, int64_t first, int64_t stop) {
+    acc_t spatial[math::kMaxRank][L];
+    for (int j = 0; j < k; ++j) {
+      for (int64_t i = 0; i < L; ++i) {
+        spatial[j][i] = gate_spatial[(n * k + j) * L + i];
+      }
+    }
+    for (int64_t plane = first; plane < stop; ++plane) {
+      const int64_t c = plane - n * C;
+      const acc_t* channel = gate_channel + n * k * C + c;
+      acc_t attention[L];
+      for (int64_t i = 0; i < L; ++i) {
+        attention[i] = channel[0] * spatial[0][i];
+      }
+      for (int j = 1; j < k; ++j) {
+        const acc_t gc = channel[j * C];
+        for (int64_t i = 0; i < L; ++i) {
+          attention[i] += gc * spatial[j][i];
+        }
+      }
+      const scalar_t* in = input + plane * L;
+      scalar_t* out = output + plane * L;
+      for (int64_t i = 0; i < L; ++i) {
+        out[i] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(in[i]), attention[i]));
+      }
+    }
+  });
 }
 
 // One pass over the tile's rows: each channel's row segment is read once into
 // term[] (t per position), then each rank term j adds its row sum and its
 // column contributions from that cache-resident copy.
-template <Mode mode, typename scalar_t, typename acc_t>
+template <Mode mode, typename scalar_t, typename acc_t, typename Len>
 DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const scalar_t* input_tile,
                                                 const acc_t* gate_channel, const acc_t* gate_spatial, int k,
-                                                int64_t C, int64_t HW, int64_t len, acc_t* scratch, acc_t* row_sums,
+                                                int64_t C, int64_t HW, Len len, acc_t* scratch, acc_t* row_sums,
                                                 acc_t* spatial_sum) {
   acc_t* column = scratch;  // k rows of len
   acc_t* term = scratch + k * len;
@@ -421,24 +461,139 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t>
-DA2EXT_ALWAYS_INLINE void input_grad_plane_rank_body(const scalar_t* grad_output, const acc_t* gate_channel,
-                                                     acc_t channel_share, const acc_t* gate_spatial,
-                                                     const acc_t* grad_mean, const acc_t* grad_max,
-                                                     const int32_t* argmax, int32_t channel_index, acc_t inv_c, int k,
-                                                     int64_t C, int64_t HW, scalar_t* grad_input) {
-  acc_t channel[math::kMaxRank];
+// A tile of L <= 9 positions at rank k: the rank-1 small tile's interleaved column
+// sums (reduce_tile_body), kWays chains over the channels for each of the k terms,
+// on the stack (k is known at run time only); the k spatial gates read once.
+template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const scalar_t* input_tile,
+                                                const acc_t* gate_channel, const acc_t* gate_spatial, int k,
+                                                int64_t C, int64_t HW, Length<L>, acc_t* /*scratch*/,
+                                                acc_t* row_sums, acc_t* spatial_sum) {
+  acc_t column[kWays][math::kMaxRank][L], spatial_gate[math::kMaxRank][L];
   for (int j = 0; j < k; ++j) {
-    channel[j] = gate_channel[j * C];
+    for (int64_t i = 0; i < L; ++i) {
+      spatial_gate[j][i] = gate_spatial[j * HW + i];
+      for (int w = 0; w < kWays; ++w) {
+        column[w][j][i] = 0;
+      }
+    }
   }
-  for (int64_t i = 0; i < HW; ++i) {
-    // mode Add's direct scale is 1: the gates are not read
-    const acc_t attention =
-        mode == Mode::Mul ? math::rank_attention(channel, int64_t(1), gate_spatial + i, HW, k) : acc_t(0);
-    grad_input[i] = static_cast<scalar_t>(
-        math::input_grad_of_attention(mode, static_cast<acc_t>(grad_output[i]), attention, channel_share,
-                                      grad_mean[i] * inv_c, argmax[i] == channel_index, grad_max[i]));
+  const auto add_channel = [&](int w, int64_t c) {
+    const scalar_t* g = grad_tile + c * HW;
+    // mode Add never reads the input (it may be null): f aliases g, unused
+    const scalar_t* f = mode == Mode::Mul ? input_tile + c * HW : g;
+    acc_t term[L];
+    for (int64_t i = 0; i < L; ++i) {
+      term[i] = math::attention_grad_term(mode, static_cast<acc_t>(g[i]), static_cast<acc_t>(f[i]));
+    }
+    for (int j = 0; j < k; ++j) {
+      const acc_t gc = gate_channel[j * C + c];
+      acc_t row_sum = 0;
+      for (int64_t i = 0; i < L; ++i) {
+        row_sum += term[i] * spatial_gate[j][i];
+        column[w][j][i] += term[i] * gc;
+      }
+      row_sums[j * C + c] = row_sum;
+    }
+  };
+  const int64_t whole = C - C % kWays;
+  for (int64_t c = 0; c < whole; c += kWays) {
+    for (int w = 0; w < kWays; ++w) {
+      add_channel(w, c + w);
+    }
   }
+  for (int64_t c = whole; c < C; ++c) {
+    add_channel(0, c);
+  }
+  static_assert(kWays == 4, "the partials are added as two pairs");
+  for (int j = 0; j < k; ++j) {
+    for (int64_t i = 0; i < L; ++i) {
+      spatial_sum[j * HW + i] = (column[0][j][i] + column[1][j][i]) + (column[2][j][i] + column[3][j][i]);
+    }
+  }
+}
+
+template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+DA2EXT_ALWAYS_INLINE void input_grad_planes_rank_body(const scalar_t* grad_output, const acc_t* gate_channel,
+                                                      const acc_t* grad_channel_mean, acc_t inv_hw,
+                                                      const acc_t* gate_spatial, const acc_t* grad_spatial,
+                                                      const int32_t* argmax, acc_t inv_c, int k, int64_t C, Len HW,
+                                                      int64_t begin, int64_t end, scalar_t* grad_input) {
+  for_each_plane(C, begin, end, [&](int64_t n, int64_t c, int64_t plane) {
+    acc_t channel[math::kMaxRank];
+    for (int j = 0; j < k; ++j) {
+      channel[j] = gate_channel[n * k * C + j * C + c];
+    }
+    const acc_t channel_share = grad_channel_mean[plane] * inv_hw;
+    const acc_t* spatial = gate_spatial + n * k * HW;
+    const acc_t* grad_mean = grad_spatial + n * 2 * HW;
+    const acc_t* grad_max = grad_mean + HW;
+    const int32_t* winner = argmax + n * HW;
+    const int32_t channel_index = static_cast<int32_t>(c);
+    const scalar_t* g = grad_output + plane * HW;
+    scalar_t* out = grad_input + plane * HW;
+    for (int64_t i = 0; i < HW; ++i) {
+      // mode Add's direct scale is 1: the gates are not read
+      const acc_t attention = mode == Mode::Mul
+                                  ? math::rank_attention(channel, int64_t(1), spatial + i, static_cast<int64_t>(HW), k)
+                                  : acc_t(0);
+      out[i] = static_cast<scalar_t>(math::input_grad_of_attention(mode, static_cast<acc_t>(g[i]), attention,
+                                                                   channel_share, grad_mean[i] * inv_c,
+                                                                   winner[i] == channel_index, grad_max[i]));
+    }
+  });
+}
+
+// Planes of L <= 9 positions at rank k: each image's per-position terms (and in mode Mul
+// its k spatial gates) read into locals once, as input_grad_planes_body's small case.
+template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void input_grad_planes_rank_body(const scalar_t* grad_output, const acc_t* gate_channel,
+                                                      const acc_t* grad_channel_mean, acc_t inv_hw,
+                                                      const acc_t* gate_spatial, const acc_t* grad_spatial,
+                                                      const int32_t* argmax, acc_t inv_c, int k, int64_t C,
+                                                      Length<L>, int64_t begin, int64_t end, scalar_t* grad_input) {
+  for_each_image(C, begin, end, [&](int64_t n, int64_t first, int64_t stop) {
+    acc_t spatial[math::kMaxRank][L], mean_share[L], max_share[L];
+    int32_t winner[L];
+    for (int64_t i = 0; i < L; ++i) {
+      mean_share[i] = grad_spatial[n * 2 * L + i] * inv_c;
+      max_share[i] = grad_spatial[n * 2 * L + L + i];
+      winner[i] = argmax[n * L + i];
+    }
+    const int rows = mode == Mode::Mul ? k : 0;  // mode Add's direct scale is 1: the gates are not read
+    for (int j = 0; j < rows; ++j) {
+      for (int64_t i = 0; i < L; ++i) {
+        spatial[j][i] = gate_spatial[(n * k + j) * L + i];
+      }
+    }
+    for (int64_t plane = first; plane < stop; ++plane) {
+      const int64_t c = plane - n * C;
+      acc_t attention[L];
+      if (mode == Mode::Mul) {
+        const acc_t* channel = gate_channel + n * k * C + c;
+        for (int64_t i = 0; i < L; ++i) {
+          attention[i] = channel[0] * spatial[0][i];
+        }
+        for (int j = 1; j < k; ++j) {
+          const acc_t gc = channel[j * C];
+          for (int64_t i = 0; i < L; ++i) {
+            attention[i] += gc * spatial[j][i];
+          }
+        }
+      } else {
+        std::fill(attention, attention + L, acc_t(0));
+      }
+      const acc_t channel_share = grad_channel_mean[plane] * inv_hw;
+      const int32_t channel_index = static_cast<int32_t>(c);
+      const scalar_t* g = grad_output + plane * L;
+      scalar_t* out = grad_input + plane * L;
+      for (int64_t i = 0; i < L; ++i) {
+        out[i] = static_cast<scalar_t>(math::input_grad_of_attention(mode, static_cast<acc_t>(g[i]), attention[i],
+                                                                     channel_share, mean_share[i],
+                                                                     winner[i] == channel_index, max_share[i]));
+      }
+    }
+  });
 }
 
 // The k spatial gates of pixel i (gate_spatial is k planes of HW), for the rank-k pixel bodies.
@@ -525,25 +680,27 @@ DA2EXT_ALWAYS_INLINE void input_grad_pixels_rank_body(const scalar_t* grad_pixel
   }
 
 #define DA2EXT_DEFINE_CPU_RANK_LOOPS(scalar_t, acc_t)                                                              \
-  DA2EXT_CPU_CLONES void apply_plane_rank(Mode mode, const scalar_t* input, const acc_t* gate_channel,             \
-                                          const acc_t* gate_spatial, int k, int64_t C, int64_t HW,                \
-                                          scalar_t* output) {                                                     \
-    DA2EXT_BY_MODE(apply_plane_rank_body, input, gate_channel, gate_spatial, k, C, HW, output)                    \
+  DA2EXT_CPU_CLONES void apply_planes_rank(Mode mode, const scalar_t* input, const acc_t* gate_channel,            \
+                                           const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t begin, \
+                                           int64_t end, scalar_t* output) {                                        \
+    DA2EXT_BY_LENGTH(HW, DA2EXT_BY_MODE(apply_planes_rank_body, input, gate_channel, gate_spatial, k, C, length,  \
+                                        begin, end, output))                                                      \
   }                                                                                                               \
   DA2EXT_CPU_CLONES void reduce_tile_rank(Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,       \
                                           const acc_t* gate_channel, const acc_t* gate_spatial, int k, int64_t C, \
                                           int64_t HW, int64_t len, acc_t* scratch, acc_t* row_sums,               \
                                           acc_t* spatial_sum) {                                                   \
-    DA2EXT_BY_MODE(reduce_tile_rank_body, grad_tile, input_tile, gate_channel, gate_spatial, k, C, HW, len,       \
-                   scratch, row_sums, spatial_sum)                                                                \
+    DA2EXT_BY_LENGTH(len, DA2EXT_BY_MODE(reduce_tile_rank_body, grad_tile, input_tile, gate_channel, gate_spatial, \
+                                         k, C, HW, length, scratch, row_sums, spatial_sum))                       \
   }                                                                                                               \
-  DA2EXT_CPU_CLONES void input_grad_plane_rank(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel, \
-                                               acc_t channel_share, const acc_t* gate_spatial,                    \
-                                               const acc_t* grad_mean, const acc_t* grad_max,                     \
-                                               const int32_t* argmax, int32_t channel, acc_t inv_c, int k,        \
-                                               int64_t C, int64_t HW, scalar_t* grad_input) {                     \
-    DA2EXT_BY_MODE(input_grad_plane_rank_body, grad_output, gate_channel, channel_share, gate_spatial, grad_mean, \
-                   grad_max, argmax, channel, inv_c, k, C, HW, grad_input)                                        \
+  DA2EXT_CPU_CLONES void input_grad_planes_rank(Mode mode, const scalar_t* grad_output, const acc_t* gate_channel, \
+                                                const acc_t* grad_channel_mean, acc_t inv_hw,                     \
+                                                const acc_t* gate_spatial, const acc_t* grad_spatial,             \
+                                                const int32_t* argmax, acc_t inv_c, int k, int64_t C, int64_t HW, \
+                                                int64_t begin, int64_t end, scalar_t* grad_input) {               \
+    DA2EXT_BY_LENGTH(HW, DA2EXT_BY_MODE(input_grad_planes_rank_body, grad_output, gate_channel, grad_channel_mean, \
+                                        inv_hw, gate_spatial, grad_spatial, argmax, inv_c, k, C, length, begin,   \
+                                        end, grad_input))                                                         \
   }                                                                                                               \
   DA2EXT_CPU_CLONES void apply_pixels_rank(Mode mode, const scalar_t* pixels, const acc_t* gate_channel,          \
                                            const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t len,  \

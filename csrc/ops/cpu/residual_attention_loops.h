@@ -56,20 +56,22 @@ constexpr int64_t kMaxTile = 2048;
                          const acc_t* grad_max, const int32_t* argmax, acc_t inv_c, int64_t C, int64_t len,       \
                          scalar_t* grad_input);                                                                   \
   /* Rank k > 1 (gates [N, k, C] and [N, k, HW]; rank 1 takes the loops above): the */                           \
-  /* same passes with the rank loop inside the element loop. gate_channel points at */                           \
-  /* term 0 of the plane's channel (plane loops) or of channel 0 (the others), term j */                        \
-  /* at + j*C; gate_spatial at term 0 of the first position, term j at + j*HW. The */                            \
+  /* same passes with the rank loop inside the element loop. The plane loops take */                            \
+  /* planes [begin, end) and the whole tensors, as the rank-1 ones. Elsewhere gate_channel */                    \
+  /* points at term 0 of channel 0, term j at + j*C; gate_spatial at term 0 of the first */                      \
+  /* position, term j at + j*HW. The */                                                                          \
   /* reductions write row_sums[j*C + c] and spatial_sum[j*HW + i]; reduce_tile_rank's */                         \
   /* `scratch` holds (k + 1) * len values (a heap buffer of the caller's, off the stack). */                      \
-  void apply_plane_rank(math::Mode mode, const scalar_t* input, const acc_t* gate_channel,                        \
-                        const acc_t* gate_spatial, int k, int64_t C, int64_t HW, scalar_t* output);               \
+  void apply_planes_rank(math::Mode mode, const scalar_t* input, const acc_t* gate_channel,                       \
+                         const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t begin, int64_t end,     \
+                         scalar_t* output);                                                                       \
   void reduce_tile_rank(math::Mode mode, const scalar_t* grad_tile, const scalar_t* input_tile,                   \
                         const acc_t* gate_channel, const acc_t* gate_spatial, int k, int64_t C, int64_t HW,       \
                         int64_t len, acc_t* scratch, acc_t* row_sums, acc_t* spatial_sum);                        \
-  void input_grad_plane_rank(math::Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,            \
-                             acc_t channel_share, const acc_t* gate_spatial, const acc_t* grad_mean,              \
-                             const acc_t* grad_max, const int32_t* argmax, int32_t channel, acc_t inv_c, int k,   \
-                             int64_t C, int64_t HW, scalar_t* grad_input);                                        \
+  void input_grad_planes_rank(math::Mode mode, const scalar_t* grad_output, const acc_t* gate_channel,           \
+                              const acc_t* grad_channel_mean, acc_t inv_hw, const acc_t* gate_spatial,            \
+                              const acc_t* grad_spatial, const int32_t* argmax, acc_t inv_c, int k, int64_t C,    \
+                              int64_t HW, int64_t begin, int64_t end, scalar_t* grad_input);                      \
   void apply_pixels_rank(math::Mode mode, const scalar_t* pixels, const acc_t* gate_channel,                      \
                          const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t len, scalar_t* output); \
   void reduce_pixels_rank(math::Mode mode, const scalar_t* grad_pixels, const scalar_t* input_pixels,             \
