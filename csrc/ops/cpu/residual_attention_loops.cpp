@@ -173,6 +173,28 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scal
 // partials are added in one fixed order at the end.
 constexpr int kWays = 4;
 
+// Calls add(way, c) for every channel c < C: kWays consecutive channels on ways 0 to
+// kWays - 1, the remainder on way 0, so each way sees its channels in ascending order.
+template <typename Add>
+DA2EXT_ALWAYS_INLINE void for_each_channel_on_ways(int64_t C, const Add& add) {
+  const int64_t whole = C - C % kWays;
+  for (int64_t c = 0; c < whole; c += kWays) {
+    for (int w = 0; w < kWays; ++w) {
+      add(w, c + w);
+    }
+  }
+  for (int64_t c = whole; c < C; ++c) {
+    add(0, c);
+  }
+}
+
+// One output's kWays partial sums, added in one fixed order.
+template <typename acc_t>
+DA2EXT_ALWAYS_INLINE acc_t sum_of_ways(acc_t way0, acc_t way1, acc_t way2, acc_t way3) {
+  static_assert(kWays == 4, "sum_of_ways takes four partial sums");
+  return (way0 + way1) + (way2 + way3);
+}
+
 template <Mode mode, typename scalar_t, typename acc_t, int64_t L>
 DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scalar_t* input_tile,
                                            const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,
@@ -197,18 +219,9 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scal
     }
     row_sums[c] = row_sum;
   };
-  const int64_t whole = C - C % kWays;
-  for (int64_t c = 0; c < whole; c += kWays) {
-    for (int w = 0; w < kWays; ++w) {
-      add_channel(w, c + w);
-    }
-  }
-  for (int64_t c = whole; c < C; ++c) {
-    add_channel(0, c);
-  }
-  static_assert(kWays == 4, "the partials are added as two pairs");
+  for_each_channel_on_ways(C, add_channel);
   for (int64_t i = 0; i < L; ++i) {
-    spatial_sum[i] = (column[0][i] + column[1][i]) + (column[2][i] + column[3][i]);
+    spatial_sum[i] = sum_of_ways(column[0][i], column[1][i], column[2][i], column[3][i]);
   }
 }
 
@@ -371,6 +384,32 @@ DA2EXT_ALWAYS_INLINE void input_grad_pixels_body(const scalar_t* grad_pixels, co
 // Rank k > 1 bodies. The gates of one channel (plane loops) or one pixel
 // (channels_last) are gathered into a small local array first, so that the
 // per-element rank sum (math::rank_attention) reads one strided operand only.
+// The k rows of L values at `rows` (an image's k spatial gates) into locals.
+template <typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void load_rank_rows(const acc_t* rows, int k, acc_t (*out)[L]) {
+  for (int j = 0; j < k; ++j) {
+    for (int64_t i = 0; i < L; ++i) {
+      out[j][i] = rows[j * L + i];
+    }
+  }
+}
+
+// attention[i] = sum over j < k of channel[j * C] * spatial[j][i] for a plane's L positions,
+// the terms added in order of j, as math::rank_attention adds them.
+template <typename acc_t, int64_t L>
+DA2EXT_ALWAYS_INLINE void plane_rank_attention(const acc_t* channel, int64_t C, const acc_t (*spatial)[L], int k,
+                                               acc_t* attention) {
+  for (int64_t i = 0; i < L; ++i) {
+    attention[i] = channel[0] * spatial[0][i];
+  }
+  for (int j = 1; j < k; ++j) {
+    const acc_t gc = channel[j * C];
+    for (int64_t i = 0; i < L; ++i) {
+      attention[i] += gc * spatial[j][i];
+    }
+  }
+}
+
 template <Mode mode, typename scalar_t, typename acc_t, typename Len>
 DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const acc_t* gate_channel,
                                                  const acc_t* gate_spatial, int k, int64_t C, Len HW, int64_t begin,
@@ -398,24 +437,11 @@ DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const ac
                                                  int64_t begin, int64_t end, scalar_t* output) {
   for_each_image(C, begin, end, [&](int64_t n, int64_t first, int64_t stop) {
     acc_t spatial[math::kMaxRank][L];
-    for (int j = 0; j < k; ++j) {
-      for (int64_t i = 0; i < L; ++i) {
-        spatial[j][i] = gate_spatial[(n * k + j) * L + i];
-      }
-    }
+    load_rank_rows(gate_spatial + n * k * L, k, spatial);
     for (int64_t plane = first; plane < stop; ++plane) {
       const int64_t c = plane - n * C;
-      const acc_t* channel = gate_channel + n * k * C + c;
       acc_t attention[L];
-      for (int64_t i = 0; i < L; ++i) {
-        attention[i] = channel[0] * spatial[0][i];
-      }
-      for (int j = 1; j < k; ++j) {
-        const acc_t gc = channel[j * C];
-        for (int64_t i = 0; i < L; ++i) {
-          attention[i] += gc * spatial[j][i];
-        }
-      }
+      plane_rank_attention(gate_channel + n * k * C + c, C, spatial, k, attention);
       const scalar_t* in = input + plane * L;
       scalar_t* out = output + plane * L;
       for (int64_t i = 0; i < L; ++i) {
@@ -496,19 +522,10 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const
       row_sums[j * C + c] = row_sum;
     }
   };
-  const int64_t whole = C - C % kWays;
-  for (int64_t c = 0; c < whole; c += kWays) {
-    for (int w = 0; w < kWays; ++w) {
-      add_channel(w, c + w);
-    }
-  }
-  for (int64_t c = whole; c < C; ++c) {
-    add_channel(0, c);
-  }
-  static_assert(kWays == 4, "the partials are added as two pairs");
+  for_each_channel_on_ways(C, add_channel);
   for (int j = 0; j < k; ++j) {
     for (int64_t i = 0; i < L; ++i) {
-      spatial_sum[j * HW + i] = (column[0][j][i] + column[1][j][i]) + (column[2][j][i] + column[3][j][i]);
+      spatial_sum[j * HW + i] = sum_of_ways(column[0][j][i], column[1][j][i], column[2][j][i], column[3][j][i]);
     }
   }
 }
@@ -560,26 +577,14 @@ DA2EXT_ALWAYS_INLINE void input_grad_planes_rank_body(const scalar_t* grad_outpu
       max_share[i] = grad_spatial[n * 2 * L + L + i];
       winner[i] = argmax[n * L + i];
     }
-    const int rows = mode == Mode::Mul ? k : 0;  // mode Add's direct scale is 1: the gates are not read
-    for (int j = 0; j < rows; ++j) {
-      for (int64_t i = 0; i < L; ++i) {
-        spatial[j][i] = gate_spatial[(n * k + j) * L + i];
-      }
+    if (mode == Mode::Mul) {  // mode Add's direct scale is 1: the gates are not read
+      load_rank_rows(gate_spatial + n * k * L, k, spatial);
     }
     for (int64_t plane = first; plane < stop; ++plane) {
       const int64_t c = plane - n * C;
       acc_t attention[L];
       if (mode == Mode::Mul) {
-        const acc_t* channel = gate_channel + n * k * C + c;
-        for (int64_t i = 0; i < L; ++i) {
-          attention[i] = channel[0] * spatial[0][i];
-        }
-        for (int j = 1; j < k; ++j) {
-          const acc_t gc = channel[j * C];
-          for (int64_t i = 0; i < L; ++i) {
-            attention[i] += gc * spatial[j][i];
-          }
-        }
+        plane_rank_attention(gate_channel + n * k * C + c, C, spatial, k, attention);
       } else {
         std::fill(attention, attention + L, acc_t(0));
       }
