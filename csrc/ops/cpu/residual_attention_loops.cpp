@@ -104,9 +104,9 @@ DA2EXT_ALWAYS_INLINE void for_each_image(int64_t C, int64_t begin, int64_t end, 
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* gate_channel,
-                                            const acc_t* gate_spatial, int64_t C, Len HW, int64_t begin,
+                                            const acc_t* gate_spatial, int64_t C, int64_t HW, int64_t begin,
                                             int64_t end, scalar_t* output) {
   for_each_plane(C, begin, end, [&](int64_t n, int64_t, int64_t plane) {
     const scalar_t* in = input + plane * HW;
@@ -142,10 +142,10 @@ DA2EXT_ALWAYS_INLINE void apply_planes_body(const scalar_t* input, const acc_t* 
   });
 }
 
-template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scalar_t* input_tile,
                                            const acc_t* gate_channel, const acc_t* gate_spatial, int64_t C,
-                                           int64_t HW, Len len, acc_t* row_sums, acc_t* spatial_sum) {
+                                           int64_t HW, int64_t len, acc_t* row_sums, acc_t* spatial_sum) {
   acc_t column[kMaxTile];
   std::fill(column, column + len, acc_t(0));
   for (int64_t c = 0; c < C; ++c) {
@@ -225,11 +225,11 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_body(const scalar_t* grad_tile, const scal
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void input_grad_planes_body(const scalar_t* grad_output, const acc_t* gate_channel,
                                                  const acc_t* grad_channel_mean, acc_t inv_hw,
                                                  const acc_t* gate_spatial, const acc_t* grad_spatial,
-                                                 const int32_t* argmax, acc_t inv_c, int64_t C, Len HW,
+                                                 const int32_t* argmax, acc_t inv_c, int64_t C, int64_t HW,
                                                  int64_t begin, int64_t end, scalar_t* grad_input) {
   for_each_plane(C, begin, end, [&](int64_t n, int64_t c, int64_t plane) {
     const scalar_t* g = grad_output + plane * HW;
@@ -384,6 +384,7 @@ DA2EXT_ALWAYS_INLINE void input_grad_pixels_body(const scalar_t* grad_pixels, co
 // Rank k > 1 bodies. The gates of one channel (plane loops) or one pixel
 // (channels_last) are gathered into a small local array first, so that the
 // per-element rank sum (math::rank_attention) reads one strided operand only.
+
 // The k rows of L values at `rows` (an image's k spatial gates) into locals.
 template <typename acc_t, int64_t L>
 DA2EXT_ALWAYS_INLINE void load_rank_rows(const acc_t* rows, int k, acc_t (*out)[L]) {
@@ -410,9 +411,9 @@ DA2EXT_ALWAYS_INLINE void plane_rank_attention(const acc_t* channel, int64_t C, 
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const acc_t* gate_channel,
-                                                 const acc_t* gate_spatial, int k, int64_t C, Len HW, int64_t begin,
+                                                 const acc_t* gate_spatial, int k, int64_t C, int64_t HW, int64_t begin,
                                                  int64_t end, scalar_t* output) {
   for_each_plane(C, begin, end, [&](int64_t n, int64_t c, int64_t plane) {
     acc_t channel[math::kMaxRank];
@@ -423,7 +424,7 @@ DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const ac
     const scalar_t* in = input + plane * HW;
     scalar_t* out = output + plane * HW;
     for (int64_t i = 0; i < HW; ++i) {
-      const acc_t attention = math::rank_attention(channel, int64_t(1), spatial + i, static_cast<int64_t>(HW), k);
+      const acc_t attention = math::rank_attention(channel, int64_t(1), spatial + i, HW, k);
       out[i] = static_cast<scalar_t>(math::combine_attention(mode, static_cast<acc_t>(in[i]), attention));
     }
   });
@@ -454,10 +455,10 @@ DA2EXT_ALWAYS_INLINE void apply_planes_rank_body(const scalar_t* input, const ac
 // One pass over the tile's rows: each channel's row segment is read once into
 // term[] (t per position), then each rank term j adds its row sum and its
 // column contributions from that cache-resident copy.
-template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const scalar_t* input_tile,
                                                 const acc_t* gate_channel, const acc_t* gate_spatial, int k,
-                                                int64_t C, int64_t HW, Len len, acc_t* scratch, acc_t* row_sums,
+                                                int64_t C, int64_t HW, int64_t len, acc_t* scratch, acc_t* row_sums,
                                                 acc_t* spatial_sum) {
   acc_t* column = scratch;  // k rows of len
   acc_t* term = scratch + k * len;
@@ -530,11 +531,11 @@ DA2EXT_ALWAYS_INLINE void reduce_tile_rank_body(const scalar_t* grad_tile, const
   }
 }
 
-template <Mode mode, typename scalar_t, typename acc_t, typename Len>
+template <Mode mode, typename scalar_t, typename acc_t>
 DA2EXT_ALWAYS_INLINE void input_grad_planes_rank_body(const scalar_t* grad_output, const acc_t* gate_channel,
                                                       const acc_t* grad_channel_mean, acc_t inv_hw,
                                                       const acc_t* gate_spatial, const acc_t* grad_spatial,
-                                                      const int32_t* argmax, acc_t inv_c, int k, int64_t C, Len HW,
+                                                      const int32_t* argmax, acc_t inv_c, int k, int64_t C, int64_t HW,
                                                       int64_t begin, int64_t end, scalar_t* grad_input) {
   for_each_plane(C, begin, end, [&](int64_t n, int64_t c, int64_t plane) {
     acc_t channel[math::kMaxRank];
@@ -551,9 +552,8 @@ DA2EXT_ALWAYS_INLINE void input_grad_planes_rank_body(const scalar_t* grad_outpu
     scalar_t* out = grad_input + plane * HW;
     for (int64_t i = 0; i < HW; ++i) {
       // mode Add's direct scale is 1: the gates are not read
-      const acc_t attention = mode == Mode::Mul
-                                  ? math::rank_attention(channel, int64_t(1), spatial + i, static_cast<int64_t>(HW), k)
-                                  : acc_t(0);
+      const acc_t attention =
+          mode == Mode::Mul ? math::rank_attention(channel, int64_t(1), spatial + i, HW, k) : acc_t(0);
       out[i] = static_cast<scalar_t>(math::input_grad_of_attention(mode, static_cast<acc_t>(g[i]), attention,
                                                                    channel_share, grad_mean[i] * inv_c,
                                                                    winner[i] == channel_index, grad_max[i]));
